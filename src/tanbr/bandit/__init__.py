@@ -1,0 +1,3 @@
+"""bandit"""
+
+from __future__ import annotations

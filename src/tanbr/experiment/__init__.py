@@ -1,0 +1,3 @@
+"""experiment"""
+
+from __future__ import annotations

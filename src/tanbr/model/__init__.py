@@ -1,0 +1,3 @@
+"""model"""
+
+from __future__ import annotations

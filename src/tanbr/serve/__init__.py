@@ -1,0 +1,3 @@
+"""serve"""
+
+from __future__ import annotations
