@@ -1,0 +1,390 @@
+"""The reward network of the neural policies and its NeuralUCB exploration width.
+
+A small ReLU MLP ``f(z; theta)`` predicts the reward of an input ``z = (context, action)``
+(encoded). Its uncertainty follows NeuralUCB (Zhou, Li and Gu, ICML 2020): the width of a
+candidate is ``sqrt(g^T Z^-1 g)`` where ``g`` is a gradient feature of the network at ``z`` and
+``Z = lam * I + sum_s g_s g_s^T`` over the inputs played so far. Two CPU-cheap choices of ``g``:
+
+* ``"last-layer"``: ``g = (h_L(z), 1)``, the gradient with respect to the output layer only,
+  with the exact (m+1) x (m+1) matrix ``Z`` kept inverted by Sherman-Morrison updates;
+* ``"diagonal"``: ``g`` is the gradient with respect to *all* parameters and ``Z`` is kept
+  diagonal, as in the reference NeuralUCB code. The quadratic form of a whole batch of
+  candidates is computed layer by layer from back-propagated deltas, without materialising
+  per-candidate gradients: for a weight matrix ``W_l`` the per-candidate gradient is the outer
+  product ``delta_l h_{l-1}^T``, so ``sum (delta_l^2 h_{l-1}^2) / D_l`` is a matrix product.
+
+Training is a few warm-started Adam steps per slot on a minibatch of the history, with the
+newest sample always in the batch and an L2 pull towards the initial weights (NeuralUCB's
+``m lam ||theta - theta_0||^2`` regulariser). The network is small enough that numpy with
+hand-written back-propagation beats an autograd framework on a CPU by a wide margin (a torch op
+on a 64 x 64 tensor costs more in dispatch than the arithmetic); the tests check the hand
+gradients against torch autograd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+
+from tanbr.bandit.base import check_int, check_positive
+from tanbr.bandit.spaces import Space
+
+Bonus = Literal["last-layer", "diagonal"]
+_BLAS: list[Any] = []  # the threadpoolctl controller, created on first use
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Run the enclosed numpy code on one BLAS thread.
+
+    The policy's matrices are tiny (hundreds x 64); a multi-threaded BLAS gains nothing on
+    them and, on a busy two-core machine, its threads wait on each other for milliseconds per
+    product. Uses ``threadpoolctl`` when it is installed, else changes nothing.
+    """
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - optional
+            _BLAS.append(None)
+        else:
+            _BLAS.append(ThreadpoolController())
+    controller = _BLAS[0]
+    if controller is None:
+        yield
+        return
+    with controller.limit(limits=1, user_api="blas"):
+        yield
+
+BONUSES: tuple[str, ...] = ("last-layer", "diagonal")
+
+
+class RewardNet:
+    """MLP reward model with NeuralUCB widths.
+
+    Parameters
+    ----------
+    input_dim
+        Length of the encoded input ``z``.
+    rng
+        Source of the initial weights and of the minibatches.
+    hidden, depth
+        Width and number of hidden ReLU layers.
+    lr, weight_decay
+        Adam step size; strength of the pull towards the initial weights.
+    bonus
+        ``"last-layer"`` or ``"diagonal"`` gradient features (see the module docstring).
+    lam
+        Prior precision of ``Z``: the width of a never-seen input is ``|g| / sqrt(lam)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_dim: int,
+        rng: np.random.Generator,
+        hidden: int = 64,
+        depth: int = 2,
+        lr: float = 1e-2,
+        weight_decay: float = 1e-4,
+        bonus: str = "last-layer",
+        lam: float = 1.0,
+    ) -> None:
+        self.input_dim = check_int("input_dim", input_dim, minimum=1)
+        self.hidden = check_int("hidden", hidden, minimum=1)
+        self.depth = check_int("depth", depth, minimum=1)
+        self.lr = check_positive("lr", lr)
+        self.weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
+        self.lam = check_positive("lam", lam)
+        if bonus not in BONUSES:
+            raise ValueError(f"bonus must be one of {BONUSES}, got {bonus!r}")
+        self.bonus: str = bonus
+        self.rng = rng
+        # --- parameters: [W_1, b_1, ..., W_L, b_L, w_out, b_out] (He-uniform init) --------
+        sizes = [self.input_dim] + [self.hidden] * self.depth
+        arrays: list[np.ndarray] = []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+            bound = math.sqrt(6.0 / fan_in)
+            arrays.append(rng.uniform(-bound, bound, size=(fan_out, fan_in)))
+            arrays.append(np.zeros(fan_out))
+        arrays.append(rng.uniform(-1.0, 1.0, size=self.hidden) / math.sqrt(self.hidden))
+        arrays.append(np.zeros(1))
+        self.params = arrays
+        self._init = [a.copy() for a in arrays]
+        self._adam_m = [np.zeros_like(a) for a in arrays]
+        self._adam_v = [np.zeros_like(a) for a in arrays]
+        self._adam_t = 0
+        self.n_observed = 0
+        self._reset_precision()
+
+    # --- inference ------------------------------------------------------------------------
+
+    def predict(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted rewards and widths ``sqrt(g^T Z^-1 g)`` of inputs ``z`` (N, D): (N,), (N,)."""
+        z = np.atleast_2d(np.asarray(z, dtype=float))
+        pre, acts, mean = self._forward(z)
+        if self.bonus == "last-layer":
+            g = self._last_features(acts[-1])  # (N, m+1)
+            quad = np.sum((g @ self._zinv) * g, axis=1)  # (N,)
+        else:
+            quad = self._diag_quadratic(pre, acts)
+        return mean, np.sqrt(np.maximum(quad, 0.0))
+
+    def mean(self, z: np.ndarray) -> np.ndarray:
+        """Predicted rewards of inputs ``z`` (N, D), shape (N,)."""
+        return self._forward(np.atleast_2d(np.asarray(z, dtype=float)))[2]
+
+    # --- exploration statistics -----------------------------------------------------------
+
+    def observe(self, z: np.ndarray) -> None:
+        """Add the gradient feature of one played input ``z`` (D,) to ``Z``."""
+        z = np.asarray(z, dtype=float).reshape(1, -1)
+        pre, acts, _ = self._forward(z)
+        if self.bonus == "last-layer":
+            g = self._last_features(acts[-1])[0]  # (m+1,)
+            zg = self._zinv @ g
+            self._zinv -= np.outer(zg, zg) / (1.0 + g @ zg)
+        else:
+            for acc, sq in zip(self._diag, self._diag_squares(pre, acts), strict=True):
+                acc += sq
+        self.n_observed += 1
+
+    def refresh(self, z: np.ndarray) -> None:
+        """Rebuild ``Z`` from all played inputs ``z`` (n, D) with the current weights.
+
+        Gradient features drift as the network trains; NeuralUCB's rank-one updates keep
+        features from old weights. Rebuilding now and then keeps the widths honest.
+        """
+        self._reset_precision()
+        z = np.atleast_2d(np.asarray(z, dtype=float))
+        if len(z) == 0:
+            return
+        pre, acts, _ = self._forward(z)
+        if self.bonus == "last-layer":
+            g = self._last_features(acts[-1])  # (n, m+1)
+            precision = self.lam * np.eye(g.shape[1]) + g.T @ g
+            self._zinv = np.linalg.inv(precision)
+        else:
+            for acc, sq in zip(self._diag, self._diag_squares(pre, acts), strict=True):
+                acc += sq
+        self.n_observed = len(z)
+
+    # --- training -------------------------------------------------------------------------
+
+    def fit(self, z: np.ndarray, r: np.ndarray, *, steps: int, batch_size: int) -> float:
+        """A few Adam steps on minibatches of ``(z (n, D), r (n,))``; returns the last loss.
+
+        Each minibatch holds the newest sample plus ``batch_size - 1`` drawn uniformly (with
+        replacement) from the history, so the cost per call is bounded whatever ``n`` is.
+        """
+        n = len(z)
+        loss = float("nan")
+        if n == 0:
+            return loss
+        for _ in range(steps):
+            idx = self.rng.integers(0, n, size=min(batch_size, n))
+            idx[0] = n - 1
+            loss, grads = self.loss_and_grads(z[idx], r[idx])
+            self._adam_step(grads)
+        return loss
+
+    def loss_and_grads(self, z: np.ndarray, r: np.ndarray) -> tuple[float, list[np.ndarray]]:
+        """Regularised squared loss on a batch ``(z (B, D), r (B,))`` and its gradients.
+
+        ``mean((f(z) - r)^2) + weight_decay * |theta - theta_0|^2``, back-propagated by hand
+        (the tests check it against torch autograd).
+        """
+        pre, acts, out = self._forward(z)
+        w = self.params
+        resid = out - r  # (B,)
+        loss = float(np.mean(resid**2))
+        dout = 2.0 * resid / len(r)  # (B,) d loss / d out
+        grads: list[np.ndarray] = [np.empty(0)] * len(w)
+        grads[-2] = acts[-1].T @ dout  # (m,)
+        grads[-1] = np.array([dout.sum()])
+        delta = dout[:, None] * w[-2][None, :] * (pre[-1] > 0)  # (B, m)
+        for layer in range(self.depth - 1, -1, -1):
+            grads[2 * layer] = delta.T @ acts[layer]  # (m, fan_in)
+            grads[2 * layer + 1] = delta.sum(axis=0)  # (m,)
+            if layer:
+                delta = (delta @ w[2 * layer]) * (pre[layer - 1] > 0)  # (B, m)
+        if self.weight_decay:
+            for i, (p, p0) in enumerate(zip(w, self._init, strict=True)):
+                loss += self.weight_decay * float(np.sum((p - p0) ** 2))
+                grads[i] = grads[i] + 2.0 * self.weight_decay * (p - p0)
+        return loss, grads
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _forward(self, z: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """Pre-activations and activations of every hidden layer, and the outputs."""
+        w = self.params
+        pre: list[np.ndarray] = []
+        acts: list[np.ndarray] = [z]  # h_0 = z, (N, D)
+        h = z
+        for layer in range(self.depth):
+            a = h @ w[2 * layer].T + w[2 * layer + 1]  # (N, m)
+            h = np.maximum(a, 0.0)
+            pre.append(a)
+            acts.append(h)
+        out = h @ w[-2] + w[-1][0]  # (N,)
+        return pre, acts, out
+
+    @staticmethod
+    def _last_features(h: np.ndarray) -> np.ndarray:
+        return np.concatenate([h, np.ones((len(h), 1))], axis=1)  # (N, m+1)
+
+    def _deltas(self, pre: list[np.ndarray]) -> list[np.ndarray]:
+        """d out / d pre-activation of every hidden layer, first to last, each (N, m)."""
+        w = self.params
+        delta = w[-2][None, :] * (pre[-1] > 0)  # (N, m)
+        deltas = [delta]
+        for layer in range(self.depth - 1, 0, -1):
+            delta = (delta @ w[2 * layer]) * (pre[layer - 1] > 0)  # (N, m)
+            deltas.append(delta)
+        return deltas[::-1]
+
+    def _diag_squares(self, pre: list[np.ndarray], acts: list[np.ndarray]) -> list[np.ndarray]:
+        """Squared gradients, summed over the batch, in parameter order (same shapes)."""
+        deltas = self._deltas(pre)
+        out: list[np.ndarray] = []
+        for layer, delta in enumerate(deltas):
+            d2 = delta**2  # (N, m)
+            out.append(d2.T @ acts[layer] ** 2)  # (m, fan_in)
+            out.append(d2.sum(axis=0))  # (m,)
+        out.append((acts[-1] ** 2).sum(axis=0))  # (m,)
+        out.append(np.array([float(len(acts[-1]))]))  # (1,)
+        return out
+
+    def _diag_quadratic(self, pre: list[np.ndarray], acts: list[np.ndarray]) -> np.ndarray:
+        """``g^T D^-1 g`` for every input, shape (N,)."""
+        deltas = self._deltas(pre)
+        inv = [1.0 / d for d in self._diag]
+        quad = np.zeros(len(acts[0]))
+        for layer, delta in enumerate(deltas):
+            d2 = delta**2  # (N, m)
+            quad += np.einsum("nf,nf->n", d2 @ inv[2 * layer], acts[layer] ** 2)
+            quad += d2 @ inv[2 * layer + 1]
+        quad += (acts[-1] ** 2) @ inv[-2] + inv[-1][0]
+        return quad
+
+    def _reset_precision(self) -> None:
+        self._zinv = np.eye(self.hidden + 1) / self.lam
+        self._diag = [np.full(p.shape, self.lam) for p in self.params]
+
+    def _adam_step(self, grads: list[np.ndarray]) -> None:
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        self._adam_t += 1
+        c1 = 1.0 - beta1**self._adam_t
+        c2 = 1.0 - beta2**self._adam_t
+        for p, g, m, v in zip(self.params, grads, self._adam_m, self._adam_v, strict=True):
+            m *= beta1
+            m += (1.0 - beta1) * g
+            v *= beta2
+            v += (1.0 - beta2) * g * g
+            p -= self.lr * (m / c1) / (np.sqrt(v / c2) + eps)
+
+
+class History:
+    """Growing arrays of the played (input, reward) pairs; amortised O(1) appends."""
+
+    def __init__(self, input_dim: int) -> None:
+        self._z = np.zeros((64, input_dim))
+        self._r = np.zeros(64)
+        self.n = 0
+
+    def append(self, z: np.ndarray, r: float) -> None:
+        if self.n == len(self._r):
+            self._z = np.concatenate([self._z, np.zeros_like(self._z)])
+            self._r = np.concatenate([self._r, np.zeros_like(self._r)])
+        self._z[self.n] = z
+        self._r[self.n] = r
+        self.n += 1
+
+    @property
+    def inputs(self) -> np.ndarray:
+        """Encoded inputs, shape (n, D)."""
+        return self._z[: self.n]
+
+    @property
+    def rewards(self) -> np.ndarray:
+        return self._r[: self.n]
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class RewardModel:
+    """Everything a neural policy learns: the network, its history and when to train.
+
+    Inputs are ``(encode_context(x), space.encode(a))``; contexts are centred and scaled like
+    mixes (``(x - 1/d) * d``), which keeps the network's inputs of unit order whatever K is.
+
+    Parameters
+    ----------
+    space, context_dim, rng
+        As for the policies.
+    train_steps, batch_size
+        Adam steps per update and their minibatch size: the bounded training cost per slot.
+    refresh_every
+        Rebuild ``Z`` from the whole history with the current weights every this many updates
+        (rank-one updates in between).
+    **net_params
+        Passed to :class:`RewardNet` (hidden, depth, lr, weight_decay, bonus, lam).
+    """
+
+    def __init__(
+        self,
+        *,
+        space: Space,
+        context_dim: int,
+        rng: np.random.Generator,
+        train_steps: int = 4,
+        batch_size: int = 64,
+        refresh_every: int = 32,
+        **net_params: Any,
+    ) -> None:
+        self.space = space
+        self.context_dim = context_dim
+        self.train_steps = check_int("train_steps", train_steps, minimum=0)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
+        self.net = RewardNet(input_dim=context_dim + space.dim, rng=rng, **net_params)
+        self.history = History(context_dim + space.dim)
+
+    def inputs(self, context: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """Encoded network inputs for one context and ``actions`` (N, dim): (N, D)."""
+        actions = np.atleast_2d(actions)
+        xc = (context - 1.0 / self.context_dim) * self.context_dim  # (Dx,)
+        return np.concatenate(
+            [np.broadcast_to(xc, (len(actions), self.context_dim)), self.space.encode(actions)],
+            axis=1,
+        )
+
+    def predict(self, context: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted rewards and widths of ``actions`` (N, dim) for one context: (N,), (N,)."""
+        with single_threaded_blas():
+            return self.net.predict(self.inputs(context, actions))
+
+    def mean(self, context: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        with single_threaded_blas():
+            return self.net.mean(self.inputs(context, actions))
+
+    def learn(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
+        """Record one slot's feedback and train a little (inputs already validated)."""
+        z = self.inputs(context, action[None, :])[0]
+        self.history.append(z, reward)
+        with single_threaded_blas():
+            if len(self.history) % self.refresh_every == 0:
+                self.net.refresh(self.history.inputs)
+            else:
+                self.net.observe(z)
+            self.net.fit(
+                self.history.inputs,
+                self.history.rewards,
+                steps=self.train_steps,
+                batch_size=self.batch_size,
+            )

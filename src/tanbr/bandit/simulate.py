@@ -1,0 +1,89 @@
+"""A small loop that runs a policy on a synthetic surface and records its regret.
+
+Regret is the pseudo-regret against the slot oracle: ``max_a f(x_t, a) - f(x_t, a_t)`` with the
+noise-free mean ``f``, so curves are not blurred by reward noise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from tanbr.bandit.base import Policy
+from tanbr.bandit.surfaces import Surface
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What happened in a run: per-slot arrays of length T."""
+
+    regret: np.ndarray  # (T,) per-slot pseudo-regret
+    rewards: np.ndarray  # (T,) observed rewards
+    actions: np.ndarray  # (T, dim)
+    select_ms: np.ndarray  # (T,) wall time of select
+    update_ms: np.ndarray  # (T,) wall time of update
+
+    @property
+    def cumulative(self) -> np.ndarray:
+        """Cumulative regret after each slot, shape (T,)."""
+        return np.cumsum(self.regret)
+
+
+def simulate(
+    policy: Policy,
+    surface: Surface,
+    contexts: np.ndarray,
+    *,
+    rng: np.random.Generator,
+    on_slot: Callable[[int], None] | None = None,
+) -> Trace:
+    """Run ``policy`` for one slot per row of ``contexts`` (T, K); noise drawn from ``rng``."""
+    contexts = np.asarray(contexts, dtype=float)
+    n_slots = len(contexts)
+    regret = np.empty(n_slots)
+    rewards = np.empty(n_slots)
+    actions = np.empty((n_slots, surface.dim))
+    select_ms = np.empty(n_slots)
+    update_ms = np.empty(n_slots)
+    for t, x in enumerate(contexts):
+        t0 = time.perf_counter()
+        a = policy.select(x)
+        t1 = time.perf_counter()
+        r = surface.reward(x, a, rng)
+        t2 = time.perf_counter()
+        policy.update(x, a, r)
+        t3 = time.perf_counter()
+        regret[t] = surface.best_value(x) - float(surface.mean(x, a))
+        rewards[t] = r
+        actions[t] = a
+        select_ms[t] = 1e3 * (t1 - t0)
+        update_ms[t] = 1e3 * (t3 - t2)
+        if on_slot is not None:
+            on_slot(t)
+    return Trace(regret, rewards, actions, select_ms, update_ms)
+
+
+def loglog_slope(cumulative: np.ndarray, *, start: int = 200, end: int | None = None) -> float:
+    """Slope of log cumulative regret against log T between slots ``start`` and ``end``.
+
+    Linear regret gives 1, ``sqrt(T)`` regret gives 0.5.
+
+    Examples
+    --------
+    >>> round(loglog_slope(np.sqrt(np.arange(1, 2001)), start=200), 3)
+    0.5
+    """
+    cumulative = np.asarray(cumulative, dtype=float)
+    end = len(cumulative) if end is None else end
+    if not 1 <= start < end <= len(cumulative):
+        raise ValueError(f"need 1 <= start < end <= {len(cumulative)}, got {start}, {end}")
+    lo, hi = float(cumulative[start - 1]), float(cumulative[end - 1])
+    if hi <= 0.0:
+        return 0.0  # no regret at all
+    if lo <= 0.0:
+        return math.inf  # regret only began after ``start``
+    return math.log(hi / lo) / math.log(end / start)

@@ -1,0 +1,167 @@
+"""Tanbr: the tree-structured adaptive neural contextual bandit.
+
+Every slot the candidates are the representative points of the leaves of a binary partition of
+the action space. A reward network scores them all in one batched forward pass for the slot's
+context, and the policy plays the leaf with the highest optimistic score
+
+    score(C) = f(x, a_C) + gamma * sqrt(g^T Z^-1 g) + nu * diam(C)
+
+(the network's prediction, the NeuralUCB width, and the cell term that bounds how much better
+an untried point of the cell can be under a ``nu``-Lipschitz reward). A played leaf splits once
+its confidence width has fallen below its cell term (the data can no longer tell its points
+apart), or after ``split_visits`` visits, so candidates get finer only where the policy keeps
+playing, i.e. where the reward is high. Depth is capped at
+``init_depth + ceil(n/2 * log2(t + 1))`` (n the intrinsic dimension), where the cells reach
+the ``1/sqrt(t)`` statistical resolution: O(log T). See docs/algorithm.md for every formula.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from tanbr.bandit.base import (
+    argmax,
+    check_action,
+    check_context,
+    check_int,
+    check_positive,
+    check_reward,
+    check_setup,
+)
+from tanbr.bandit.neural import RewardModel
+from tanbr.bandit.partition import PartitionTree, split_to_depth
+from tanbr.bandit.spaces import Space
+
+REPRESENTATIVES: tuple[str, ...] = ("center", "sample")
+
+
+class Tanbr:
+    """Tree-structured adaptive neural bandit over a ``Simplex`` or ``Box``.
+
+    Parameters
+    ----------
+    space, context_dim, rng
+        The action space, the length of the context, the only source of randomness.
+    gamma
+        Weight of the NeuralUCB width in the score.
+    nu
+        Lipschitz constant of the cell term ``nu * diam(C)`` (reward per unit distance).
+    init_depth
+        The tree starts split uniformly to this depth (default: the intrinsic dimension,
+        so every direction is cut about once).
+    split_visits
+        A played leaf splits after this many visits even if its width is still large.
+    max_leaves
+        Hard cap on the candidate set, which bounds the cost of ``select``.
+    representative
+        ``"center"`` plays the barycentre of the chosen leaf; ``"sample"`` scores and plays a
+        fresh uniform point inside every leaf.
+    **model_params
+        Reward-model settings (:class:`~tanbr.bandit.neural.RewardModel` and
+        :class:`~tanbr.bandit.neural.RewardNet`): hidden, depth, lr, weight_decay, lam, bonus,
+        train_steps, batch_size, refresh_every.
+    """
+
+    name = "tanbr"
+
+    def __init__(
+        self,
+        *,
+        space: Space,
+        context_dim: int,
+        rng: np.random.Generator,
+        gamma: float = 0.1,
+        nu: float = 0.5,
+        init_depth: int | None = None,
+        split_visits: int = 8,
+        max_leaves: int = 2048,
+        representative: str = "center",
+        **model_params: Any,
+    ) -> None:
+        self.space = check_setup(space, context_dim, rng)
+        self.context_dim = int(context_dim)
+        self.rng = rng
+        self.gamma = check_positive("gamma", gamma, allow_zero=True)
+        self.nu = check_positive("nu", nu, allow_zero=True)
+        n = self.space.intrinsic_dim
+        self.init_depth = check_int("init_depth", n if init_depth is None else init_depth, minimum=0)
+        self.split_visits = check_int("split_visits", split_visits, minimum=1)
+        self.max_leaves = check_int("max_leaves", max_leaves, minimum=2)
+        if representative not in REPRESENTATIVES:
+            raise ValueError(
+                f"representative must be one of {REPRESENTATIVES}, got {representative!r}"
+            )
+        self.representative = representative
+        self.tree = PartitionTree(self.space)
+        split_to_depth(self.tree, self.init_depth)
+        self.model = RewardModel(
+            space=self.space, context_dim=self.context_dim, rng=rng, **model_params
+        )
+        self.visits = np.zeros(self.tree.n_nodes, dtype=np.int64)
+        self.n_updates = 0
+
+    # --- the policy -----------------------------------------------------------------------
+
+    def select(self, context: np.ndarray) -> np.ndarray:
+        x = check_context(context, self.context_dim)
+        leaves = self.tree.leaves()  # (N,)
+        points = self._representatives(leaves)  # (N, dim)
+        mean, width = self.model.predict(x, points)  # (N,), (N,)
+        score = mean + self.gamma * width + self.nu * self.tree.diameters[leaves]
+        return np.array(points[argmax(score, self.rng)])
+
+    def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
+        x = check_context(context, self.context_dim)
+        a = check_action(action, self.space)
+        r = check_reward(reward)
+        self.model.learn(x, a, r)
+        self.n_updates += 1
+        node = self._node_of(a)
+        self.visits[node] += 1
+        self._maybe_split(node, x)
+
+    # --- refinement -----------------------------------------------------------------------
+
+    def max_depth(self) -> int:
+        """Depth cap after the updates so far: where cells reach ``1/sqrt(t)`` resolution."""
+        n = self.space.intrinsic_dim
+        return self.init_depth + math.ceil(n / 2 * math.log2(self.n_updates + 1))
+
+    def _maybe_split(self, node: int, x: np.ndarray) -> None:
+        tree = self.tree
+        if not tree.is_leaf(node) or tree.n_leaves >= self.max_leaves:
+            return
+        if tree.depth(node) >= self.max_depth():
+            return
+        if self.visits[node] < self.split_visits:
+            _, width = self.model.predict(x, tree.centers[node][None, :])
+            if self.gamma * float(width[0]) > self.nu * tree.diameter(node):
+                return
+        tree.split(node)
+        self.visits = np.concatenate([self.visits, np.zeros(2, dtype=np.int64)])
+
+    def _node_of(self, a: np.ndarray) -> int:
+        """The node an action was played at: the one whose centre it is, else its leaf.
+
+        A centre lies on the cut of its own cell, so once that cell has split (feedback may
+        arrive late) the centre is matched here rather than credited to a child.
+        """
+        path = self.tree.path(a)
+        if self.representative == "center":
+            centers = self.tree.centers
+            for node in path:
+                if np.max(np.abs(centers[node] - a)) <= 1e-12:
+                    return node
+        return path[-1]
+
+    def _representatives(self, leaves: np.ndarray) -> np.ndarray:
+        if self.representative == "center":
+            return np.array(self.tree.centers[leaves])
+        return np.stack([self.tree.sample(int(n), self.rng) for n in leaves])
+
+    @property
+    def n_leaves(self) -> int:
+        return self.tree.n_leaves

@@ -1,0 +1,463 @@
+"""THE slot loop, as one visible function built from phase functions.
+
+One slot: estimate the mix -> select an action -> plan the coeffs -> merge -> serve ->
+reward -> update. :func:`run_slot` composes the phases for the offline experiment; the HTTP
+service calls the same phases (:func:`decide`, :func:`apply_decision`, :func:`serve`,
+:func:`observe`, :func:`feedback`) at its own pace, because there the merge is built at the slot
+boundary, requests arrive one by one and labels come back late. Nothing else re-implements
+the loop.
+
+What each phase may read is the point of the design: the estimator and the policy see
+:class:`~tanbr.experiment.slots.Requests` (texts, no tags) and request signatures computed from
+them; :class:`~tanbr.experiment.slots.Truth` reaches only the simulated labelling (rewards),
+the evaluation (TV distance, slot-oracle regret) and the two oracle baselines, which exist to
+be upper bounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from tanbr.experiment.records import SlotRecord
+from tanbr.experiment.reward import Outcomes, RewardFn
+from tanbr.experiment.slots import Requests, Slot, Truth
+
+log = logging.getLogger(__name__)
+
+Plan = Mapping[str, np.ndarray]
+"""Merge coefficients of every MoE block: block name -> coeffs (E,) on the simplex."""
+
+DECISION_KINDS = ("merge", "full", "soft", "per-task")
+
+
+# --- the parts a System is made of -------------------------------------------------------------
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The served model: merges, restores and predicts; knows nothing about policies.
+
+    ``blocks`` maps each MoE block's name to its number of experts (the keys of a plan).
+    """
+
+    @property
+    def blocks(self) -> Mapping[str, int]: ...
+
+    @property
+    def n_labels(self) -> int: ...
+
+    def signatures(self, requests: Requests) -> np.ndarray:
+        """(n, d) label-free signatures of the requests (the estimator's input)."""
+        ...
+
+    def gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
+        """Per block (n, E): each request's mean gate probabilities under the full MoE (the
+        raw material of profiles and of the usage-frequency merge; label-free)."""
+        ...
+
+    def merge(self, plan: Plan) -> float:
+        """Serve with one merged dense expert per block; returns the merge time in ms."""
+        ...
+
+    def merge_soft(self) -> float:
+        """Serve each input with its own gate-weighted merge (SMEAR style); returns ms."""
+        ...
+
+    def restore(self) -> float:
+        """Serve the original MoE with its top-k gate; returns ms."""
+        ...
+
+    def predict(self, requests: Requests) -> tuple[np.ndarray, float]:
+        """Class probabilities (n, n_labels) with the model as currently set, and the ms spent
+        in the MoE layers and head (lower layers cached when the requests carry rows)."""
+        ...
+
+    def reference(self, requests: Requests) -> np.ndarray:
+        """(n,) the full MoE's predicted labels (the label-free proxy reward's reference)."""
+        ...
+
+    def memory_bytes(self) -> int:
+        """Parameter bytes the model as currently set needs resident."""
+        ...
+
+
+@runtime_checkable
+class TaskEstimator(Protocol):
+    """Turns unlabeled request signatures into a mix over ``n_types`` task types.
+
+    ``reads_tags`` is True only for the oracle estimator (a baseline); every other estimator
+    receives ``tasks=None``.
+    """
+
+    name: str
+    n_types: int
+    reads_tags: bool
+
+    def estimate(self, head: np.ndarray | None, *, tasks: np.ndarray | None = None) -> np.ndarray:
+        """The mix (n_types,) for the coming slot: a forecast from history, sharpened by the
+        signatures (m, d) of the slot's first requests when ``head`` is given."""
+        ...
+
+    def observe(self, signatures: np.ndarray, *, tasks: np.ndarray | None = None) -> None:
+        """Add a served slot's signatures (n, d) to the history (online update)."""
+        ...
+
+
+@dataclass(frozen=True, eq=False)
+class Choice:
+    """A mode's answer for one slot (see :class:`Decision`)."""
+
+    kind: str
+    action: np.ndarray | None = None
+    plan: Plan | None = None
+    task_plans: tuple[Plan, ...] = ()
+
+
+@runtime_checkable
+class Mode(Protocol):
+    """How a policy name is served: a bandit policy plus a parameterization, or a baseline.
+
+    ``learns`` modes receive rewards through :meth:`learn`; ``needs_truth`` modes (the oracle
+    baselines only) receive the slot's :class:`Truth` in :meth:`choose`.
+    """
+
+    name: str
+    learns: bool
+    needs_truth: bool
+
+    def choose(self, mix: np.ndarray, *, truth: Truth | None = None) -> Choice: ...
+
+    def learn(self, mix: np.ndarray, action: np.ndarray, reward: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class Labelling:
+    """How labels come back in the offline loop: a sampled fraction, ``delay`` slots later."""
+
+    fraction: float = 1.0
+    delay: int = 0
+    probe: int = 16  # requests scored against the full MoE when the reward kind is "proxy"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"labelling.fraction must be in (0, 1], got {self.fraction}")
+        if self.delay < 0:
+            raise ValueError(f"labelling.delay must be >= 0, got {self.delay}")
+        if self.probe < 1:
+            raise ValueError(f"labelling.probe must be >= 1, got {self.probe}")
+
+
+@dataclass(eq=False)
+class System:
+    """Everything one served policy needs across slots (the service pickles its parts).
+
+    ``head`` is how many of the current slot's requests the estimator may read before the
+    merge is chosen (0: forecast from history only, as a live service does at a slot boundary).
+    """
+
+    backend: Backend
+    estimator: TaskEstimator
+    mode: Mode
+    reward: RewardFn = field(default_factory=RewardFn)
+    labelling: Labelling = field(default_factory=Labelling)
+    head: int = 0
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    pending: list[tuple[int, Decision, Outcomes]] = field(default_factory=list)
+    applied: Decision | None = None
+
+    def __post_init__(self) -> None:
+        if self.head < 0:
+            raise ValueError(f"head must be >= 0, got {self.head}")
+
+
+# --- values passed between phases --------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Decision:
+    """The choice for one slot: the estimated mix (the policy's context), the policy's action,
+    and how the slot is served: ``merge`` with ``plan``, ``full`` MoE, ``soft`` (SMEAR), or
+    ``per-task`` merges (task-tag oracle)."""
+
+    slot: int
+    mix: np.ndarray  # (K,)
+    kind: str
+    action: np.ndarray | None = None
+    plan: Plan | None = None
+    task_plans: tuple[Plan, ...] = ()
+    select_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in DECISION_KINDS:
+            raise ValueError(f"decision kind must be one of {DECISION_KINDS}, got {self.kind!r}")
+        if self.kind == "merge" and self.plan is None:
+            raise ValueError("a 'merge' decision needs a plan")
+
+
+@dataclass(frozen=True, eq=False)
+class Served:
+    """A served batch: class probabilities, predicted labels, and costs."""
+
+    probs: np.ndarray  # (n, n_labels)
+    predictions: np.ndarray  # (n,) int64
+    latency_ms: float  # MoE layers + head for the whole batch
+    merge_ms: float = 0.0  # merges done while serving (per-task mode only)
+
+
+# --- the phases ---------------------------------------------------------------------------------
+
+
+def decide(
+    system: System,
+    requests: Requests | None = None,
+    *,
+    slot: int,
+    truth: Truth | None = None,
+) -> Decision:
+    """Phases 1-3: estimate the mix, select an action, plan the coeffs.
+
+    ``requests`` are the slot's requests known at decision time (at most ``system.head`` of
+    them are read); ``truth`` is passed on only to oracle estimators and oracle modes.
+    """
+    head_sig = None
+    tasks = None
+    if requests is not None and system.head > 0 and len(requests) > 0:
+        n = min(system.head, len(requests))
+        head_sig = system.backend.signatures(requests.take(slice(0, n)))  # (n, d)
+        if system.estimator.reads_tags:
+            if truth is None:
+                raise ValueError(f"estimator {system.estimator.name!r} reads tags: pass truth")
+            tasks = np.asarray(truth.tasks[:n], dtype=np.int64)
+    mix = system.estimator.estimate(head_sig, tasks=tasks)
+    t0 = time.perf_counter()
+    if system.mode.needs_truth and truth is None:
+        raise ValueError(f"mode {system.mode.name!r} is an oracle: it needs the slot's truth")
+    choice = system.mode.choose(mix, truth=truth if system.mode.needs_truth else None)
+    select_ms = (time.perf_counter() - t0) * 1e3
+    return Decision(
+        slot=slot,
+        mix=mix,
+        kind=choice.kind,
+        action=choice.action,
+        plan=choice.plan,
+        task_plans=choice.task_plans,
+        select_ms=select_ms,
+    )
+
+
+def apply_decision(system: System, decision: Decision) -> float:
+    """Phase 4: set the model up as the decision says; returns the merge time in ms.
+
+    ``per-task`` decisions merge per group while serving, so nothing happens here.
+    """
+    backend = system.backend
+    if decision.kind == "merge":
+        assert decision.plan is not None
+        merge_ms = backend.merge(decision.plan)
+    elif decision.kind == "soft":
+        merge_ms = backend.merge_soft()
+    elif decision.kind == "full":
+        merge_ms = backend.restore()
+    else:
+        merge_ms = 0.0
+    system.applied = decision
+    return merge_ms
+
+
+def serve(
+    system: System,
+    requests: Requests,
+    *,
+    decision: Decision | None = None,
+    truth: Truth | None = None,
+) -> Served:
+    """Phase 5: predict with the model as applied.
+
+    For a ``per-task`` decision (the task-tag oracle) each task's requests are served by that
+    task's merge, which needs ``truth``.
+    """
+    decision = decision if decision is not None else system.applied
+    backend = system.backend
+    if decision is not None and decision.kind == "per-task":
+        if truth is None:
+            raise ValueError("per-task serving reads task tags: pass truth")
+        probs = np.zeros((len(requests), backend.n_labels), dtype=np.float32)
+        latency = merge_ms = 0.0
+        tasks = np.asarray(truth.tasks, dtype=np.int64)
+        for k in np.unique(tasks):
+            idx = np.flatnonzero(tasks == k)
+            merge_ms += backend.merge(decision.task_plans[int(k)])
+            part, ms = backend.predict(requests.take(idx))
+            probs[idx] = part
+            latency += ms
+        return Served(probs, probs.argmax(axis=1).astype(np.int64), latency, merge_ms)
+    probs, latency = backend.predict(requests)
+    return Served(probs, probs.argmax(axis=1).astype(np.int64), latency)
+
+
+def observe(system: System, requests: Requests, *, truth: Truth | None = None) -> None:
+    """After serving: the slot's unlabeled requests join the estimator's history."""
+    if len(requests) == 0:
+        return
+    tasks = None
+    if system.estimator.reads_tags:
+        if truth is None:
+            raise ValueError(f"estimator {system.estimator.name!r} reads tags: pass truth")
+        tasks = np.asarray(truth.tasks, dtype=np.int64)
+    system.estimator.observe(system.backend.signatures(requests), tasks=tasks)
+
+
+def feedback(system: System, decision: Decision, outcomes: Outcomes) -> float | None:
+    """Phases 6-7: turn outcomes into a reward and update the policy with
+    (context = decision.mix, decision.action, reward). Works for late feedback: the policy
+    finds what to update from the arguments. Returns the reward (None if nothing to score)."""
+    reward = system.reward(outcomes)
+    if reward is not None and system.mode.learns and decision.action is not None:
+        system.mode.learn(decision.mix, decision.action, reward)
+    return reward
+
+
+def score(
+    system: System, requests: Requests, served: Served, truth: Truth, *, latency_ms: float
+) -> Outcomes:
+    """Simulated labelling: which served requests come back scored.
+
+    ``accuracy``: a ``labelling.fraction`` sample of the true labels. ``proxy``: agreement with
+    the full MoE on ``labelling.probe`` sampled requests (no labels needed).
+    """
+    n = len(requests)
+    memory = system.backend.memory_bytes()
+    if system.reward.kind == "proxy":
+        m = min(n, system.labelling.probe)
+        idx = np.sort(system.rng.choice(n, size=m, replace=False))
+        reference = system.backend.reference(requests.take(idx))  # (m,)
+        hits = int((served.predictions[idx] == reference).sum())
+        return Outcomes(hits, m, latency_ms=latency_ms, memory_bytes=memory)
+    m = max(1, round(system.labelling.fraction * n)) if n else 0
+    idx = np.sort(system.rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
+    hits = int((served.predictions[idx] == truth.labels[idx]).sum())
+    return Outcomes(hits, int(idx.size), latency_ms=latency_ms, memory_bytes=memory)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+class Evaluator(Protocol):
+    """Offline yardsticks that read the truth (never shown to the system)."""
+
+    def tasks_mix(self, est_mix: np.ndarray) -> np.ndarray:
+        """The estimated mix over task types mapped onto the true tasks (Hungarian matching)."""
+        ...
+
+    def oracle_accuracy(self, truth: Truth) -> float:
+        """The slot oracle: best single merge's expected accuracy for the slot's true mix."""
+        ...
+
+
+def run_slot(
+    system: System, slot: Slot, *, evaluator: Evaluator | None = None, seed: int = 0
+) -> SlotRecord:
+    """One slot: estimate -> select -> plan -> merge -> serve -> reward -> update.
+
+    Feedback is delivered ``labelling.delay`` slots late (queued in ``system.pending``).
+    """
+    truth = slot.truth
+    # 1-3. estimate, select, plan
+    decision = decide(system, slot.requests, slot=slot.index, truth=truth)
+    # 4. merge
+    merge_ms = apply_decision(system, decision)
+    # 5. serve
+    served = serve(system, slot.requests, decision=decision, truth=truth)
+    merge_ms += served.merge_ms
+    observe(system, slot.requests, truth=truth)
+    memory = system.backend.memory_bytes()
+    # 6-7. reward and update (possibly late)
+    reward = None
+    n_scored = 0
+    update_ms = 0.0
+    if truth is not None:
+        outcomes = score(system, slot.requests, served, truth, latency_ms=served.latency_ms)
+        reward = system.reward(outcomes)
+        n_scored = outcomes.n_scored
+        system.pending.append((slot.index + system.labelling.delay, decision, outcomes))
+        t0 = time.perf_counter()
+        flush_feedback(system, now=slot.index)
+        update_ms = (time.perf_counter() - t0) * 1e3
+    return _record(
+        system, slot, decision, served, evaluator, seed=seed, merge_ms=merge_ms,
+        memory=memory, reward=reward, n_scored=n_scored, update_ms=update_ms,
+    )  # fmt: skip
+
+
+def flush_feedback(system: System, *, now: int | None = None) -> int:
+    """Deliver the queued feedback that is due at slot ``now`` (all of it if ``now`` is None);
+    returns how many slots' feedback was delivered."""
+    due = [p for p in system.pending if now is None or p[0] <= now]
+    system.pending = [p for p in system.pending if not (now is None or p[0] <= now)]
+    for _, decision, outcomes in due:
+        feedback(system, decision, outcomes)
+    return len(due)
+
+
+def _record(
+    system: System,
+    slot: Slot,
+    decision: Decision,
+    served: Served,
+    evaluator: Evaluator | None,
+    *,
+    seed: int,
+    merge_ms: float,
+    memory: int,
+    reward: float | None,
+    n_scored: int,
+    update_ms: float,
+) -> SlotRecord:
+    truth = slot.truth
+    accuracy = oracle = regret = tv = None
+    est_tasks = true_mix = None
+    if truth is not None:
+        true_mix = truth.mix.tolist()
+        if len(truth.tasks):
+            accuracy = float((served.predictions == truth.labels).mean())
+        if evaluator is not None:
+            mapped = evaluator.tasks_mix(decision.mix)
+            est_tasks = mapped.tolist()
+            tv = float(0.5 * np.abs(mapped - truth.mix).sum())
+            oracle = evaluator.oracle_accuracy(truth)
+            if accuracy is not None:
+                regret = oracle - accuracy
+    coeffs = None
+    if decision.plan is not None:
+        coeffs = {
+            name: np.asarray(c, dtype=float).round(5).tolist() for name, c in decision.plan.items()
+        }
+    return SlotRecord(
+        policy=system.mode.name,
+        seed=seed,
+        slot=slot.index,
+        n_requests=len(slot.requests),
+        kind=decision.kind,
+        est_mix=np.asarray(decision.mix, dtype=float).round(5).tolist(),
+        action=None if decision.action is None else np.asarray(decision.action).round(5).tolist(),
+        coeffs=coeffs,
+        true_mix=true_mix,
+        est_mix_tasks=est_tasks,
+        tv=tv,
+        accuracy=accuracy,
+        oracle_accuracy=oracle,
+        regret=regret,
+        reward=reward,
+        n_scored=n_scored,
+        latency_ms=served.latency_ms,
+        merge_ms=merge_ms,
+        memory_bytes=memory,
+        select_ms=decision.select_ms,
+        update_ms=update_ms,
+    )

@@ -1,0 +1,240 @@
+"""How each policy name is served in the loop.
+
+Bandit policies (every name in :data:`tanbr.bandit.POLICIES`: ``tanbr``, ``neural-grid``,
+``hoo``, ``linucb-grid``, ``egreedy-grid``, ``random``, ``plug-in``, ...) select an action from
+the estimated mix and a parameterization turns it into a plan. The other baselines are
+non-learning modes:
+
+- ``full-moe``: the original model with its top-k gate (no merging);
+- ``uniform``: every expert weighted equally, every slot;
+- ``frequency``: the usage-frequency merge (MC-SMoE style): each block's coeffs are its overall
+  mean gate probabilities on unlabeled calibration requests, static;
+- ``smear``: token-level soft merging (SMEAR style): each input gets its own merge from its
+  gate probabilities;
+- ``task-oracle``: each request served by its own task's merge, reading the true tags (the
+  ceiling no single merge can always reach);
+- ``slot-oracle``: the best single merge for the slot's true mix, found in a table of per-task
+  accuracies over candidate merges (the yardstick of regret).
+
+Adding a non-bandit mode is one class and one line in :data:`MODES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tanbr.experiment.loop import Choice, Plan
+from tanbr.experiment.slots import Truth
+
+
+@dataclass(frozen=True, eq=False)
+class OracleTable:
+    """Per-task accuracies of candidate merges: ``acc[c, k]`` of candidate action c on task k.
+
+    A slot's oracle value is ``max_c sum_k mix_k acc[c, k]`` (the slot's accuracy is the
+    mix-weighted sum of per-task accuracies, so the search is one matrix product).
+    """
+
+    actions: np.ndarray  # (C, K) candidate actions in the parameterization's space
+    acc: np.ndarray  # (C, n_tasks)
+
+    def __post_init__(self) -> None:
+        if self.actions.ndim != 2 or self.acc.ndim != 2 or len(self.actions) != len(self.acc):
+            raise ValueError(
+                f"oracle table: actions {self.actions.shape} and acc {self.acc.shape} disagree"
+            )
+
+    def best(self, mix: np.ndarray) -> tuple[int, float]:
+        """The best candidate for a true mix over tasks, and its expected accuracy."""
+        values = self.acc @ np.asarray(mix, dtype=float)  # (C,)
+        c = int(values.argmax())
+        return c, float(values[c])
+
+
+@dataclass(frozen=True, eq=False)
+class Baselines:
+    """What the non-bandit modes need, computed once per model (see ``runner.prepare``)."""
+
+    blocks: Mapping[str, int]
+    frequency_plan: Plan | None = None
+    task_plans: tuple[Plan, ...] = ()
+    oracle: OracleTable | None = None
+    plan_of: Callable[[np.ndarray], Plan] | None = None  # the parameterization, for the oracle
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BanditMode:
+    """A bandit policy over the parameterization's action space; learns from rewards."""
+
+    learns = True
+    needs_truth = False
+
+    def __init__(self, name: str, policy: Any, plan_of: Callable[[np.ndarray], Plan]) -> None:
+        self.name = name
+        self.policy = policy
+        self.plan_of = plan_of
+
+    def choose(self, mix: np.ndarray, *, truth: Truth | None = None) -> Choice:
+        action = np.asarray(self.policy.select(mix), dtype=np.float64)
+        return Choice("merge", action=action, plan=self.plan_of(action))
+
+    def learn(self, mix: np.ndarray, action: np.ndarray, reward: float) -> None:
+        self.policy.update(mix, action, reward)
+
+
+class _Fixed:
+    learns = False
+    needs_truth = False
+    name = "fixed"
+
+    def learn(self, mix: np.ndarray, action: np.ndarray, reward: float) -> None:
+        raise ValueError(f"mode {self.name!r} does not learn")
+
+
+class FullMoE(_Fixed):
+    name = "full-moe"
+
+    def __init__(self, baselines: Baselines) -> None:
+        pass
+
+    def choose(self, mix: np.ndarray, *, truth: Truth | None = None) -> Choice:
+        return Choice("full")
+
+
+class Smear(_Fixed):
+    name = "smear"
+
+    def __init__(self, baselines: Baselines) -> None:
+        pass
+
+    def choose(self, mix: np.ndarray, *, truth: Truth | None = None) -> Choice:
+        return Choice("soft")
+
+
+class Uniform(_Fixed):
+    name = "uniform"
+
+    def __init__(self, baselines: Baselines) -> None:
+        self.plan = {n: np.full(e, 1.0 / e) for n, e in baselines.blocks.items()}
+
+    def choose(self, mix: np.ndarray, *, truth: Truth | None = None) -> Choice:
+        return Choice("merge", plan=self.plan)
+
+
+class Frequency(_Fixed):
+    name = "frequency"
+
+    def __init__(self, baselines: Baselines) -> None:
+        if baselines.frequency_plan is None:
+            raise ValueError("the frequency baseline needs calibration gate statistics")
+        self.plan = baselines.frequency_plan
+
+    def choose(self, mix: np.ndarray, *, truth: Truth | None = None) -> Choice:
+        return Choice("merge", plan=self.plan)
+
+
+class TaskOracle(_Fixed):
+    name = "task-oracle"
+    needs_truth = True
+
+    def __init__(self, baselines: Baselines) -> None:
+        if not baselines.task_plans:
+            raise ValueError("the task oracle needs each task's merge (calibration, with tags)")
+        self.task_plans = baselines.task_plans
+
+    def choose(self, mix: np.ndarray, *, truth: Truth | None = None) -> Choice:
+        if truth is None:
+            raise ValueError("the task oracle reads the true task tags")
+        return Choice("per-task", task_plans=self.task_plans)
+
+
+class SlotOracle(_Fixed):
+    name = "slot-oracle"
+    needs_truth = True
+
+    def __init__(self, baselines: Baselines) -> None:
+        if baselines.oracle is None or baselines.plan_of is None:
+            raise ValueError("the slot oracle needs the candidate table")
+        self.table = baselines.oracle
+        self.plan_of = baselines.plan_of
+
+    def choose(self, mix: np.ndarray, *, truth: Truth | None = None) -> Choice:
+        if truth is None:
+            raise ValueError("the slot oracle reads the slot's true mix")
+        c, _ = self.table.best(truth.mix)
+        action = self.table.actions[c]
+        return Choice("merge", action=action, plan=self.plan_of(action))
+
+
+ModeFactory = Callable[[Baselines], Any]
+
+MODES: dict[str, ModeFactory] = {
+    "full-moe": FullMoE,
+    "uniform": Uniform,
+    "frequency": Frequency,
+    "smear": Smear,
+    "task-oracle": TaskOracle,
+    "slot-oracle": SlotOracle,
+}
+
+
+def mode_names() -> list[str]:
+    """Every servable name: the non-bandit modes and the bandit registry."""
+    from tanbr.bandit import POLICIES
+
+    return sorted(set(MODES) | set(POLICIES))
+
+
+def make_mode(
+    name: str,
+    *,
+    baselines: Baselines,
+    space: Any = None,
+    context_dim: int = 0,
+    plan_of: Callable[[np.ndarray], Plan] | None = None,
+    rng: np.random.Generator | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Any:
+    """Build the mode for a policy name (a bandit policy needs space, context_dim, plan_of
+    and rng; ``params`` go to the policy factory)."""
+    if name in MODES:
+        if params:
+            raise ValueError(f"{name!r} takes no parameters, got {sorted(params)}")
+        return MODES[name](baselines)
+    from tanbr.bandit import POLICIES, make_policy
+
+    if name not in POLICIES:
+        import difflib
+
+        known = sorted(set(MODES) | set(POLICIES))
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown policy {name!r}{hint}; known: {', '.join(known)}")
+    if space is None or plan_of is None or rng is None or context_dim < 1:
+        raise ValueError(f"bandit policy {name!r} needs an action space, plan_of, rng, context_dim")
+    try:
+        policy = make_policy(
+            name, space=space, context_dim=context_dim, rng=rng, **dict(params or {})
+        )
+    except TypeError as err:  # a wrong parameter name in [policy.NAME]
+        raise ValueError(f"[policy.{name}]: {err}") from None
+    return BanditMode(name, policy, plan_of)
+
+
+def candidate_actions(
+    dim: int, *, n_random: int, concentration: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Slot-oracle candidates on Simplex(dim): vertices, pairwise midpoints, the centre and
+    ``n_random`` Dirichlet samples. (C, dim)."""
+    eye = np.eye(dim)
+    pairs = [(eye[i] + eye[j]) / 2 for i in range(dim) for j in range(i + 1, dim)]
+    parts: list[np.ndarray] = [eye, np.full((1, dim), 1.0 / dim)]
+    if pairs:
+        parts.append(np.asarray(pairs))
+    if n_random > 0:
+        parts.append(rng.dirichlet(np.full(dim, concentration), size=n_random))
+    return np.vstack(parts)

@@ -1,0 +1,520 @@
+"""Run policies x seeds through the slot loop and write a run folder.
+
+:func:`prepare` computes, once per model and config, everything the policies share: the
+estimator fitted on unlabeled calibration requests, the task-type profiles and the
+parameterization, the static baselines' plans and the slot oracle's candidate table.
+:func:`execute` then draws one stream per seed (the same for every policy of that seed), runs
+each policy with :func:`~tanbr.experiment.loop.run_slot`, measures end-to-end latency on real
+batches, and writes ``config.toml``, ``trace.jsonl``, ``summary.json`` and the plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tanbr.experiment.config import ExperimentConfig, write_config
+from tanbr.experiment.estimator import (
+    ClusterEstimator,
+    TagEstimator,
+    match_clusters,
+    to_tasks,
+)
+from tanbr.experiment.loop import (
+    Backend,
+    Decision,
+    Labelling,
+    Plan,
+    System,
+    apply_decision,
+    run_slot,
+    serve,
+)
+from tanbr.experiment.modes import (
+    MODES,
+    Baselines,
+    OracleTable,
+    candidate_actions,
+    make_mode,
+)
+from tanbr.experiment.parameterization import (
+    Direct,
+    TaskSimplex,
+    cluster_profiles,
+    make_space,
+)
+from tanbr.experiment.records import SlotRecord, write_json, write_trace
+from tanbr.experiment.reward import RewardFn
+from tanbr.experiment.slots import Requests, Slot, Truth
+from tanbr.experiment.workload import (
+    SCHEDULES,
+    Pool,
+    draw_slots,
+    read_mix_trace,
+    read_request_trace,
+)
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int], Any]  # (description, total) -> object with update(n) / close()
+
+
+@dataclass(eq=False)
+class Setup:
+    """What every policy and seed of an experiment shares (built by :func:`prepare`)."""
+
+    config: ExperimentConfig
+    backend: Backend
+    calib: Pool
+    test: Pool
+    estimator: ClusterEstimator | TagEstimator  # fitted template, copied per run
+    mapping: np.ndarray  # (K,) task type -> true task (evaluation only)
+    plan_of: Callable[[np.ndarray], Plan]
+    dim: int  # action-space dimension
+    baselines: Baselines
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self.test.task_names
+
+
+@dataclass(frozen=True, eq=False)
+class SlotEvaluator:
+    """TV distance through the cluster-to-task matching, and the slot oracle's value."""
+
+    mapping: np.ndarray
+    n_tasks: int
+    oracle: OracleTable
+
+    def tasks_mix(self, est_mix: np.ndarray) -> np.ndarray:
+        return to_tasks(est_mix, self.mapping, self.n_tasks)
+
+    def oracle_accuracy(self, truth: Truth) -> float:
+        return self.oracle.best(truth.mix)[1]
+
+
+def _requests(pool: Pool) -> Requests:
+    return Requests(pool.texts, pool.rows)
+
+
+def _mean_rows(probs: np.ndarray) -> np.ndarray:
+    c = np.asarray(probs, dtype=np.float64).mean(0)
+    return np.asarray(c / c.sum())
+
+
+def per_task_accuracy(predictions: np.ndarray, pool: Pool) -> np.ndarray:
+    """(n_tasks,) accuracy of predictions on each task of the pool."""
+    correct = (np.asarray(predictions) == pool.labels).astype(float)
+    n = len(pool.task_names)
+    hits = np.bincount(pool.tasks, weights=correct, minlength=n)
+    return np.asarray(hits / np.bincount(pool.tasks, minlength=n))
+
+
+def prepare(
+    config: ExperimentConfig,
+    backend: Backend,
+    calib: Pool,
+    test: Pool,
+    *,
+    progress: Progress | None = None,
+) -> Setup:
+    """Fit the estimator and profiles on calibration data, and build the baselines' inputs.
+
+    The estimator, the profiles and the ``frequency`` merge see calibration requests without
+    their tags. Tags are read only for the evaluation mapping (Hungarian matching), the task
+    oracle's per-task merges, and the slot oracle's per-task accuracies.
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    est_cfg = config.estimator
+    rng = np.random.default_rng(zlib.crc32(b"prepare"))
+    n_tasks = len(test.task_names)
+    if calib.task_names != test.task_names:
+        raise ValueError("calibration and test pools must have the same tasks")
+    calib_requests = _requests(calib)
+    estimator: ClusterEstimator | TagEstimator
+    if est_cfg.kind == "cluster":
+        estimator = ClusterEstimator(
+            rng=rng,
+            n_types=est_cfg.n_types or None,
+            forecast=est_cfg.forecast,
+            alpha=est_cfg.alpha,
+            beta=est_cfg.beta,
+            prior_strength=est_cfg.prior_strength,
+            online_rate=est_cfg.online_rate,
+        )
+        signatures = backend.signatures(calib_requests)  # (n, d): no tags involved
+        estimator.fit(signatures)
+        assign = estimator.assign(signatures)
+    elif est_cfg.kind == "oracle":
+        estimator = TagEstimator(
+            n_types=n_tasks,
+            forecast=est_cfg.forecast,
+            alpha=est_cfg.alpha,
+            beta=est_cfg.beta,
+            prior_strength=est_cfg.prior_strength,
+        )
+        assign = calib.tasks
+    else:
+        raise ValueError(f"estimator.kind must be 'cluster' or 'oracle', got {est_cfg.kind!r}")
+    k = estimator.n_types
+    mapping = match_clusters(assign, calib.tasks, k, n_tasks)
+    timings["estimator_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    gates = backend.gate_probs(calib_requests)  # block -> (n, E), full MoE, label-free
+    frequency_plan = {name: _mean_rows(p) for name, p in gates.items()}
+    task_plans = tuple(
+        {name: _mean_rows(p[calib.tasks == t]) for name, p in gates.items()} for t in range(n_tasks)
+    )  # reads tags: the task oracle only
+    kind = config.parameterization.kind
+    param: TaskSimplex | Direct
+    if kind == "task-simplex":
+        param = TaskSimplex(cluster_profiles(assign, gates, k))
+    elif kind == "direct":
+        param = Direct(backend.blocks)
+    else:
+        raise ValueError(f"parameterization.kind must be 'task-simplex' or 'direct', got {kind!r}")
+    timings["profiles_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    candidates = candidate_actions(
+        param.dim,
+        n_random=config.oracle.n_candidates,
+        concentration=config.oracle.concentration,
+        rng=rng,
+    )
+    acc = np.zeros((len(candidates), n_tasks))
+    test_requests = _requests(test)
+    bar = progress("oracle table", len(candidates)) if progress else None
+    for c, action in enumerate(candidates):
+        backend.merge(param.plan(action))
+        probs, _ = backend.predict(test_requests)
+        acc[c] = per_task_accuracy(probs.argmax(1), test)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    backend.restore()
+    timings["oracle_table_s"] = time.perf_counter() - t0
+    oracle = OracleTable(candidates, acc)
+    log.info(
+        "prepared: K=%d task types, %d oracle candidates (best per task %s)",
+        k,
+        len(candidates),
+        np.round(acc.max(0), 3).tolist(),
+    )
+    baselines = Baselines(
+        blocks=backend.blocks,
+        frequency_plan=frequency_plan,
+        task_plans=task_plans,
+        oracle=oracle,
+        plan_of=param.plan,
+    )
+    return Setup(
+        config=config,
+        backend=backend,
+        calib=calib,
+        test=test,
+        estimator=estimator,
+        mapping=mapping,
+        plan_of=param.plan,
+        dim=param.dim,
+        baselines=baselines,
+        timings=timings,
+    )
+
+
+# --- streams and systems ------------------------------------------------------------------------
+
+
+def make_slots(setup: Setup, seed: int) -> list[Slot]:
+    """The stream of one seed (identical for every policy of that seed)."""
+    cfg = setup.config.workload
+    rng = np.random.default_rng([seed, zlib.crc32(b"workload")])
+    n_tasks = len(setup.task_names)
+    if cfg.kind == "requests":
+        if not cfg.requests:
+            raise ValueError("workload.kind 'requests' needs workload.requests (a trace file)")
+        return read_request_trace(cfg.requests, setup.test)[: setup.config.n_slots]
+    if cfg.kind == "trace":
+        if not cfg.trace:
+            raise ValueError("workload.kind 'trace' needs workload.trace (a mix trace file)")
+        mixes = read_mix_trace(cfg.trace, setup.task_names)[: setup.config.n_slots]
+    elif cfg.kind in SCHEDULES:
+        table: dict[str, dict[str, Any]] = {
+            "stationary": {"mix": list(cfg.mix) or None},
+            "switch": {
+                "n_dominant": cfg.n_dominant,
+                "dominance": cfg.dominance,
+                "period": cfg.period,
+            },
+            "periodic": {"period": cfg.period, "sharpness": cfg.sharpness},
+            "random-walk": {"concentration": cfg.concentration},
+            "drift": {
+                "n_dominant": cfg.n_dominant,
+                "dominance": cfg.dominance,
+                "period": cfg.period,
+                "ramp": cfg.ramp,
+                "jitter": cfg.jitter,
+            },
+        }
+        params = table[cfg.kind]
+        mixes = SCHEDULES[cfg.kind](
+            n_slots=setup.config.n_slots, n_tasks=n_tasks, rng=rng, **params
+        )
+    else:
+        known = sorted([*SCHEDULES, "trace", "requests"])
+        raise ValueError(f"workload.kind must be one of {known}, got {cfg.kind!r}")
+    return draw_slots(setup.test, mixes, slot_size=cfg.slot_size, rng=rng)
+
+
+def build_system(setup: Setup, name: str, seed: int) -> System:
+    """A fresh system for one policy and seed: estimator copied from the fitted template."""
+    cfg = setup.config
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    estimator = copy.deepcopy(setup.estimator)
+    if isinstance(estimator, ClusterEstimator):
+        estimator.rng = np.random.default_rng([seed, 7])
+    mode = make_mode(
+        name,
+        baselines=setup.baselines,
+        space=make_space(setup.dim),
+        context_dim=estimator.n_types,
+        plan_of=setup.plan_of,
+        rng=rng,
+        params=cfg.policy.get(name, {}),
+    )
+    return System(
+        backend=setup.backend,
+        estimator=estimator,
+        mode=mode,
+        reward=RewardFn(
+            kind=cfg.reward.kind,
+            latency_budget_ms=cfg.reward.latency_budget_ms,
+            latency_weight=cfg.reward.latency_weight,
+            memory_budget_bytes=cfg.reward.memory_budget_bytes,
+            memory_weight=cfg.reward.memory_weight,
+        ),
+        labelling=Labelling(
+            fraction=cfg.reward.label_fraction, delay=cfg.reward.delay, probe=cfg.reward.probe
+        ),
+        head=cfg.estimator.head,
+        rng=np.random.default_rng([seed, zlib.crc32(name.encode()), 1]),
+    )
+
+
+@dataclass(frozen=True)
+class PolicyRun:
+    """One policy on one seed: the slot records and the end-to-end latency probes (ms)."""
+
+    policy: str
+    seed: int
+    records: list[SlotRecord]
+    e2e_ms: list[float]
+    seconds: float
+
+
+def run_policy(
+    setup: Setup,
+    name: str,
+    seed: int,
+    slots: Sequence[Slot],
+    *,
+    progress: Progress | None = None,
+) -> PolicyRun:
+    """Serve a stream with one policy, then probe end-to-end latency on real batches."""
+    t0 = time.perf_counter()
+    system = build_system(setup, name, seed)
+    evaluator = SlotEvaluator(setup.mapping, len(setup.task_names), setup.baselines.oracle)  # type: ignore[arg-type]
+    records: list[SlotRecord] = []
+    decisions: list[Decision] = []
+    keep = _probe_slots(setup, seed, name, len(slots))
+    bar = progress(f"{name} seed {seed}", len(slots)) if progress else None
+    for slot in slots:
+        record = run_slot(system, slot, evaluator=evaluator, seed=seed)
+        records.append(record)
+        if slot.index in keep:
+            decisions.append(_last_decision(system))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    e2e = _probe_latency(setup, system, [s for s in slots if s.index in keep], decisions)
+    setup.backend.restore()
+    return PolicyRun(name, seed, records, e2e, time.perf_counter() - t0)
+
+
+def _last_decision(system: System) -> Decision:
+    assert system.applied is not None
+    return system.applied
+
+
+def _probe_slots(setup: Setup, seed: int, name: str, n_slots: int) -> set[int]:
+    """Slots whose decisions are replayed for the end-to-end probe (the same for all policies
+    of a seed, spread over the run)."""
+    n = min(setup.config.latency.batches, n_slots)
+    rng = np.random.default_rng([seed, zlib.crc32(b"probe")])
+    return {int(i) for i in rng.choice(n_slots, size=n, replace=False)}
+
+
+def _probe_latency(
+    setup: Setup, system: System, slots: Sequence[Slot], decisions: Sequence[Decision]
+) -> list[float]:
+    """Wall time of tokenize + lower layers + MoE layers + head on a real batch of each probe
+    slot's texts, with that slot's decision applied (merge time excluded, except the per-task
+    merges that the task oracle pays while serving)."""
+    size = setup.config.latency.batch_size
+    out = []
+    for slot, decision in zip(slots, decisions, strict=True):
+        n = min(size, len(slot.requests))
+        live = Requests(slot.requests.texts[:n])  # no rows: encoded from text, end to end
+        truth = slot.truth.take(slice(0, n)) if slot.truth is not None else None
+        apply_decision(system, decision)
+        t0 = time.perf_counter()
+        serve(system, live, decision=decision, truth=truth)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+# --- summaries ----------------------------------------------------------------------------------
+
+
+def _pct(values: Iterable[float], q: float) -> float | None:
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    return float(np.percentile(arr, q)) if arr.size else None
+
+
+def summarize(runs: Sequence[PolicyRun]) -> dict[str, Any]:
+    """Per policy (mean over seeds): accuracy, final cumulative regret, latency, memory, merge.
+
+    ``latency_p50_ms``/``latency_p95_ms`` are end-to-end (tokenize + encoder + MoE layers +
+    head, batch of ``latency.batch_size``); ``moe_latency_*`` time the MoE layers and head on
+    each whole slot from cached lower states.
+    """
+    by_policy: dict[str, list[PolicyRun]] = {}
+    for run in runs:
+        by_policy.setdefault(run.policy, []).append(run)
+    policies: dict[str, dict[str, Any]] = {}
+    detail: dict[str, dict[str, Any]] = {}
+    tvs: list[float] = []
+    for name, group in by_policy.items():
+        accs, regrets = [], []
+        for run in group:
+            acc = [r.accuracy for r in run.records if r.accuracy is not None]
+            reg = [r.regret for r in run.records if r.regret is not None]
+            accs.append(float(np.mean(acc)) if acc else float("nan"))
+            regrets.append(float(np.sum(reg)) if reg else float("nan"))
+        records = [r for run in group for r in run.records]
+        e2e = [ms for run in group for ms in run.e2e_ms]
+        policies[name] = {
+            "accuracy": float(np.mean(accs)),
+            "regret": float(np.mean(regrets)),
+            "latency_p50_ms": _pct(e2e, 50),
+            "latency_p95_ms": _pct(e2e, 95),
+            "memory_bytes": int(np.median([r.memory_bytes for r in records])),
+            "merge_ms": float(np.mean([r.merge_ms for r in records])),
+        }
+        detail[name] = {
+            "accuracy_std": float(np.std(accs)),
+            "regret_std": float(np.std(regrets)),
+            "moe_latency_p50_ms": _pct((r.latency_ms for r in records), 50),
+            "moe_latency_p95_ms": _pct((r.latency_ms for r in records), 95),
+            "select_ms_p50": _pct((r.select_ms for r in records), 50),
+            "update_ms_p50": _pct((r.update_ms for r in records), 50),
+            "oracle_accuracy": float(
+                np.mean([r.oracle_accuracy for r in records if r.oracle_accuracy is not None])
+            )
+            if any(r.oracle_accuracy is not None for r in records)
+            else None,
+            "seconds": float(sum(run.seconds for run in group)),
+            "seeds": [run.seed for run in group],
+        }
+        tvs += [r.tv for r in records if r.tv is not None]
+    return {
+        "policies": policies,
+        "estimator_tv": float(np.mean(tvs)) if tvs else None,
+        "detail": detail,
+    }
+
+
+def public_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Exactly the JSON of ``tanbr compare --json``: per-policy headline figures and the TV."""
+    keys = ("accuracy", "regret", "latency_p50_ms", "latency_p95_ms", "memory_bytes", "merge_ms")
+    return {
+        "policies": {name: {k: row[k] for k in keys} for name, row in summary["policies"].items()},
+        "estimator_tv": summary["estimator_tv"],
+    }
+
+
+# --- the whole experiment -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunResult:
+    folder: Path
+    summary: dict[str, Any]
+    runs: list[PolicyRun]
+
+
+def new_run_folder(out: Path, name: str) -> Path:
+    """``out/NAME-YYYYmmdd-HHMMSS`` (suffixed if it exists)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = out / f"{name}-{stamp}"
+    n = 1
+    while folder.exists():
+        n += 1
+        folder = out / f"{name}-{stamp}-{n}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def execute(
+    setup: Setup,
+    *,
+    out: Path,
+    progress: Progress | None = None,
+    plots: bool = True,
+) -> RunResult:
+    """Every policy x seed of the config; writes the run folder and returns the summary."""
+    cfg = setup.config
+    unknown = [p for p in cfg.policies if p not in MODES and not _is_bandit(p)]
+    if unknown:
+        make_mode(unknown[0], baselines=setup.baselines)  # raises with close matches
+    folder = new_run_folder(out, cfg.name)
+    write_config(folder / "config.toml", cfg)
+    runs: list[PolicyRun] = []
+    t0 = time.perf_counter()
+    for seed in cfg.seeds:
+        slots = make_slots(setup, seed)
+        for name in cfg.policies:
+            runs.append(run_policy(setup, name, seed, slots, progress=progress))
+    write_trace(folder / "trace.jsonl", (r for run in runs for r in run.records))
+    summary = summarize(runs)
+    summary["timings"] = {**setup.timings, "runs_s": time.perf_counter() - t0}
+    summary["tasks"] = list(setup.task_names)
+    summary["n_types"] = setup.estimator.n_types
+    write_json(folder / "summary.json", summary)
+    if plots:
+        from tanbr.experiment.plots import plot_run
+
+        plot_run(folder)
+    from tanbr.experiment.report import write_report
+
+    write_report([folder], folder / "report.md")
+    return RunResult(folder, summary, runs)
+
+
+def _is_bandit(name: str) -> bool:
+    from tanbr.bandit import POLICIES
+
+    return name in POLICIES

@@ -1,0 +1,401 @@
+"""``tanbr bench merge``: latency and memory of the full MoE against the merged model.
+
+For a Mixtral-style preset with random weights (saved once as a checkpoint folder in the cache)
+it measures, per batch shape:
+
+* ``latency_full_ms`` / ``latency_merged_ms``: medians of forward passes, full and merged
+  interleaved in one process; the full model runs real top-k dispatch with the fastest experts
+  implementation of this CPU (``eager`` or ``grouped_mm`` timed per shape; never
+  ``batched_mm``, which gathers one weight matrix per token);
+* ``params_full_bytes`` / ``params_merged_bytes``: tensor bytes resident in the normal model
+  and in the memory-lean merged model;
+* ``rss_full_bytes`` / ``rss_merged_bytes``: resident set size of a fresh process that loads the
+  checkpoint (normally, or lean and merged) and runs that batch;
+* ``merge_ms``: median in-memory re-merge; ``lean_merge_ms``: median memory-lean re-merge from
+  the safetensors; ``memcpy_ms``: median time to copy as many bytes as a merge reads, the
+  memory-bandwidth floor of a merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+REQUIRED_KEYS = (
+    "batch",
+    "latency_full_ms",
+    "latency_merged_ms",
+    "params_full_bytes",
+    "params_merged_bytes",
+    "rss_full_bytes",
+    "rss_merged_bytes",
+    "merge_ms",
+    "memcpy_ms",
+)
+_IMPLEMENTATIONS = ("grouped_mm", "eager")  # batched_mm is never used on CPU
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset",
+        default="medium",
+        choices=["tiny", "small", "medium", "large"],
+        help="model size (default: medium = hidden 512, intermediate 1408, 6 layers, 8 experts)",
+    )
+    parser.add_argument(
+        "--batches",
+        default="1x32,8x128",
+        help="comma-separated batch shapes BATCHxLENGTH (default: 1x32,8x128)",
+    )
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measure")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and plans")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the fresh-process RSS runs")
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+
+
+def parse_batches(text: str) -> list[tuple[int, int]]:
+    """``"1x32,8x128"`` -> [(1, 32), (8, 128)]; ValueError naming a bad entry."""
+    shapes = []
+    for part in text.split(","):
+        try:
+            b, t = (int(x) for x in part.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--batches entries must look like 8x128, got {part!r}") from None
+        if b < 1 or t < 1:
+            raise ValueError(f"--batches entries must be positive, got {part!r}")
+        shapes.append((b, t))
+    if not shapes:
+        raise ValueError("--batches is empty")
+    return shapes
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    shapes = parse_batches(args.batches)
+    rows = bench_merge(
+        args.preset,
+        shapes,
+        repeats=args.repeats,
+        seed=args.seed,
+        threads=args.threads,
+        rss=not args.no_rss,
+    )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def bench_merge(
+    preset_name: str,
+    shapes: list[tuple[int, int]],
+    *,
+    repeats: int,
+    seed: int,
+    threads: int = 0,
+    rss: bool = True,
+) -> list[dict[str, Any]]:
+    """Measure every batch shape; one row (a dict of :data:`REQUIRED_KEYS` and more) each."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from tanbr.model.checkpoint import load_checkpoint
+    from tanbr.model.presets import get_preset
+
+    if threads:
+        torch.set_num_threads(threads)
+    preset = get_preset(preset_name)
+    folder = bench_checkpoint(preset_name, seed)
+    n_steps = len(shapes) * (3 if rss else 1) + 2
+    bar = tqdm(total=n_steps, desc=f"bench merge {preset_name}", file=sys.stderr)
+    loaded = load_checkpoint(folder)
+    model, merger = loaded.model, loaded.merger
+    plans = _plans(merger.blocks, repeats + 1, seed)
+    params_full = merger.resident_bytes()
+    prepared = merger.prepare(plans[0])
+    generator = torch.Generator().manual_seed(seed)
+    timed: dict[tuple[int, int], dict[str, Any]] = {}
+    for b, t in shapes:
+        ids = torch.randint(0, preset.vocab_size, (b, t), generator=generator)
+        impl = _fastest_implementation(model, merger, ids)
+        full_ms, merged_ms = [], []
+        with torch.inference_mode():
+            merger.commit(prepared)
+            _forward(model, ids)  # warm the merged path
+            for _ in range(repeats):
+                merger.restore()
+                full_ms.append(_timed_forward(model, ids))
+                merger.commit(prepared)
+                merged_ms.append(_timed_forward(model, ids))
+        merger.restore()
+        timed[(b, t)] = {
+            "impl": impl,
+            "full": float(np.median(full_ms)),
+            "merged": float(np.median(merged_ms)),
+        }
+        bar.update()
+
+    # --- merge cost against the memory-copy floor ---
+    merger.commit(prepared)
+    merge_ms, copy_ms = [], []
+    stats = merger.apply(plans[1])
+    src = torch.ones(stats.bytes_read // 4, dtype=torch.float32)
+    dst = torch.zeros_like(src)
+    for plan in plans[1:]:
+        merge_ms.append(merger.apply(plan).merge_ms)
+        copy_ms.append(_timed(lambda: dst.copy_(src)))
+    del src, dst
+    merger.restore()
+    del prepared
+    bar.update()
+
+    lean = load_checkpoint(folder, lean=True)
+    lean.merger.apply(plans[0])
+    lean_ms = [lean.merger.apply(plan).merge_ms for plan in plans[1:]]
+    params_merged = lean.merger.resident_bytes()
+    del lean
+    bar.update()
+
+    rows = []
+    for b, t in shapes:
+        rss_full = rss_merged = peak_full = peak_merged = None
+        if rss:
+            impl = timed[(b, t)]["impl"]
+            full = _rss_child(folder, "full", b, t, seed, threads, impl, plans[0])
+            bar.update()
+            merged = _rss_child(folder, "merged", b, t, seed, threads, impl, plans[0])
+            bar.update()
+            rss_full, peak_full = full["rss_bytes"], full["peak_rss_bytes"]
+            rss_merged, peak_merged = merged["rss_bytes"], merged["peak_rss_bytes"]
+        row = {
+            "batch": f"{b}x{t}",
+            "latency_full_ms": round(timed[(b, t)]["full"], 3),
+            "latency_merged_ms": round(timed[(b, t)]["merged"], 3),
+            "params_full_bytes": params_full,
+            "params_merged_bytes": params_merged,
+            "rss_full_bytes": rss_full,
+            "rss_merged_bytes": rss_merged,
+            "merge_ms": round(float(np.median(merge_ms)), 3),
+            "memcpy_ms": round(float(np.median(copy_ms)), 3),
+            "lean_merge_ms": round(float(np.median(lean_ms)), 3),
+            "peak_rss_full_bytes": peak_full,
+            "peak_rss_merged_bytes": peak_merged,
+            "experts_implementation": timed[(b, t)]["impl"],
+            "preset": preset_name,
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+        }
+        rows.append(row | _ratios(row))
+    bar.close()
+    return rows
+
+
+def _ratios(row: dict[str, Any]) -> dict[str, float | None]:
+    def ratio(a: str, b: str) -> float | None:
+        x, y = row[a], row[b]
+        return round(x / y, 4) if x is not None and y else None
+
+    return {
+        "latency_ratio": ratio("latency_merged_ms", "latency_full_ms"),
+        "params_ratio": ratio("params_merged_bytes", "params_full_bytes"),
+        "rss_ratio": ratio("rss_merged_bytes", "rss_full_bytes"),
+        "merge_vs_memcpy": ratio("merge_ms", "memcpy_ms"),
+        "lean_merge_vs_memcpy": ratio("lean_merge_ms", "memcpy_ms"),
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as an aligned text table (MiB for memory)."""
+
+    def mib(x: int | None) -> str:
+        return "-" if x is None else f"{x / 2**20:.1f}"
+
+    def num(x: float | None, fmt: str = ".2f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    head = [
+        "batch",
+        "full ms",
+        "merged ms",
+        "x",
+        "params MiB full/merged",
+        "x",
+        "RSS MiB full/merged",
+        "x",
+        "merge ms",
+        "memcpy ms",
+        "lean ms",
+        "experts impl",
+    ]
+    body = [
+        [
+            r["batch"],
+            num(r["latency_full_ms"], ".1f"),
+            num(r["latency_merged_ms"], ".1f"),
+            num(r["latency_ratio"]),
+            f"{mib(r['params_full_bytes'])}/{mib(r['params_merged_bytes'])}",
+            num(r["params_ratio"]),
+            f"{mib(r['rss_full_bytes'])}/{mib(r['rss_merged_bytes'])}",
+            num(r["rss_ratio"]),
+            num(r["merge_ms"], ".1f"),
+            num(r["memcpy_ms"], ".1f"),
+            num(r["lean_merge_ms"], ".1f"),
+            r["experts_implementation"],
+        ]
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+    lines = ["  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)) for line in [head, *body]]
+    return "\n".join(lines)
+
+
+# --- helpers (heavy imports inside) -------------------------------------------------------------
+
+
+def bench_checkpoint(preset_name: str, seed: int) -> Any:
+    """The preset's checkpoint folder in the cache, written by ``save_pretrained`` once."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    from tanbr.cache import cache_dir
+    from tanbr.model.presets import build_bench_model, get_preset
+
+    preset = get_preset(preset_name)
+    folder = cache_dir("bench-model", preset, seed, torch.__version__, transformers.__version__)
+    if (folder / "config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        build_bench_model(preset, seed=seed).save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _plans(blocks: Any, n: int, seed: int) -> list[dict[str, Any]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [{b.name: rng.dirichlet(np.ones(b.n_experts)) for b in blocks} for _ in range(n)]
+
+
+def _forward(model: Any, ids: Any) -> None:
+    model(input_ids=ids, use_cache=False)
+
+
+def _timed(fn: Any) -> float:
+    import time
+
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _timed_forward(model: Any, ids: Any) -> float:
+    return _timed(lambda: _forward(model, ids))
+
+
+def _fastest_implementation(model: Any, merger: Any, ids: Any) -> str:
+    """Time the full model with each CPU experts implementation; keep the fastest."""
+    import numpy as np
+    import torch
+
+    if not hasattr(model, "set_experts_implementation"):
+        return "module"
+    merger.restore()
+    best, best_ms = _IMPLEMENTATIONS[0], float("inf")
+    with torch.inference_mode():
+        for impl in _IMPLEMENTATIONS:
+            try:
+                model.set_experts_implementation(impl)
+                _forward(model, ids)
+            except (KeyError, ValueError, RuntimeError, NotImplementedError):
+                continue
+            ms = float(np.median([_timed_forward(model, ids) for _ in range(3)]))
+            if ms < best_ms:
+                best, best_ms = impl, ms
+    model.set_experts_implementation(best)
+    return best
+
+
+def _rss_child(
+    folder: Any, mode: str, b: int, t: int, seed: int, threads: int, impl: str, plan: Any
+) -> dict[str, int]:
+    """Run one mode in a fresh interpreter and read back its RSS."""
+    spec = {
+        "folder": str(folder),
+        "mode": mode,
+        "batch": [b, t],
+        "seed": seed,
+        "threads": threads,
+        "impl": impl,
+        "plan": {k: [float(x) for x in v] for k, v in plan.items()},
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "tanbr.model.bench", "--rss-child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS measurement ({mode}, {b}x{t}) failed:\n{proc.stderr[-2000:]}")
+    result: dict[str, int] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _rss_child_main(spec_text: str) -> int:
+    """Inside the fresh process: load, (merge,) run the batch twice, report VmRSS and peak."""
+    import gc
+    import resource
+
+    import torch
+
+    from tanbr.model.checkpoint import load_checkpoint
+
+    spec = json.loads(spec_text)
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    lean = spec["mode"] == "merged"
+    loaded = load_checkpoint(spec["folder"], lean=lean)
+    if lean:
+        loaded.merger.apply(spec["plan"])
+    elif hasattr(loaded.model, "set_experts_implementation"):
+        loaded.model.set_experts_implementation(spec["impl"])
+    b, t = spec["batch"]
+    vocab = int(loaded.config.vocab_size)
+    ids = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(spec["seed"]))
+    with torch.inference_mode():
+        for _ in range(2):
+            _forward(loaded.model, ids)
+    gc.collect()
+    rss = 0
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"rss_bytes": rss, "peak_rss_bytes": peak}))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--rss-child":
+        raise SystemExit(_rss_child_main(sys.argv[2]))
+    raise SystemExit("usage: python -m tanbr.model.bench --rss-child SPEC (use `tanbr bench merge`)")

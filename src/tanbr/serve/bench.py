@@ -1,0 +1,365 @@
+"""``tanbr bench serve``: load-test the HTTP service over loopback, merged vs full MoE.
+
+The command starts ``tanbr serve`` as a subprocess on 127.0.0.1 (a free port), sends a bounded
+load (``--concurrency`` clients, each with one call in flight) of real texts drawn from the
+default model's test split with a drifting task mix, answers a fraction of the predictions
+with their true label (so the policy learns while it serves), then stops the server and runs
+the same load against a second server that serves the full MoE (no merging, real top-k
+dispatch). Both runs see the same texts in the same order.
+
+Throughput counts predictions per second of wall time (feedback calls are part of the load but
+not counted); latencies are client-side, per predict call, over loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+logger = logging.getLogger(__name__)
+
+FIGURES = ("requests", "errors", "throughput_rps", "latency_p50_ms", "latency_p99_ms", "merges")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--requests", type=int, default=10000, help="predict calls per run")
+    parser.add_argument("--concurrency", type=int, default=32, help="clients in parallel")
+    parser.add_argument("--slot-size", type=int, default=256, help="texts per slot (256)")
+    parser.add_argument(
+        "--feedback", type=float, default=0.5, help="fraction of predictions labelled back"
+    )
+    parser.add_argument("--policy", default="tanbr", help="policy of the merged run (tanbr)")
+    parser.add_argument(
+        "--baseline", default="full-moe", help="policy of the comparison run (full-moe)"
+    )
+    parser.add_argument("--model", default="default", help="default-model variant or folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the workload")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a run")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """One run's figures (client side), plus what the server reported at the end."""
+
+    requests: int
+    errors: int
+    throughput_rps: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    merges: int
+    feedback: int
+    accuracy: float
+    slots: int
+    wall_s: float
+
+
+# --- the server as a subprocess -------------------------------------------------------------
+
+
+class ServerProcess:
+    """``tanbr serve`` in a subprocess on loopback: start, wait until ready, kill or stop.
+
+    Used by the benchmark and by the tests, which kill it with SIGKILL and restart it on the
+    same state folder.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        state_dir: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.args = list(args)
+        self.state_dir = Path(state_dir)
+        self.log_path = Path(log_path)
+        self.env = {**os.environ, **(env or {})}
+        self.env.setdefault("HF_HUB_OFFLINE", "1")
+        self.env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self._log: IO[bytes] | None = None
+
+    def start(self, timeout: float = 300.0) -> str:
+        """Spawn the server and return its URL once it accepts requests."""
+        ready = self.state_dir.with_name(self.state_dir.name + ".ready")
+        ready.unlink(missing_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in wait/kill)
+        cmd = [
+            sys.executable,
+            "-m",
+            "tanbr.cli",
+            "serve",
+            *self.args,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--state-dir",
+            str(self.state_dir),
+            "--ready-file",
+            str(ready),
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log, env=self.env)
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"tanbr serve exited with code {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"tanbr serve not ready after {timeout} s:\n{self.log_tail()}")
+            time.sleep(0.1)
+        self.url = ready.read_text(encoding="utf-8").strip()
+        return self.url
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs (what a crash looks like)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+        self._close_log()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait for a clean exit; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._close_log()
+        return int(self.proc.returncode)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+# --- the load -------------------------------------------------------------------------------
+
+
+def run_load(
+    url: str,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    concurrency: int,
+    feedback: float,
+    seed: int,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """Send every text once (``concurrency`` calls in flight) and feedback for a fraction.
+
+    Returns client-side figures: latencies of predict calls, errors, accuracy, wall time.
+    """
+    return asyncio.run(
+        _load(
+            url,
+            texts,
+            labels,
+            concurrency=concurrency,
+            feedback=feedback,
+            seed=seed,
+            token=token,
+        )
+    )
+
+
+async def _load(
+    url: str,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    concurrency: int,
+    feedback: float,
+    seed: int,
+    token: str | None,
+) -> dict[str, Any]:
+    import httpx
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    give = rng.random(len(texts)) < feedback  # (n,) which predictions get their label back
+    latencies: list[float] = []
+    errors: list[str] = []
+    hits = 0
+    sent_feedback = 0
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    next_index = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal next_index, hits, sent_feedback
+        while next_index < len(texts):
+            i = next_index
+            next_index += 1
+            t0 = time.perf_counter()
+            try:
+                r = await http.post("/v1/predict", json={"text": texts[i]})
+            except httpx.HTTPError as err:
+                errors.append(f"predict: {type(err).__name__}: {err}")
+                continue
+            latencies.append((time.perf_counter() - t0) * 1e3)
+            if r.status_code != 200:
+                errors.append(f"predict: HTTP {r.status_code}: {r.text[:200]}")
+                continue
+            answer = r.json()["predictions"][0]
+            hits += answer["label"] == labels[i]
+            if give[i]:
+                body = {"request_id": answer["request_id"], "label": labels[i]}
+                try:
+                    f = await http.post("/v1/feedback", json=body, headers=headers)
+                except httpx.HTTPError as err:
+                    errors.append(f"feedback: {type(err).__name__}: {err}")
+                    continue
+                if f.status_code != 200:
+                    errors.append(f"feedback: HTTP {f.status_code}: {f.text[:200]}")
+                else:
+                    sent_feedback += 1
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120.0) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    lat = np.asarray(latencies, dtype=np.float64)
+    if errors:
+        logger.warning("%d errors; first: %s", len(errors), errors[0])
+    return {
+        "requests": len(texts),
+        "errors": len(errors),
+        "wall_s": wall,
+        "throughput_rps": len(latencies) / wall if wall > 0 else 0.0,
+        "latency_p50_ms": float(np.quantile(lat, 0.5)) if lat.size else float("nan"),
+        "latency_p99_ms": float(np.quantile(lat, 0.99)) if lat.size else float("nan"),
+        "accuracy": hits / max(1, len(latencies)),
+        "feedback": sent_feedback,
+    }
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.requests < 1:
+        raise ValueError(f"--requests must be >= 1, got {args.requests}")
+    if not 1 <= args.concurrency <= 1024:
+        raise ValueError(f"--concurrency must be in 1..1024, got {args.concurrency}")
+    if not 0.0 <= args.feedback <= 1.0:
+        raise ValueError(f"--feedback must be in [0, 1], got {args.feedback}")
+    texts, labels = _workload(args.model, n=args.requests, slot_size=args.slot_size, seed=args.seed)
+    results: dict[str, LoadResult] = {}
+    with tempfile.TemporaryDirectory(prefix="tanbr-bench-serve-") as tmp:
+        for run_name, policy in (("merged", args.policy), ("full_moe", args.baseline)):
+            results[run_name] = _one_run(
+                Path(tmp) / run_name, policy, texts, labels, args=args
+            )
+    out: dict[str, Any] = {k: _round(v) for k, v in asdict(results["merged"]).items()}
+    out["policy"] = args.policy
+    out["full_moe"] = {k: _round(v) for k, v in asdict(results["full_moe"]).items()}
+    out["full_moe"]["policy"] = args.baseline
+    full_rps = results["full_moe"].throughput_rps
+    out["throughput_ratio"] = round(results["merged"].throughput_rps / full_rps, 3) if full_rps else None
+    out["concurrency"] = args.concurrency
+    out["slot_size"] = args.slot_size
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print_table(results, args)
+    return 0 if all(r.errors == 0 for r in results.values()) else 1
+
+
+def _one_run(
+    folder: Path, policy: str, texts: Sequence[str], labels: Sequence[str], *, args: argparse.Namespace
+) -> LoadResult:
+    import httpx
+
+    folder.mkdir(parents=True)
+    server = ServerProcess(
+        [
+            "--model",
+            args.model,
+            "--policy",
+            policy,
+            "--seed",
+            str(args.seed),
+            "--slot-size",
+            str(args.slot_size),
+        ],
+        state_dir=folder / "state",
+        log_path=folder / "server.log",
+    )
+    print(f"tanbr bench serve: starting a {policy} server", file=sys.stderr, flush=True)
+    url = server.start(timeout=args.timeout)
+    try:
+        figures = run_load(
+            url,
+            texts,
+            labels,
+            concurrency=args.concurrency,
+            feedback=args.feedback,
+            seed=args.seed,
+        )
+        status = httpx.get(f"{url}/v1/status", timeout=30.0).json()
+    except BaseException:
+        server.kill()
+        raise
+    code = server.stop()
+    if code != 0:
+        logger.warning("the %s server exited with code %d", policy, code)
+    return LoadResult(
+        requests=figures["requests"],
+        errors=figures["errors"],
+        throughput_rps=figures["throughput_rps"],
+        latency_p50_ms=figures["latency_p50_ms"],
+        latency_p99_ms=figures["latency_p99_ms"],
+        merges=int(status["merges"]),
+        feedback=figures["feedback"],
+        accuracy=figures["accuracy"],
+        slots=int(status["slot"]) + 1,
+        wall_s=figures["wall_s"],
+    )
+
+
+def _workload(model: str, *, n: int, slot_size: int, seed: int) -> tuple[list[str], list[str]]:
+    raise NotImplementedError
+
+
+def _round(value: Any) -> Any:
+    return round(value, 3) if isinstance(value, float) else value
+
+
+def _print_table(results: dict[str, LoadResult], args: argparse.Namespace) -> None:
+    header = ["run", *FIGURES, "accuracy", "feedback", "slots"]
+    rows = [
+        [name, *(str(_round(getattr(r, f))) for f in header[1:])] for name, r in results.items()
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
