@@ -62,7 +62,9 @@ def _common() -> dict[str, Any]:
 def _mixtral() -> Case:
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    cfg = MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **_common())
+    cfg = MixtralConfig(
+        intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **_common()
+    )
     return Case("mixtral", MixtralForCausalLM(cfg).eval(), _lm_inputs(), "fused-gated", 2)
 
 
@@ -133,9 +135,13 @@ def _deepseek_v3() -> Case:
 def _phimoe() -> Case:
     from transformers import PhimoeConfig, PhimoeForCausalLM
 
-    cfg = PhimoeConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **_common())
+    cfg = PhimoeConfig(
+        intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **_common()
+    )
     # sparsemixer's two multipliers do not sum to 1
-    return Case("phimoe", PhimoeForCausalLM(cfg).eval(), _lm_inputs(), "fused-gated", 2, normalized=False)
+    return Case(
+        "phimoe", PhimoeForCausalLM(cfg).eval(), _lm_inputs(), "fused-gated", 2, normalized=False
+    )
 
 
 def _switch() -> Case:
@@ -184,7 +190,10 @@ def _plain_experts_class() -> type[nn.Module]:
             self.act_fn = nn.GELU()
 
         def forward(
-            self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+            self,
+            hidden_states: torch.Tensor,
+            top_k_index: torch.Tensor,
+            top_k_weights: torch.Tensor,
         ) -> torch.Tensor:
             out = torch.zeros_like(hidden_states)
             for e in torch.unique(top_k_index).tolist():
@@ -252,7 +261,9 @@ class TinyStack(nn.Module):
 
     def __init__(self, blocks: list[nn.Module]) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(H), "mlp": b}) for b in blocks)
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"norm": nn.LayerNorm(H), "mlp": b}) for b in blocks
+        )
         self.head = nn.Linear(H, 8)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -345,9 +356,11 @@ def shared_output(block_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def routed_scale(block_module: nn.Module) -> float:
-    return float(getattr(block_module.gate, "routed_scaling_factor", 1.0)) if hasattr(
-        block_module, "gate"
-    ) else 1.0
+    return (
+        float(getattr(block_module.gate, "routed_scaling_factor", 1.0))
+        if hasattr(block_module, "gate")
+        else 1.0
+    )
 
 
 def expected_block(block_module: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ def test_plans_are_checked_against_the_blocks(make_case: Any) -> None:
         validate_plan({"model.layers.0.mlp": np.ones(4) / 4}, blocks)
     with pytest.raises(ValueError, match="maps block names"):
         validate_plan([np.ones(4) / 4], blocks)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="model.layers.1.mlp"):
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp"):
         validate_plan(plan | {"model.layers.1.mlp": [1.0, 0.0, 0.0]}, blocks)
     one_hot = one_hot_plan(blocks, 2)
     assert all(np.array_equal(v, [0, 0, 1, 0]) for v in one_hot.values())

@@ -28,7 +28,10 @@ def test_block_details_per_architecture(make_case: Any) -> None:
     assert qwen.layout == "fused-gated" and qwen.split_gate_up
 
     deepseek = find_moe_blocks(make_case("deepseek_v3").model)
-    assert [b.name for b in deepseek] == ["model.layers.1.mlp", "model.layers.2.mlp"]  # layer 0 dense
+    assert [b.name for b in deepseek] == [
+        "model.layers.1.mlp",
+        "model.layers.2.mlp",
+    ]  # layer 0 dense
     assert deepseek[0].shared_names == ("model.layers.1.mlp.shared_experts",)
     assert deepseek[0].score_fn == "sigmoid" and deepseek[0].routed_scale == 2.5
 
@@ -41,7 +44,12 @@ def test_block_details_per_architecture(make_case: Any) -> None:
 
     plain = find_moe_blocks(make_case("fused_plain").model)[0]
     assert plain.layout == "fused" and plain.has_bias and plain.top_k == 2
-    assert [t.name for t in plain.targets] == ["up_proj", "down_proj", "up_proj_bias", "down_proj_bias"]
+    assert [t.name for t in plain.targets] == [
+        "up_proj",
+        "down_proj",
+        "up_proj_bias",
+        "down_proj_bias",
+    ]
     assert plain.expert_numel == 40 * 32 + 32 * 40 + 40 + 32
 
 
@@ -68,10 +76,15 @@ def _wrap(block: nn.Module) -> nn.Module:
     ("model", "message"),
     [
         (nn.Sequential(nn.Linear(8, 8), nn.ReLU()), "no MoE block found in Sequential"),
-        (_wrap(_Block(gate=nn.Linear(8, 4), experts=nn.Linear(8, 8))), "neither fused expert tensors"),
+        (
+            _wrap(_Block(gate=nn.Linear(8, 4), experts=nn.Linear(8, 8))),
+            "neither fused expert tensors",
+        ),
         (_wrap(_Block(experts=_Experts())), "no token gate found"),
         (
-            _wrap(_Block(gate=nn.Linear(8, 4, bias=False), experts=_Experts(), extra=nn.Linear(8, 8))),
+            _wrap(
+                _Block(gate=nn.Linear(8, 4, bias=False), experts=_Experts(), extra=nn.Linear(8, 8))
+            ),
             "child 'extra'",
         ),
         (
@@ -99,8 +112,12 @@ def test_unsupported_transformers_model_without_moe() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=32,
     )
     support = supports(LlamaForCausalLM(cfg))
     assert not support.ok

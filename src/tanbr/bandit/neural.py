@@ -60,6 +60,7 @@ def single_threaded_blas() -> Iterator[None]:
         yield
 
 BONUSES: tuple[str, ...] = ("last-layer", "diagonal")
+ACTIVATIONS: tuple[str, ...] = ("relu", "tanh")
 
 
 class RewardNet:
@@ -92,6 +93,7 @@ class RewardNet:
         weight_decay: float = 1e-4,
         bonus: str = "last-layer",
         lam: float = 1.0,
+        activation: str = "tanh",
     ) -> None:
         self.input_dim = check_int("input_dim", input_dim, minimum=1)
         self.hidden = check_int("hidden", hidden, minimum=1)
@@ -102,8 +104,12 @@ class RewardNet:
         if bonus not in BONUSES:
             raise ValueError(f"bonus must be one of {BONUSES}, got {bonus!r}")
         self.bonus: str = bonus
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
         self.rng = rng
-        # --- parameters: [W_1, b_1, ..., W_L, b_L, w_out, b_out] (He-uniform init) --------
+        # --- parameters: [W_1, b_1, ..., W_L, b_L, w_out, b_out] ----------------------------
+        # He-uniform init: keeps the pre-activations of unit order for both activations.
         sizes = [self.input_dim] + [self.hidden] * self.depth
         arrays: list[np.ndarray] = []
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
@@ -205,12 +211,12 @@ class RewardNet:
         grads: list[np.ndarray] = [np.empty(0)] * len(w)
         grads[-2] = acts[-1].T @ dout  # (m,)
         grads[-1] = np.array([dout.sum()])
-        delta = dout[:, None] * w[-2][None, :] * (pre[-1] > 0)  # (B, m)
+        delta = dout[:, None] * w[-2][None, :] * pre[-1]  # (B, m)
         for layer in range(self.depth - 1, -1, -1):
             grads[2 * layer] = delta.T @ acts[layer]  # (m, fan_in)
             grads[2 * layer + 1] = delta.sum(axis=0)  # (m,)
             if layer:
-                delta = (delta @ w[2 * layer]) * (pre[layer - 1] > 0)  # (B, m)
+                delta = (delta @ w[2 * layer]) * pre[layer - 1]  # (B, m)
         if self.weight_decay:
             for i, (p, p0) in enumerate(zip(w, self._init, strict=True)):
                 loss += self.weight_decay * float(np.sum((p - p0) ** 2))
@@ -220,15 +226,19 @@ class RewardNet:
     # --- internals ------------------------------------------------------------------------
 
     def _forward(self, z: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-        """Pre-activations and activations of every hidden layer, and the outputs."""
+        """Activation slopes and activations of every hidden layer, and the outputs."""
         w = self.params
         pre: list[np.ndarray] = []
         acts: list[np.ndarray] = [z]  # h_0 = z, (N, D)
         h = z
         for layer in range(self.depth):
             a = h @ w[2 * layer].T + w[2 * layer + 1]  # (N, m)
-            h = np.maximum(a, 0.0)
-            pre.append(a)
+            if self.activation == "relu":
+                h = np.maximum(a, 0.0)
+                pre.append((a > 0).astype(float))
+            else:
+                h = np.tanh(a)
+                pre.append(1.0 - h * h)
             acts.append(h)
         out = h @ w[-2] + w[-1][0]  # (N,)
         return pre, acts, out
@@ -240,10 +250,10 @@ class RewardNet:
     def _deltas(self, pre: list[np.ndarray]) -> list[np.ndarray]:
         """d out / d pre-activation of every hidden layer, first to last, each (N, m)."""
         w = self.params
-        delta = w[-2][None, :] * (pre[-1] > 0)  # (N, m)
+        delta = w[-2][None, :] * pre[-1]  # (N, m)
         deltas = [delta]
         for layer in range(self.depth - 1, 0, -1):
-            delta = (delta @ w[2 * layer]) * (pre[layer - 1] > 0)  # (N, m)
+            delta = (delta @ w[2 * layer]) * pre[layer - 1]  # (N, m)
             deltas.append(delta)
         return deltas[::-1]
 

@@ -14,11 +14,11 @@ plug-in action ``a = x`` is close but wrong, and a policy must learn the map.
 Families (``FAMILIES``), all peaking at ``a*(x)`` with value ``HIGH``:
 
 * ``bump``: one smooth Gaussian bump ``exp(-|a - a*|^2 / (2 sigma^2))``;
-* ``multimodal``: a narrow global bump and a broad decoy of relative height 0.7 centred on the
+* ``multimodal``: the global bump and a decoy mode of relative height 0.75 centred on the
   mirrored mix ``b(x)`` (the same map applied to ``1 - x``), combined by ``max`` so the global
-  optimum is still exactly ``a*(x)``;
-* ``ridge``: a sharp crest: a cusp ``exp(-|<a - a*, e>| / w)`` across the direction ``e``
-  (from the barycentre towards the first vertex), times a broad Gaussian along the others.
+  optimum is still exactly ``a*(x)``; a greedy learner that finds the decoy first stays there;
+* ``ridge``: a sharp crest: narrow (``sigma = 0.06``) across the direction ``e`` from the
+  barycentre towards the first vertex, broad (0.35) along the others. A grid misses the crest.
 
 ``contextual=False`` freezes the context at a fixed asymmetric mix: the same shapes with one
 optimum, for context-free policies and the PyXAB cross-check.
@@ -39,9 +39,9 @@ LOW, HIGH = 0.1, 0.9
 FAMILIES: tuple[str, ...] = ("bump", "multimodal", "ridge")
 
 # Shape defaults per family (distances are Euclidean on the simplex, whose edges are sqrt 2).
-_WIDTH = {"bump": 0.25, "multimodal": 0.15, "ridge": 0.05}
-_SPREAD = {"multimodal": 0.35, "ridge": 0.3}
-_DECOY_HEIGHT = 0.7
+_WIDTH = {"bump": 0.25, "multimodal": 0.2, "ridge": 0.06}
+_SPREAD = {"multimodal": 0.2, "ridge": 0.35}
+_DECOY_HEIGHT = 0.75
 _SHARPEN_POWER = 2.0
 _SHARPEN_FLOOR = 0.1
 
@@ -126,7 +126,7 @@ class Surface:
             across = d @ u  # (N,)
             along = d - across[:, None] * u[None, :]  # (N, K)
             g = np.exp(
-                -np.abs(across) / width
+                -(across**2) / (2 * width**2)
                 - np.einsum("nk,nk->n", along, along) / (2 * _SPREAD["ridge"] ** 2)
             )
         out = LOW + (HIGH - LOW) * g

@@ -77,6 +77,7 @@ class Tanbr:
         nu: float = 0.5,
         init_depth: int | None = None,
         split_visits: int = 8,
+        min_visits: int = 1,
         max_leaves: int = 2048,
         representative: str = "center",
         **model_params: Any,
@@ -89,6 +90,7 @@ class Tanbr:
         n = self.space.intrinsic_dim
         self.init_depth = check_int("init_depth", n if init_depth is None else init_depth, minimum=0)
         self.split_visits = check_int("split_visits", split_visits, minimum=1)
+        self.min_visits = check_int("min_visits", min_visits, minimum=1)
         self.max_leaves = check_int("max_leaves", max_leaves, minimum=2)
         if representative not in REPRESENTATIVES:
             raise ValueError(
@@ -135,6 +137,8 @@ class Tanbr:
         if not tree.is_leaf(node) or tree.n_leaves >= self.max_leaves:
             return
         if tree.depth(node) >= self.max_depth():
+            return
+        if self.visits[node] < self.min_visits:
             return
         if self.visits[node] < self.split_visits:
             _, width = self.model.predict(x, tree.centers[node][None, :])

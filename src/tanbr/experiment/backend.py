@@ -46,6 +46,10 @@ class DefaultBackend:
         One of :data:`SIGNATURES`.
     batch_size
         Requests per forward pass (slots are split into length-sorted batches).
+    memo
+        Reuse the class probabilities of a (served model, cached request) pair computed before.
+        Exact (the model is deterministic in inference mode); the time reported for a slot is
+        then only the time of the requests actually computed. Live texts are never memoised.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class DefaultBackend:
         texts: Sequence[str] = (),
         signature: str = "gate0",
         batch_size: int = 64,
+        memo: bool = False,
         progress: bool = False,
     ) -> None:
         from tanbr.model import Merger
@@ -75,6 +80,8 @@ class DefaultBackend:
         self.bank = model.lower_states(self.texts, progress=progress) if self.texts else None
         self._sig_cache: np.ndarray | None = None
         self._ref_cache: np.ndarray | None = None
+        self.memo = memo
+        self._memo: dict[bytes, dict[int, np.ndarray]] = {}
 
     # --- Backend protocol -----------------------------------------------------------------------
 
@@ -132,6 +139,30 @@ class DefaultBackend:
 
     @torch.inference_mode()
     def predict(self, requests: Requests) -> tuple[np.ndarray, float]:
+        if not self.memo or requests.rows is None or self.bank is None:
+            return self._predict(requests)
+        cache = self._memo.setdefault(self._state_key(), {})
+        rows = requests.rows
+        todo = np.array([i for i, r in enumerate(rows.tolist()) if r not in cache], dtype=np.int64)
+        spent = 0.0
+        if len(todo):
+            fresh, spent = self._predict(requests.take(todo))
+            for r, p in zip(rows[todo].tolist(), fresh, strict=True):
+                cache[r] = p
+        probs = (
+            np.stack([cache[r] for r in rows.tolist()])
+            if len(rows)
+            else np.zeros((0, self.n_labels), dtype=np.float32)
+        )
+        return probs, spent
+
+    def _state_key(self) -> bytes:
+        """What the model currently computes: full, soft, or merged with a given plan."""
+        if self.merger.mode != "merged" or self._plan is None:
+            return self.merger.mode.encode()
+        return b"merged" + b"".join(self._plan[name].tobytes() for name in sorted(self._plan))
+
+    def _predict(self, requests: Requests) -> tuple[np.ndarray, float]:
         probs = np.zeros((len(requests), self.n_labels), dtype=np.float32)
         spent = 0.0
         soft = self.merger.mode == "soft"
@@ -307,6 +338,7 @@ def default_backend(
     path: str = "",
     signature: str = "gate0",
     threads: int = 0,
+    memo: bool = False,
     progress: bool = False,
 ) -> tuple[DefaultBackend, Pool, Pool]:
     """Load (or build) the default model, cache the lower states of its calibration and test
@@ -315,5 +347,5 @@ def default_backend(
         torch.set_num_threads(threads)
     model, suite = load_default(variant=variant, path=path, progress=progress)
     texts, calib, test = make_pools(model, suite)
-    backend = DefaultBackend(model, texts=texts, signature=signature, progress=progress)
+    backend = DefaultBackend(model, texts=texts, signature=signature, memo=memo, progress=progress)
     return backend, calib, test

@@ -55,7 +55,7 @@ class EstimatorConfig:
 
     kind: str = "cluster"
     n_types: int = 0  # 0: discover K from unlabeled history
-    signature: str = "gates"
+    signature: str = "gate0"
     head: int = 32
     forecast: str = "ema"
     alpha: float = 0.5
@@ -93,8 +93,21 @@ class OracleConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """Offline evaluation budget. ``sample``: run only each slot's first ``sample`` requests
+    through the model and score those (0: the whole slot; the estimator always reads the whole
+    slot). ``memo``: reuse the predictions of a (merge, request) pair seen before (exact: the
+    model is deterministic), which makes static baselines and repeated actions cheap."""
+
+    sample: int = 0
+    memo: bool = True
+
+
+@dataclass(frozen=True)
 class LatencyConfig:
-    """End-to-end latency probe: real batches (tokenize + encoder + MoE layers + head)."""
+    """Latency probes: ``batches`` real batches of ``batch_size`` requests per policy and seed,
+    timed end to end (tokenize + encoder + MoE layers + head) and for the MoE layers + head
+    alone (cached lower states)."""
 
     batches: int = 8
     batch_size: int = 32
@@ -112,6 +125,7 @@ class ExperimentConfig:
     parameterization: ParameterizationConfig = field(default_factory=ParameterizationConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     policy: dict[str, dict[str, Any]] = field(default_factory=dict)
 

@@ -143,8 +143,11 @@ class Labelling:
     fraction: float = 1.0
     delay: int = 0
     probe: int = 16  # requests scored against the full MoE when the reward kind is "proxy"
+    sample: int = 0  # offline evaluation budget: serve only a slot's first `sample` requests
 
     def __post_init__(self) -> None:
+        if self.sample < 0:
+            raise ValueError(f"labelling.sample must be >= 0 (0: all), got {self.sample}")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"labelling.fraction must be in (0, 1], got {self.fraction}")
         if self.delay < 0:
@@ -365,7 +368,10 @@ def run_slot(
 ) -> SlotRecord:
     """One slot: estimate -> select -> plan -> merge -> serve -> reward -> update.
 
-    Feedback is delivered ``labelling.delay`` slots late (queued in ``system.pending``).
+    Feedback is delivered ``labelling.delay`` slots late (queued in ``system.pending``). With
+    ``labelling.sample`` set, the estimator still reads the whole slot but only the slot's first
+    ``sample`` requests (arrival order is random) are run through the model and scored: an
+    offline evaluation budget, the same requests for every policy.
     """
     truth = slot.truth
     # 1-3. estimate, select, plan
@@ -373,7 +379,12 @@ def run_slot(
     # 4. merge
     merge_ms = apply_decision(system, decision)
     # 5. serve
-    served = serve(system, slot.requests, decision=decision, truth=truth)
+    requests, served_truth = slot.requests, truth
+    if 0 < system.labelling.sample < len(requests):
+        head = slice(0, system.labelling.sample)
+        requests = requests.take(head)
+        served_truth = truth.take(head) if truth is not None else None
+    served = serve(system, requests, decision=decision, truth=served_truth)
     merge_ms += served.merge_ms
     observe(system, slot.requests, truth=truth)
     memory = system.backend.memory_bytes()
@@ -381,8 +392,8 @@ def run_slot(
     reward = None
     n_scored = 0
     update_ms = 0.0
-    if truth is not None:
-        outcomes = score(system, slot.requests, served, truth, latency_ms=served.latency_ms)
+    if served_truth is not None:
+        outcomes = score(system, requests, served, served_truth, latency_ms=served.latency_ms)
         reward = system.reward(outcomes)
         n_scored = outcomes.n_scored
         system.pending.append((slot.index + system.labelling.delay, decision, outcomes))
@@ -392,6 +403,7 @@ def run_slot(
     return _record(
         system, slot, decision, served, evaluator, seed=seed, merge_ms=merge_ms,
         memory=memory, reward=reward, n_scored=n_scored, update_ms=update_ms,
+        served_truth=served_truth,
     )  # fmt: skip
 
 
@@ -418,14 +430,15 @@ def _record(
     reward: float | None,
     n_scored: int,
     update_ms: float,
+    served_truth: Truth | None,
 ) -> SlotRecord:
     truth = slot.truth
     accuracy = oracle = regret = tv = None
     est_tasks = true_mix = None
-    if truth is not None:
+    if truth is not None and served_truth is not None:
         true_mix = truth.mix.tolist()
-        if len(truth.tasks):
-            accuracy = float((served.predictions == truth.labels).mean())
+        if len(served_truth.tasks):
+            accuracy = float((served.predictions == served_truth.labels).mean())
         if evaluator is not None:
             mapped = evaluator.tasks_mix(decision.mix)
             est_tasks = mapped.tolist()
@@ -443,6 +456,7 @@ def _record(
         seed=seed,
         slot=slot.index,
         n_requests=len(slot.requests),
+        n_served=len(served.predictions),
         kind=decision.kind,
         est_mix=np.asarray(decision.mix, dtype=float).round(5).tolist(),
         action=None if decision.action is None else np.asarray(decision.action).round(5).tolist(),

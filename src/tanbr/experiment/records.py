@@ -20,8 +20,10 @@ class SlotRecord:
 
     Mixes are lists of floats: ``est_mix`` in the estimator's task-type order (what the policy
     saw), ``est_mix_tasks`` the same mapped onto the true tasks (evaluation only), ``true_mix``
-    over the true tasks. ``latency_ms`` times the MoE layers and the head on the slot's batch
-    (lower layers cached); end-to-end latency is measured separately on real batches.
+    over the true tasks. ``n_served`` requests of the slot's ``n_requests`` ran through the model
+    (all, unless an evaluation sample is set). ``latency_ms`` is the time the MoE layers and the
+    head spent on them (lower layers cached; 0 when the predictions came from the backend's
+    memo); end-to-end latency is measured separately on real batches.
     """
 
     policy: str
@@ -30,6 +32,7 @@ class SlotRecord:
     n_requests: int
     kind: str
     est_mix: list[float]
+    n_served: int = 0
     action: list[float] | None = None
     coeffs: dict[str, list[float]] | None = None
     true_mix: list[float] | None = None

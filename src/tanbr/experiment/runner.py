@@ -306,7 +306,10 @@ def build_system(setup: Setup, name: str, seed: int) -> System:
             memory_weight=cfg.reward.memory_weight,
         ),
         labelling=Labelling(
-            fraction=cfg.reward.label_fraction, delay=cfg.reward.delay, probe=cfg.reward.probe
+            fraction=cfg.reward.label_fraction,
+            delay=cfg.reward.delay,
+            probe=cfg.reward.probe,
+            sample=cfg.evaluation.sample,
         ),
         head=cfg.estimator.head,
         rng=np.random.default_rng([seed, zlib.crc32(name.encode()), 1]),
@@ -315,12 +318,13 @@ def build_system(setup: Setup, name: str, seed: int) -> System:
 
 @dataclass(frozen=True)
 class PolicyRun:
-    """One policy on one seed: the slot records and the end-to-end latency probes (ms)."""
+    """One policy on one seed: the slot records and the latency probes (ms per batch)."""
 
     policy: str
     seed: int
     records: list[SlotRecord]
     e2e_ms: list[float]
+    moe_ms: list[float]
     seconds: float
 
 
@@ -349,9 +353,9 @@ def run_policy(
             bar.update(1)
     if bar is not None:
         bar.close()
-    e2e = _probe_latency(setup, system, [s for s in slots if s.index in keep], decisions)
+    e2e, moe = _probe_latency(setup, system, [s for s in slots if s.index in keep], decisions)
     setup.backend.restore()
-    return PolicyRun(name, seed, records, e2e, time.perf_counter() - t0)
+    return PolicyRun(name, seed, records, e2e, moe, time.perf_counter() - t0)
 
 
 def _last_decision(system: System) -> Decision:
@@ -369,21 +373,32 @@ def _probe_slots(setup: Setup, seed: int, name: str, n_slots: int) -> set[int]:
 
 def _probe_latency(
     setup: Setup, system: System, slots: Sequence[Slot], decisions: Sequence[Decision]
-) -> list[float]:
-    """Wall time of tokenize + lower layers + MoE layers + head on a real batch of each probe
-    slot's texts, with that slot's decision applied (merge time excluded, except the per-task
-    merges that the task oracle pays while serving)."""
+) -> tuple[list[float], list[float]]:
+    """Latency of a real batch of each probe slot's requests with that slot's decision applied
+    (merge time excluded, except the per-task merges the task oracle pays while serving):
+    wall time end to end (tokenize + lower layers + MoE layers + head, from the texts), and
+    the time of the MoE layers + head alone (cached lower states, never from the memo)."""
     size = setup.config.latency.batch_size
-    out = []
-    for slot, decision in zip(slots, decisions, strict=True):
-        n = min(size, len(slot.requests))
-        live = Requests(slot.requests.texts[:n])  # no rows: encoded from text, end to end
-        truth = slot.truth.take(slice(0, n)) if slot.truth is not None else None
-        apply_decision(system, decision)
-        t0 = time.perf_counter()
-        serve(system, live, decision=decision, truth=truth)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+    backend = setup.backend
+    memo = getattr(backend, "memo", False)
+    e2e, moe = [], []
+    try:
+        if memo:
+            backend.memo = False  # type: ignore[attr-defined]
+        for slot, decision in zip(slots, decisions, strict=True):
+            n = min(size, len(slot.requests))
+            truth = slot.truth.take(slice(0, n)) if slot.truth is not None else None
+            apply_decision(system, decision)
+            cached = slot.requests.take(slice(0, n))
+            moe.append(serve(system, cached, decision=decision, truth=truth).latency_ms)
+            live = Requests(cached.texts)  # no rows: encoded from the texts
+            t0 = time.perf_counter()
+            serve(system, live, decision=decision, truth=truth)
+            e2e.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        if memo:
+            backend.memo = True  # type: ignore[attr-defined]
+    return e2e, moe
 
 
 # --- summaries ----------------------------------------------------------------------------------
@@ -398,8 +413,8 @@ def summarize(runs: Sequence[PolicyRun]) -> dict[str, Any]:
     """Per policy (mean over seeds): accuracy, final cumulative regret, latency, memory, merge.
 
     ``latency_p50_ms``/``latency_p95_ms`` are end-to-end (tokenize + encoder + MoE layers +
-    head, batch of ``latency.batch_size``); ``moe_latency_*`` time the MoE layers and head on
-    each whole slot from cached lower states.
+    head) and ``moe_latency_*`` the MoE layers + head alone (cached lower states), both per
+    probe batch of ``latency.batch_size`` requests.
     """
     by_policy: dict[str, list[PolicyRun]] = {}
     for run in runs:
@@ -427,8 +442,8 @@ def summarize(runs: Sequence[PolicyRun]) -> dict[str, Any]:
         detail[name] = {
             "accuracy_std": float(np.std(accs)),
             "regret_std": float(np.std(regrets)),
-            "moe_latency_p50_ms": _pct((r.latency_ms for r in records), 50),
-            "moe_latency_p95_ms": _pct((r.latency_ms for r in records), 95),
+            "moe_latency_p50_ms": _pct((ms for run in group for ms in run.moe_ms), 50),
+            "moe_latency_p95_ms": _pct((ms for run in group for ms in run.moe_ms), 95),
             "select_ms_p50": _pct((r.select_ms for r in records), 50),
             "update_ms_p50": _pct((r.update_ms for r in records), 50),
             "oracle_accuracy": float(

@@ -3,10 +3,13 @@
 For a Mixtral-style preset with random weights (saved once as a checkpoint folder in the cache)
 it measures, per batch shape:
 
-* ``latency_full_ms`` / ``latency_merged_ms``: medians of forward passes, full and merged
-  interleaved in one process; the full model runs real top-k dispatch with the fastest experts
-  implementation of this CPU (``eager`` or ``grouped_mm`` timed per shape; never
-  ``batched_mm``, which gathers one weight matrix per token);
+* ``latency_full_ms`` / ``latency_merged_ms``: medians of forward passes over the batch of
+  prompts as ``generate`` runs them (prefill: logits of the last position only), full and
+  merged interleaved in one process; the full model runs real top-k dispatch with the fastest
+  experts implementation of this CPU (``eager`` or ``grouped_mm`` timed per shape; never
+  ``batched_mm``, which gathers one weight matrix per token).
+  ``latency_*_all_logits_ms`` are the same with logits at every position, where the
+  vocabulary projection, which merging does not shrink, weighs more;
 * ``params_full_bytes`` / ``params_merged_bytes``: tensor bytes resident in the normal model
   and in the memory-lean merged model;
 * ``rss_full_bytes`` / ``rss_merged_bytes``: resident set size of a fresh process that loads the
@@ -80,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     shapes = parse_batches(args.batches)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # one bar: ours
     rows = bench_merge(
         args.preset,
         shapes,
@@ -128,33 +134,33 @@ def bench_merge(
     for b, t in shapes:
         ids = torch.randint(0, preset.vocab_size, (b, t), generator=generator)
         impl = _fastest_implementation(model, merger, ids)
-        full_ms, merged_ms = [], []
+        times: dict[str, list[float]] = {}
         with torch.inference_mode():
             merger.commit(prepared)
             _forward(model, ids)  # warm the merged path
-            for _ in range(repeats):
-                merger.restore()
-                full_ms.append(_timed_forward(model, ids))
-                merger.commit(prepared)
-                merged_ms.append(_timed_forward(model, ids))
+            for _ in range(repeats):  # full and merged alternate, so both see the same machine
+                for logits in ("last", "all"):
+                    merger.restore()
+                    times.setdefault(f"full_{logits}", []).append(
+                        _timed_forward(model, ids, logits)
+                    )
+                    merger.commit(prepared)
+                    times.setdefault(f"merged_{logits}", []).append(
+                        _timed_forward(model, ids, logits)
+                    )
         merger.restore()
-        timed[(b, t)] = {
-            "impl": impl,
-            "full": float(np.median(full_ms)),
-            "merged": float(np.median(merged_ms)),
-        }
+        timed[(b, t)] = {k: float(np.median(v)) for k, v in times.items()} | {"impl": impl}
         bar.update()
 
     # --- merge cost against the memory-copy floor ---
     merger.commit(prepared)
     merge_ms, copy_ms = [], []
     stats = merger.apply(plans[1])
-    src = torch.ones(stats.bytes_read // 4, dtype=torch.float32)
-    dst = torch.zeros_like(src)
-    for plan in plans[1:]:
+    memcpy = _memcpy_timer(stats.bytes_read)
+    for plan in plans[1:]:  # interleaved, so that both see the same machine
         merge_ms.append(merger.apply(plan).merge_ms)
-        copy_ms.append(_timed(lambda: dst.copy_(src)))
-    del src, dst
+        copy_ms.append(memcpy())
+    del memcpy
     merger.restore()
     del prepared
     bar.update()
@@ -179,8 +185,10 @@ def bench_merge(
             rss_merged, peak_merged = merged["rss_bytes"], merged["peak_rss_bytes"]
         row = {
             "batch": f"{b}x{t}",
-            "latency_full_ms": round(timed[(b, t)]["full"], 3),
-            "latency_merged_ms": round(timed[(b, t)]["merged"], 3),
+            "latency_full_ms": round(timed[(b, t)]["full_last"], 3),
+            "latency_merged_ms": round(timed[(b, t)]["merged_last"], 3),
+            "latency_full_all_logits_ms": round(timed[(b, t)]["full_all"], 3),
+            "latency_merged_all_logits_ms": round(timed[(b, t)]["merged_all"], 3),
             "params_full_bytes": params_full,
             "params_merged_bytes": params_merged,
             "rss_full_bytes": rss_full,
@@ -207,6 +215,9 @@ def _ratios(row: dict[str, Any]) -> dict[str, float | None]:
 
     return {
         "latency_ratio": ratio("latency_merged_ms", "latency_full_ms"),
+        "latency_all_logits_ratio": ratio(
+            "latency_merged_all_logits_ms", "latency_full_all_logits_ms"
+        ),
         "params_ratio": ratio("params_merged_bytes", "params_full_bytes"),
         "rss_ratio": ratio("rss_merged_bytes", "rss_full_bytes"),
         "merge_vs_memcpy": ratio("merge_ms", "memcpy_ms"),
@@ -228,6 +239,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "full ms",
         "merged ms",
         "x",
+        "x all logits",
         "params MiB full/merged",
         "x",
         "RSS MiB full/merged",
@@ -243,6 +255,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             num(r["latency_full_ms"], ".1f"),
             num(r["latency_merged_ms"], ".1f"),
             num(r["latency_ratio"]),
+            num(r["latency_all_logits_ratio"]),
             f"{mib(r['params_full_bytes'])}/{mib(r['params_merged_bytes'])}",
             num(r["params_ratio"]),
             f"{mib(r['rss_full_bytes'])}/{mib(r['rss_merged_bytes'])}",
@@ -255,7 +268,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         for r in rows
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
-    lines = ["  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)) for line in [head, *body]]
+    lines = [
+        "  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True))
+        for line in [head, *body]
+    ]
     return "\n".join(lines)
 
 
@@ -296,8 +312,13 @@ def _plans(blocks: Any, n: int, seed: int) -> list[dict[str, Any]]:
     return [{b.name: rng.dirichlet(np.ones(b.n_experts)) for b in blocks} for _ in range(n)]
 
 
-def _forward(model: Any, ids: Any) -> None:
-    model(input_ids=ids, use_cache=False)
+def _forward(model: Any, ids: Any, logits: str = "last") -> None:
+    """One forward pass over a batch of prompts.
+
+    ``"last"`` computes the logits of the last position only, as ``generate`` does when it
+    reads a prompt (prefill); ``"all"`` computes them at every position.
+    """
+    model(input_ids=ids, use_cache=False, logits_to_keep=1 if logits == "last" else 0)
 
 
 def _timed(fn: Any) -> float:
@@ -308,8 +329,17 @@ def _timed(fn: Any) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _timed_forward(model: Any, ids: Any) -> float:
-    return _timed(lambda: _forward(model, ids))
+def _memcpy_timer(n_bytes: int) -> Any:
+    """A function timing one copy of ``n_bytes`` between two buffers already paged in."""
+    import torch
+
+    src = torch.ones(max(1, n_bytes // 4), dtype=torch.float32)
+    dst = torch.zeros_like(src)
+    return lambda: _timed(lambda: dst.copy_(src))
+
+
+def _timed_forward(model: Any, ids: Any, logits: str = "last") -> float:
+    return _timed(lambda: _forward(model, ids, logits))
 
 
 def _fastest_implementation(model: Any, merger: Any, ids: Any) -> str:
@@ -363,7 +393,6 @@ def _rss_child(
 def _rss_child_main(spec_text: str) -> int:
     """Inside the fresh process: load, (merge,) run the batch twice, report VmRSS and peak."""
     import gc
-    import resource
 
     import torch
 
@@ -377,7 +406,7 @@ def _rss_child_main(spec_text: str) -> int:
     if lean:
         loaded.merger.apply(spec["plan"])
     elif hasattr(loaded.model, "set_experts_implementation"):
-        loaded.model.set_experts_implementation(spec["impl"])
+        getattr(loaded.model, "set_experts_implementation")(spec["impl"])  # noqa: B009
     b, t = spec["batch"]
     vocab = int(loaded.config.vocab_size)
     ids = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(spec["seed"]))
@@ -385,17 +414,26 @@ def _rss_child_main(spec_text: str) -> int:
         for _ in range(2):
             _forward(loaded.model, ids)
     gc.collect()
-    rss = 0
+    status = _proc_status()
+    # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec
+    print(json.dumps({"rss_bytes": status["VmRSS"], "peak_rss_bytes": status["VmHWM"]}))
+    return 0
+
+
+def _proc_status() -> dict[str, int]:
+    """Memory figures of this process from /proc/self/status, in bytes."""
+    out = {}
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"rss_bytes": rss, "peak_rss_bytes": peak}))
-    return 0
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--rss-child":
         raise SystemExit(_rss_child_main(sys.argv[2]))
-    raise SystemExit("usage: python -m tanbr.model.bench --rss-child SPEC (use `tanbr bench merge`)")
+    raise SystemExit(
+        "usage: python -m tanbr.model.bench --rss-child SPEC (use `tanbr bench merge`)"
+    )

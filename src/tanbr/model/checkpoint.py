@@ -18,13 +18,18 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from tanbr.model.discovery import MoEBlock, find_moe_blocks, get_module
-from tanbr.model.lean import SafetensorsExpertStore, disk_dtype, safetensors_files
+from tanbr.model.lean import (
+    SafetensorsExpertStore,
+    disk_dtype,
+    open_safetensors,
+    safetensors_files,
+)
 from tanbr.model.merge import Merger
 
 logger = logging.getLogger(__name__)
@@ -66,7 +71,7 @@ def resolve_model_class(config: Any) -> type[nn.Module]:
         if isinstance(cls, type):
             return cls
     try:
-        return MODEL_MAPPING[type(config)]  # type: ignore[no-any-return]
+        return cast("type[nn.Module]", MODEL_MAPPING[type(config)])
     except KeyError as err:
         raise ValueError(
             f"cannot resolve a model class for model_type {getattr(config, 'model_type', '?')!r} "
@@ -121,8 +126,6 @@ def load_checkpoint(
 def _load_lean(
     folder: Path, cls: type[nn.Module], config: Any, dtype: torch.dtype | None
 ) -> tuple[nn.Module, SafetensorsExpertStore]:
-    from safetensors import safe_open
-
     dtype = dtype or disk_dtype(folder)
     with torch.device("meta"):
         skeleton = cls._from_config(config, dtype=dtype)  # type: ignore[attr-defined]
@@ -133,11 +136,8 @@ def _load_lean(
     state: dict[str, Any] = {}
     with ExitStack() as stack:
         for file in safetensors_files(folder):
-            try:
-                handle = stack.enter_context(safe_open(str(folder / file), framework="pt"))
-            except Exception as err:
-                raise ValueError(f"{folder / file}: unreadable safetensors file ({err})") from err
-            for key in handle.keys():
+            handle = stack.enter_context(open_safetensors(folder / file))
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if key not in store.expert_keys:
                     state[key] = handle.get_slice(key)  # memory-mapped until loaded
         for name in expert_names:  # zero-stride stand-ins: the experts never enter memory
@@ -148,7 +148,9 @@ def _load_lean(
         )
     missing = sorted(set(info.get("missing_keys", ())) - set(expert_names))
     if missing:
-        logger.warning("%s: %d weights not in the checkpoint, e.g. %s", folder, len(missing), missing[:3])
+        logger.warning(
+            "%s: %d weights not in the checkpoint, e.g. %s", folder, len(missing), missing[:3]
+        )
     for name in expert_names:  # replace the stand-ins by meta tensors
         module_name, _, attr = name.rpartition(".")
         module = get_module(model, module_name)
@@ -180,7 +182,9 @@ def _renamer(model: nn.Module, blocks: list[MoEBlock]) -> Callable[[str], str]:
         from transformers.core_model_loading import WeightRenaming, rename_source_key
 
         renamings = [
-            t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)
+            t
+            for t in get_model_conversion_mapping(model)  # type: ignore[arg-type]
+            if isinstance(t, WeightRenaming)
         ]
         meta_state = model.state_dict()
 

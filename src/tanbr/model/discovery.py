@@ -224,7 +224,7 @@ def _describe_block(name: str, block: nn.Module, experts: nn.Module) -> MoEBlock
     top_k = _first_int(block, gate_module, "top_k", "num_experts_per_tok")
     scale = getattr(gate_module, "routed_scaling_factor", None)
     if scale is None:
-        scale = getattr(block, "routed_scaling_factor", 1.0)
+        scale = getattr(block, "routed_scaling_factor", None)
     score_fn = "softmax"
     if hasattr(gate_module, "e_score_correction_bias") or getattr(
         gate_module, "scoring_func", "softmax"
@@ -240,7 +240,7 @@ def _describe_block(name: str, block: nn.Module, experts: nn.Module) -> MoEBlock
         targets=targets,
         score_fn=score_fn,
         top_k=top_k,
-        routed_scale=float(scale),
+        routed_scale=1.0 if scale is None else float(scale),
         shared_names=tuple(_join(name, s) for s in shared),
         shared_gate_name=_join(name, shared_gate) if shared_gate else None,
         dtype=dtype,
@@ -249,7 +249,7 @@ def _describe_block(name: str, block: nn.Module, experts: nn.Module) -> MoEBlock
 
 
 def _fused_params(experts: nn.Module) -> dict[str, torch.Tensor] | None:
-    params = dict(experts.named_parameters(recurse=False))
+    params: dict[str, torch.Tensor] = dict(experts.named_parameters(recurse=False))
     down = params.get("down_proj")
     up = params.get("gate_up_proj", params.get("up_proj"))
     if down is None or up is None or down.dim() != 3 or up.dim() != 3:
@@ -275,22 +275,26 @@ def _describe_fused(
         )
     # (E, out, in) unless transposed (E, in, out)
     up_out, hidden = (up.shape[2], up.shape[1]) if transposed else (up.shape[1], up.shape[2])
-    down_out, down_in = (down.shape[2], down.shape[1]) if transposed else (down.shape[1], down.shape[2])
+    down_out, down_in = (
+        (down.shape[2], down.shape[1]) if transposed else (down.shape[1], down.shape[2])
+    )
     inner = up_out // 2 if has_gate else up_out
     if down_out != hidden or down_in != inner:
         raise UnsupportedModelError(
             f"{where}: down_proj shape {tuple(down.shape)} does not match {up_name} "
             f"{tuple(up.shape)} (hidden {hidden}, intermediate {inner})"
         )
-    if not hasattr(experts, "act_fn"):
-        raise UnsupportedModelError(f"{where}: fused experts have no `act_fn`")
+    if not isinstance(getattr(experts, "act_fn", None), nn.Module):
+        raise UnsupportedModelError(f"{where}: fused experts have no `act_fn` module")
     has_bias = bool(getattr(experts, "has_bias", f"{up_name}_bias" in params))
     targets = [Target(up_name, tuple(up.shape[1:])), Target("down_proj", tuple(down.shape[1:]))]
     if has_bias:
         for t in (up_name, "down_proj"):
             bias = params.get(f"{t}_bias")
             if bias is None or bias.dim() != 2 or bias.shape[0] != n_experts:
-                raise UnsupportedModelError(f"{where}: experts say has_bias but `{t}_bias` is missing")
+                raise UnsupportedModelError(
+                    f"{where}: experts say has_bias but `{t}_bias` is missing"
+                )
             targets.append(Target(f"{t}_bias", tuple(bias.shape[1:])))
     extra = set(params) - {t.name for t in targets}
     if extra:
@@ -312,7 +316,9 @@ def _describe_per_expert(
 ) -> tuple[int, int, tuple[Target, ...], torch.dtype]:
     children = list(experts.named_children())
     if len(children) < 2:
-        raise UnsupportedModelError(f"{where}: `experts` holds {len(children)} module(s), need >= 2")
+        raise UnsupportedModelError(
+            f"{where}: `experts` holds {len(children)} module(s), need >= 2"
+        )
     for i, (key, _) in enumerate(children):
         m = _EXPERT_KEY.match(key)
         if m is None or int(m.group(1)) != i:
@@ -324,9 +330,10 @@ def _describe_per_expert(
     if not shapes:
         raise UnsupportedModelError(f"{where}: expert modules have no parameters")
     for key, child in children[1:]:
-        if type(child) is not type(first) or [
-            (n, tuple(p.shape)) for n, p in child.named_parameters()
-        ] != shapes:
+        if (
+            type(child) is not type(first)
+            or [(n, tuple(p.shape)) for n, p in child.named_parameters()] != shapes
+        ):
             raise UnsupportedModelError(
                 f"{where}: expert {key!r} differs in class or parameter shapes from the first"
             )

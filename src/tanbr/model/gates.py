@@ -36,7 +36,7 @@ def gate_probs(block: MoEBlock, gate: nn.Module, hidden: torch.Tensor) -> torch.
             f"block {block.name!r}: hidden states end in {hidden.shape[-1]}, "
             f"expected {block.hidden_size}"
         )
-    weight = gate.weight  # (E, H)
+    weight = gate.get_parameter("weight")  # (E, H)
     bias = getattr(gate, "bias", None)
     bias = bias.float() if isinstance(bias, torch.Tensor) and bias.dim() == 1 else None
     logits = F.linear(hidden.float(), weight.float(), bias)  # (..., E)

@@ -154,8 +154,6 @@ class SafetensorsExpertStore:
 
     @contextmanager
     def open(self, block: MoEBlock) -> Iterator[Pieces]:
-        from safetensors import safe_open
-
         refs = self._refs.get(block.name)
         if refs is None:
             raise ValueError(f"block {block.name!r} is not in the store of {self.folder}")
@@ -167,7 +165,7 @@ class SafetensorsExpertStore:
                 if ref.key not in cache:
                     if ref.file not in handles:
                         handles[ref.file] = stack.enter_context(
-                            safe_open(str(self.folder / ref.file), framework="pt")
+                            open_safetensors(self.folder / ref.file)
                         )
                     cache[ref.key] = handles[ref.file].get_tensor(ref.key)  # mmap, no copy
                 t = cache[ref.key]
@@ -205,7 +203,9 @@ class SafetensorsExpertStore:
                 continue  # e.g. a post-expert norm: not an expert tensor, loaded normally
             e, part = int(m.group(1)), m.group(2)
             if e >= block.n_experts:
-                raise ValueError(f"{key}: expert {e} but block {block.name!r} has {block.n_experts}")
+                raise ValueError(
+                    f"{key}: expert {e} but block {block.name!r} has {block.n_experts}"
+                )
             placed = self._place(block, part, key)
             if placed is None:
                 continue
@@ -262,6 +262,16 @@ def _shape(block: MoEBlock, name: str) -> tuple[int, ...]:
     raise ValueError(f"block {block.name!r} has no tensor {name!r}")
 
 
+def open_safetensors(path: Path) -> Any:
+    """``safe_open`` (memory-mapped) with a ValueError naming the file when it is corrupt."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as err:  # safetensors raises its own error type on corrupt headers
+        raise ValueError(f"{path}: unreadable safetensors file ({err})") from err
+
+
 def safetensors_files(folder: Path) -> list[str]:
     """The safetensors files of a checkpoint folder; a clear error when there are none."""
     if not folder.is_dir():
@@ -274,8 +284,6 @@ def safetensors_files(folder: Path) -> list[str]:
 
 def _read_index(folder: Path, files: list[str]) -> dict[str, str]:
     """key -> file, from the shard index or from the files' headers."""
-    from safetensors import safe_open
-
     index_file = folder / "model.safetensors.index.json"
     if index_file.exists():
         try:
@@ -285,22 +293,17 @@ def _read_index(folder: Path, files: list[str]) -> dict[str, str]:
         return {str(k): str(v) for k, v in weight_map.items()}
     out: dict[str, str] = {}
     for file in files:
-        try:
-            with safe_open(str(folder / file), framework="pt") as f:
-                for key in f.keys():
-                    out[key] = file
-        except Exception as err:  # safetensors raises its own error type on corrupt headers
-            raise ValueError(f"{folder / file}: unreadable safetensors file ({err})") from err
+        with open_safetensors(folder / file) as f:
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                out[key] = file
     return out
 
 
 def disk_dtype(folder: Path) -> torch.dtype:
     """The dtype of the first floating-point tensor on disk (what ``dtype="auto"`` would pick)."""
-    from safetensors import safe_open
-
     for file in safetensors_files(folder):
-        with safe_open(str(folder / file), framework="pt") as f:
-            for key in f.keys():
+        with open_safetensors(folder / file) as f:
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 dtype = _DTYPES.get(f.get_slice(key).get_dtype())
                 if dtype is not None:
                     return dtype

@@ -19,7 +19,7 @@ import copy
 import difflib
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,7 @@ from tanbr.model.lean import ExpertSource, ModuleExpertSource, Pieces, split_row
 logger = logging.getLogger(__name__)
 
 SUM_ATOL = 1e-5  # how far from 1 the coeffs of a block may sum (float32 rounding of policies)
-_CHUNK_BYTES = 1 << 19  # rows of the merged tensor accumulated while they sit in L2
+_CHUNK_ELEMENTS = 1 << 15  # = torch's parallel grain size: each merge kernel runs serially
 _SOFT_CHUNK_BYTES = 64 << 20  # per-sequence merged weights built at once by a soft merge
 
 
@@ -106,7 +106,9 @@ def one_hot_plan(blocks: Sequence[MoEBlock], expert: int) -> dict[str, np.ndarra
     plan = {}
     for b in blocks:
         if not 0 <= expert < b.n_experts:
-            raise ValueError(f"expert must be in [0, {b.n_experts}) for block {b.name!r}, got {expert}")
+            raise ValueError(
+                f"expert must be in [0, {b.n_experts}) for block {b.name!r}, got {expert}"
+            )
         plan[b.name] = np.eye(b.n_experts)[expert]
     return plan
 
@@ -117,6 +119,10 @@ def one_hot_plan(blocks: Sequence[MoEBlock], expert: int) -> dict[str, np.ndarra
 class FusedExpert(nn.Module):
     """One dense expert in the fused layout: ``down(act(up x))`` or ``down(act(g x) * u x)``."""
 
+    act_fn: nn.Module
+    apply_gate: Callable[[torch.Tensor], torch.Tensor] | None
+    post_norm: nn.Module | None
+
     def __init__(self, block: MoEBlock, experts: nn.Module, tensors: Mapping[str, torch.Tensor]):
         super().__init__()
         self.gated = block.layout == FUSED_GATED
@@ -124,7 +130,7 @@ class FusedExpert(nn.Module):
         self.up_name = "gate_up_proj" if self.gated else "up_proj"
         for name, t in tensors.items():
             self.register_parameter(name, nn.Parameter(t, requires_grad=False))
-        self.act_fn = experts.act_fn
+        self.act_fn = experts.get_submodule("act_fn")
         # the original gating (split + act * up, or a model's own variant) of the experts module
         self.apply_gate = getattr(experts, "_apply_gate", None) if self.gated else None
         norm = getattr(experts, "post_expert_norm", None)
@@ -217,6 +223,7 @@ class SoftMergedBlock(_BlockShell):
         super().__init__(block, original)
         self.block = block
         self.stacked = dict(stacked)  # name -> (E, ...) all experts, views or one stacked copy
+        self.template: nn.Module
         object.__setattr__(self, "template", template)  # run functionally, never registered
         self._mask = mask
         self.chunk = max(1, _SOFT_CHUNK_BYTES // max(1, block.expert_bytes))
@@ -268,15 +275,21 @@ class PreparedMerge:
 
 
 def _accumulate(dst: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]]) -> None:
-    """dst = sum_i c_i * src_i, row chunk by row chunk so each chunk stays in cache."""
-    row_bytes = max(1, dst[0].numel() * dst.element_size()) if dst.dim() > 1 else dst.element_size()
-    step = max(1, _CHUNK_BYTES // row_bytes)
-    for r0 in range(0, dst.shape[0], step):
-        d = dst[r0 : r0 + step]
-        c0, s0 = terms[0]
-        torch.mul(s0[r0 : r0 + step], c0, out=d)
-        for c, s in terms[1:]:
-            d.add_(s[r0 : r0 + step], alpha=c)
+    """dst = sum_i c_i * src_i over contiguous tensors, one cache-sized chunk at a time.
+
+    Each chunk (``_CHUNK_ELEMENTS``) stays in cache while every expert streams through it, and
+    is small enough that torch runs it in the calling thread: a merge is thousands of tiny
+    kernels, and waking a thread pool for each costs more than the work whenever the other core
+    is busy (a serving process, or a shared machine).
+    """
+    d_flat = dst.view(-1)  # merged pieces are contiguous row ranges
+    flats = [(c, s.reshape(-1)) for c, s in terms]
+    for a in range(0, d_flat.numel(), _CHUNK_ELEMENTS):
+        d = d_flat[a : a + _CHUNK_ELEMENTS]
+        c0, s0 = flats[0]
+        torch.mul(s0[a : a + _CHUNK_ELEMENTS], c0, out=d)
+        for c, s in flats[1:]:
+            d.add_(s[a : a + _CHUNK_ELEMENTS], alpha=c)
 
 
 def merge_block_into(
@@ -375,7 +388,7 @@ class Merger:
         start = time.perf_counter()
         read = written = 0
         for block in self.blocks:
-            expert = self._installed[block.name].expert
+            expert = self._installed[block.name].get_submodule("expert")
             out = {t.name: expert.get_parameter(t.name) for t in block.targets}
             with self.source.open(block) as pieces:
                 read += merge_block_into(block, pieces, coeffs[block.name], out)
@@ -406,7 +419,7 @@ class Merger:
         modules = {}
         for block in self.blocks:
             original = self._originals[block.name]
-            experts = original._modules["experts"]
+            experts = _experts_of(original)
             if block.fused:
                 stacked = {t.name: getattr(experts, t.name) for t in block.targets}
                 template: nn.Module = FusedExpert(
@@ -415,9 +428,7 @@ class Merger:
             else:
                 members = list(experts.children())
                 states = [dict(m.named_parameters()) for m in members]
-                stacked = {
-                    t.name: torch.stack([s[t.name] for s in states]) for t in block.targets
-                }
+                stacked = {t.name: torch.stack([s[t.name] for s in states]) for t in block.targets}
                 template = members[0]
             modules[block.name] = SoftMergedBlock(block, original, stacked, template, self._mask)
         self._install(modules, "soft")
@@ -473,7 +484,7 @@ class Merger:
         return PreparedMerge(modules=modules, stats=stats, owner=id(self))
 
     def _expert_module(self, block: MoEBlock, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
-        experts = self._originals[block.name]._modules["experts"]
+        experts = _experts_of(self._originals[block.name])
         if block.fused:
             return FusedExpert(block, experts, tensors)
         template = next(iter(experts.children()))
@@ -498,7 +509,7 @@ class Merger:
                 self._release(block)
 
     def _expert_params(self, block: MoEBlock) -> Iterator[tuple[str, torch.Tensor]]:
-        experts = self._originals[block.name]._modules["experts"]
+        experts = _experts_of(self._originals[block.name])
         names = {t.name for t in block.targets}
         for name, p in experts.named_parameters():
             if (block.fused and name in names) or (
@@ -510,7 +521,7 @@ class Merger:
         """Drop a lean block's original experts from memory (they stay on disk)."""
         if not self._resident[block.name]:
             return
-        experts = self._originals[block.name]._modules["experts"]
+        experts = _experts_of(self._originals[block.name])
         for name, p in list(self._expert_params(block)):
             meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
             _set_param(experts, name, nn.Parameter(meta, requires_grad=False))
@@ -521,7 +532,7 @@ class Merger:
         """Read a lean block's original experts back from disk (for :meth:`restore`)."""
         if self._resident[block.name]:
             return
-        experts = self._originals[block.name]._modules["experts"]
+        experts = _experts_of(self._originals[block.name])
         keys = list(experts._modules)
         with self.source.open(block) as pieces:
             for t in block.targets:
@@ -536,7 +547,9 @@ class Merger:
                     one = torch.empty(t.shape, dtype=block.dtype)
                     for rows, src in pieces(t.name, e):
                         one[rows].copy_(src)
-                    _set_param(experts, f"{keys[e]}.{t.name}", nn.Parameter(one, requires_grad=False))
+                    _set_param(
+                        experts, f"{keys[e]}.{t.name}", nn.Parameter(one, requires_grad=False)
+                    )
         self._resident[block.name] = True
 
     def _guard(self, block: MoEBlock) -> Any:
@@ -555,3 +568,10 @@ def _set_param(root: nn.Module, dotted: str, value: torch.Tensor) -> None:
     module = root.get_submodule(head) if head else root
     param = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
     setattr(module, name, param)
+
+
+def _experts_of(block_module: nn.Module) -> nn.Module:
+    experts = block_module._modules.get("experts")
+    if experts is None:
+        raise ValueError(f"{type(block_module).__name__} has no `experts` module")
+    return experts

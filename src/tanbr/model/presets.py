@@ -80,4 +80,5 @@ def build_bench_model(preset: BenchPreset, *, seed: int) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MixtralForCausalLM(preset.config())
-    return model.eval()
+    model.train(False)
+    return model

@@ -29,6 +29,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tanbr.experiment.loop import System
@@ -45,7 +46,12 @@ from tanbr.serve.schemas import (
     StatusResponse,
 )
 from tanbr.serve.slots import ServiceBusyError, SlotConfig, SlotManager
-from tanbr.serve.state import DuplicateFeedbackError, StateStore, UnknownRequestError
+from tanbr.serve.state import (
+    DuplicateFeedbackError,
+    StateStore,
+    UnknownRequestError,
+    read_snapshot,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,38 +95,41 @@ class ServeConfig:
             raise ValueError("give an experiment config or a preset, not both")
 
 
-Replicas = tuple[Sequence[System], Sequence[str]]
-"""Two replica systems sharing their learning state, and the model's label names."""
+@dataclass(frozen=True)
+class Replicas:
+    """Two replica systems sharing their learning state, the model's label names, and what a
+    restart must find unchanged (``meta``: model folder, signature kind, policy)."""
+
+    systems: tuple[System, System]
+    labels: tuple[str, ...]
+    meta: dict[str, Any]
 
 
 def build_replicas(config: ServeConfig) -> Replicas:
-    """Load the model, fit the estimator and profiles, build the policy: two replicas.
+    """Load the model and the learning state: two replicas.
 
-    Everything goes through the experiment's own setup (:func:`~tanbr.experiment.runner.prepare`
-    and :func:`~tanbr.experiment.runner.build_system`), so the service decides exactly as the
-    offline loop does. The second replica is a structural copy of the first whose tensors are
-    shared: merging never writes an original tensor (it builds new merged ones), so only the
-    merged experts and the module tree are per replica.
+    On a fresh state folder everything goes through the experiment's own setup
+    (:func:`~tanbr.experiment.runner.prepare`: the estimator and the task-type profiles fitted
+    on unlabeled calibration requests; :func:`~tanbr.experiment.runner.build_system`: the
+    policy), so the service decides exactly as the offline loop does. When the folder holds a
+    snapshot, the estimator, policy, reward and rng come from it and no refitting happens.
+
+    The second replica is a structural copy of the first whose tensors are shared: merging
+    never writes an original tensor (it builds new merged ones), so only the merged experts and
+    the module tree are per replica.
     """
-    import copy
     import dataclasses
 
     import torch
 
-    from tanbr.experiment.backend import default_backend
+    from tanbr.experiment.backend import DefaultBackend, default_backend
     from tanbr.experiment.config import load_config
     from tanbr.experiment.modes import MODES
     from tanbr.experiment.runner import build_system, prepare
+    from tanbr.model.default.build import build_default_model
+    from tanbr.model.default.modeling import DefaultModel
 
     cfg = load_config(config.experiment, preset=config.preset, overrides=config.overrides)
-    variant, path = cfg.model.variant, cfg.model.path
-    if config.model is not None:
-        if Path(config.model).is_dir():
-            variant, path = cfg.model.variant, config.model
-        elif "/" in config.model or config.model.startswith("."):
-            raise FileNotFoundError(f"model folder not found: {config.model}")
-        else:
-            variant, path = config.model, ""
     mode_cls = MODES.get(config.policy)
     if mode_cls is not None and getattr(mode_cls, "needs_truth", False):
         raise ValueError(
@@ -131,16 +140,70 @@ def build_replicas(config: ServeConfig) -> Replicas:
         raise ValueError(
             f"estimator.kind {cfg.estimator.kind!r} reads task tags; the service needs 'cluster'"
         )
-    backend, calib, test = default_backend(
-        variant=variant, path=path, signature=cfg.estimator.signature, threads=0
-    )
-    # The slot oracle's table (a yardstick of the offline evaluation) is not used online:
-    # keep its search to the minimum candidate set on a small slice of the test split.
-    small = _small_pool(test, per_task=4)
-    cfg = dataclasses.replace(cfg, oracle=dataclasses.replace(cfg.oracle, n_candidates=0))
-    setup = prepare(cfg, backend, calib, small)
-    system = build_system(setup, config.policy, config.seed)
+    folder = _model_folder(config.model, cfg.model.variant, cfg.model.path, build_default_model)
+    snapshot = read_snapshot(config.state_dir)
+    if snapshot is not None:
+        meta = dict(snapshot.get("meta", {}))
+        if meta.get("policy") != config.policy:
+            raise ValueError(
+                f"state folder {config.state_dir} belongs to policy {meta.get('policy')!r}, not"
+                f" {config.policy!r}; give another --state-dir"
+            )
+        if meta.get("model") != str(folder):
+            raise ValueError(
+                f"state folder {config.state_dir} was built on model {meta.get('model')}, not"
+                f" {folder}; give another --state-dir"
+            )
+        backend = DefaultBackend(DefaultModel.load(folder), signature=meta["signature"])
+        system = System(
+            backend=backend,
+            estimator=snapshot["estimator"],
+            mode=snapshot["mode"],
+            reward=snapshot["reward"],
+            rng=snapshot["rng"],
+        )
+        logger.info("resuming from %s (no refit)", config.state_dir)
+    else:
+        signature = cfg.estimator.signature
+        backend, calib, test = default_backend(path=str(folder), signature=signature)
+        # The slot oracle's candidate table is an offline yardstick that the service never
+        # uses: keep it to the minimum candidate set on one request per task.
+        cfg = dataclasses.replace(cfg, oracle=dataclasses.replace(cfg.oracle, n_candidates=0))
+        setup = prepare(cfg, backend, calib, _small_pool(test, per_task=1))
+        system = build_system(setup, config.policy, config.seed)
+        meta = {"policy": config.policy, "model": str(folder), "signature": signature}
     backend.restore()
+    twin = dataclasses.replace(system, backend=_twin(backend))
+    labels = tuple(backend.dm.labels)
+    logger.info(
+        "model ready: %d labels, %d MoE blocks, %d task types; policy %r (%d torch threads)",
+        len(labels),
+        len(backend.blocks),
+        system.estimator.n_types,
+        config.policy,
+        torch.get_num_threads(),
+    )
+    return Replicas((system, twin), labels, meta)
+
+
+def _model_folder(model: str | None, variant: str, path: str, build: Callable[[str], Path]) -> Path:
+    """The checkpoint folder: ``model`` (a folder or a variant name) over the config's."""
+    if model is not None:
+        if Path(model).is_dir():
+            return Path(model).resolve()
+        if "/" in model or model.startswith("."):
+            raise FileNotFoundError(f"model folder not found: {model}")
+        return build(model)
+    return Path(path).resolve() if path else build(variant)
+
+
+def _twin(backend: Any) -> Any:
+    """A copy of the backend with its own module tree, tokenizer and merger, sharing tensors.
+
+    The tokenizer is copied because a fast tokenizer must not be used by two threads at once.
+    """
+    import copy
+
     shared: dict[int, Any] = {}
     for module in (backend.model, *backend.merger._originals.values()):
         for t in [*module.parameters(), *module.buffers()]:
@@ -149,18 +212,7 @@ def build_replicas(config: ServeConfig) -> Replicas:
         value = getattr(backend, name, None)
         if value is not None:
             shared[id(value)] = value
-    twin_backend = copy.deepcopy(backend, shared)
-    twin = dataclasses.replace(system, backend=twin_backend)
-    labels = list(backend.dm.labels)
-    logger.info(
-        "model ready: %d labels, %d MoE blocks, %d task types; policy %r (%d torch threads)",
-        len(labels),
-        len(backend.blocks),
-        setup.estimator.n_types,
-        config.policy,
-        torch.get_num_threads(),
-    )
-    return (system, twin), labels
+    return copy.deepcopy(backend, shared)
 
 
 def _small_pool(pool: Any, *, per_task: int) -> Any:
@@ -202,17 +254,22 @@ def create_app(
         if make is None:
             make = build_replicas
         try:
-            systems, labels = await asyncio.to_thread(make, config)
+            replicas = await asyncio.to_thread(make, config)
             store = StateStore(config.state_dir)
             manager = SlotManager(
-                systems, labels=labels, store=store, metrics=metrics, config=config.slots
+                replicas.systems,
+                labels=replicas.labels,
+                meta=replicas.meta,
+                store=store,
+                metrics=metrics,
+                config=config.slots,
             )
             await asyncio.to_thread(manager.start)
         except Exception as err:  # kept for the command line, which reports it in one line
             app.state.startup_error = err
             raise
         app.state.manager = manager
-        app.state.labels = frozenset(labels)
+        app.state.labels = frozenset(replicas.labels)
         logger.info("serving policy %r, slot %d", manager.policy_name, manager.slot)
         try:
             yield
@@ -257,9 +314,7 @@ def create_app(
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given:
-            raise HTTPException(
-                401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"}
-            )
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(given.strip().encode(), config.token.encode()):
             raise HTTPException(401, "wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
@@ -394,24 +449,26 @@ def _install_error_handlers(app: FastAPI) -> None:
     """One JSON shape for every error: ``{"detail": "<sentence naming the problem>"}``."""
 
     async def client_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ClientError)
+        if not isinstance(exc, ClientError):
+            return await server_error(request, exc)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
+        if not isinstance(exc, RequestValidationError):
+            return await server_error(request, exc)
         return JSONResponse({"detail": _describe(exc.errors())}, status_code=422)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, HTTPException)
-        return JSONResponse(
-            {"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
-        )
+        if not isinstance(exc, StarletteHTTPException):
+            return await server_error(request, exc)
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            detail = "the body could not be parsed as JSON (it must be UTF-8 encoded JSON)"
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
-
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app.add_exception_handler(ClientError, client_error)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -434,6 +491,8 @@ def _describe(errors: Sequence[Any]) -> str:
             where = ""
         elif kind == "missing" and not where:
             msg = "a JSON body is required"
+        elif kind in ("model_attributes_type", "dict_type") and not where:
+            msg = 'the body must be a JSON object, e.g. {"text": "..."}'
         elif kind.startswith("value_error"):
             msg = msg.removeprefix("Value error, ")
         parts.append(f"{where}: {msg}" if where else msg)

@@ -276,15 +276,15 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, LoadResult] = {}
     with tempfile.TemporaryDirectory(prefix="tanbr-bench-serve-") as tmp:
         for run_name, policy in (("merged", args.policy), ("full_moe", args.baseline)):
-            results[run_name] = _one_run(
-                Path(tmp) / run_name, policy, texts, labels, args=args
-            )
+            results[run_name] = _one_run(Path(tmp) / run_name, policy, texts, labels, args=args)
     out: dict[str, Any] = {k: _round(v) for k, v in asdict(results["merged"]).items()}
     out["policy"] = args.policy
     out["full_moe"] = {k: _round(v) for k, v in asdict(results["full_moe"]).items()}
     out["full_moe"]["policy"] = args.baseline
     full_rps = results["full_moe"].throughput_rps
-    out["throughput_ratio"] = round(results["merged"].throughput_rps / full_rps, 3) if full_rps else None
+    out["throughput_ratio"] = (
+        round(results["merged"].throughput_rps / full_rps, 3) if full_rps else None
+    )
     out["concurrency"] = args.concurrency
     out["slot_size"] = args.slot_size
     if args.json:
@@ -295,7 +295,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _one_run(
-    folder: Path, policy: str, texts: Sequence[str], labels: Sequence[str], *, args: argparse.Namespace
+    folder: Path,
+    policy: str,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    args: argparse.Namespace,
 ) -> LoadResult:
     import httpx
 

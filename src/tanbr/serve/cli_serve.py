@@ -113,9 +113,13 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("binding %s: the service is reachable from other machines", args.host)
         if config.token is None:
             logger.warning("no token is set: anyone who reaches it may send feedback")
-    replicas = build_replicas(config)  # model and policy errors surface here, before binding
+    sock = _bind(args.host, args.port)  # a taken port fails before the model loads
+    try:
+        replicas = build_replicas(config)  # model, policy and state errors surface here
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(config, build=lambda _: replicas)
-    sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
     server = uvicorn.Server(

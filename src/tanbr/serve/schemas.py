@@ -98,6 +98,7 @@ class StatusResponse(BaseModel):
     slot_size: int = Field(description="a slot closes after this many texts ...")
     slot_seconds: float | None = Field(description="... or after this many seconds")
     policy: str
+    kind: str = Field(description="how the slot is served: merge, full (MoE) or soft")
     mix: list[float] = Field(description="estimated task mix (the policy's context)")
     action: list[float] = Field(description="the policy's action for this slot")
     coeffs: dict[str, list[float]] = Field(description="merge coefficients per MoE block")

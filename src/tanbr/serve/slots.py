@@ -33,7 +33,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +130,7 @@ class SlotManager:
         systems: Sequence[System],
         *,
         labels: Sequence[str],
+        meta: Mapping[str, Any] | None = None,
         store: StateStore,
         metrics: ServiceMetrics,
         config: SlotConfig,
@@ -149,6 +150,7 @@ class SlotManager:
         if len(labels) != a.backend.n_labels:
             raise ValueError(f"{len(labels)} label names for {a.backend.n_labels} model outputs")
         self.labels = list(labels)
+        self.meta = dict(meta or {})
         self.store = store
         self.metrics = metrics
         self.config = config
@@ -450,8 +452,10 @@ class SlotManager:
             standby = self._replicas[1 - self._active]
             self._lock.wait_for(lambda: standby.inflight == 0)
             texts, self._texts = self._texts, []
-        # --- the served texts join the estimator's history; 1-3. estimate, select, plan
-        observe(standby.system, Requests(tuple(texts)))
+        # --- the served texts join the estimator's history (the mix is the context of a
+        # learning policy; baselines ignore it and skip the cost); 1-3. estimate, select, plan
+        if standby.system.mode.learns:
+            observe(standby.system, Requests(tuple(texts)))
         decision = decide(standby.system, slot=nxt)
         # --- 4. merge, on the standby replica
         merge_ms = self._build(standby, decision)
@@ -551,7 +555,9 @@ class SlotManager:
                 "costs": self._costs,
                 "estimator": system.estimator,
                 "mode": system.mode,
+                "reward": system.reward,
                 "rng": system.rng,
+                "meta": self.meta,
             }
         )
 

@@ -376,20 +376,7 @@ class StateStore:
 
     def load_snapshot(self) -> dict[str, Any] | None:
         """The last snapshot, or None on a fresh folder; a corrupt one raises ValueError."""
-        path = self.folder / SNAPSHOT_NAME
-        if not path.exists():
-            return None
-        try:
-            with open(path, "rb") as f:
-                blob = pickle.load(f)  # the state folder is the service's own, trusted storage
-        except Exception as err:  # pickle raises many types on corrupt input
-            raise ValueError(f"corrupt snapshot {path}: {err}") from err
-        if not isinstance(blob, dict) or blob.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError(f"snapshot {path} has an unknown format; remove it to start afresh")
-        state = blob["state"]
-        if not isinstance(state, dict):
-            raise ValueError(f"snapshot {path} does not hold a state dict")
-        return state
+        return read_snapshot(self.folder)
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -399,6 +386,28 @@ class StateStore:
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._conn)
+
+
+def read_snapshot(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The last snapshot in ``folder``, or None if there is none; corrupt: ValueError.
+
+    The state folder is the service's own storage: only point it at folders you trust, as
+    unpickling runs code named in the file.
+    """
+    path = Path(folder) / SNAPSHOT_NAME
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as f:
+            blob = pickle.load(f)
+    except Exception as err:  # pickle raises many types on corrupt input
+        raise ValueError(f"corrupt snapshot {path}: {err}") from err
+    if not isinstance(blob, dict) or blob.get("format") != SNAPSHOT_FORMAT:
+        raise ValueError(f"snapshot {path} has an unknown format; remove it to start afresh")
+    state = blob["state"]
+    if not isinstance(state, dict):
+        raise ValueError(f"snapshot {path} does not hold a state dict")
+    return state
 
 
 class _Transaction:

@@ -201,7 +201,7 @@ def upcycle(
     from transformers import AutoTokenizer, BertModel
 
     path = encoder_path()
-    bert = BertModel.from_pretrained(path, add_pooling_layer=False)
+    bert = BertModel.from_pretrained(path)  # with its pooler: no unexpected-key report
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = upcycle_bert(
         bert,

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import hashlib
 import importlib.util
 import io
 import json
 import logging
+import os
 import re
 import zipfile
 import zlib
@@ -216,8 +218,9 @@ def _chatterbot_topic() -> Pool:
     folder = package_dir("chatterbot_corpus") / "data" / "english"
     pool: Pool = []
     for path in sorted(folder.glob("*.yml")):
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
         with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f) or {}
+            doc = yaml.load(f, Loader=loader) or {}  # noqa: S506 (a safe loader)
         for conversation in doc.get("conversations") or []:
             for utterance in conversation:
                 if isinstance(utterance, str) and (text := _clean(utterance)):
@@ -261,6 +264,36 @@ TASK_FILES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+# Bump when a loader changes what it extracts from the same files (invalidates pool caches).
+LOADER_VERSION = 1
+
+
+@functools.lru_cache(maxsize=None)
+def task_pool(task: str) -> tuple[tuple[str, str], ...]:
+    """Every usable (text, label) of a real task, before balancing and splitting.
+
+    Parsing the corpora takes seconds (bz2, zipped CSVs, YAML), so each pool is cached on
+    disk under ``cache_dir("task-pools", task, <file digests>, LOADER_VERSION)`` and in memory.
+    """
+    from tanbr.cache import cache_dir, file_digest
+
+    if task not in TASK_LOADERS:
+        raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+    digests = [file_digest(p) for p in data_files([task])]
+    path = cache_dir("task-pools", task, digests, LOADER_VERSION) / "pool.json"
+    if path.is_file():
+        try:
+            return tuple((str(t), str(lab)) for t, lab in json.loads(path.read_text()))
+        except (json.JSONDecodeError, ValueError, TypeError):
+            log.warning("ignoring a corrupt task-pool cache file %s", path)
+    pool = tuple(TASK_LOADERS[task]())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(pool))
+    tmp.replace(path)
+    return pool
+
+
 def data_files(tasks: Sequence[str] = TASKS) -> list[Path]:
     """The packaged data files the given tasks read (for cache keys); missing ones raise."""
     paths = []
@@ -279,15 +312,23 @@ def data_files(tasks: Sequence[str] = TASKS) -> list[Path]:
 # Balancing and splitting
 
 
-def _dedupe(examples: Iterable[Example]) -> list[Example]:
+Row = tuple[str, str, str]  # (text, task, label): cheaper than Example for whole corpora
+
+
+def _dedupe(rows: Iterable[Row]) -> list[Row]:
     """One copy per text; texts seen under two different joint labels are dropped (ambiguous)."""
-    by_key: dict[str, list[Example]] = defaultdict(list)
-    for e in examples:
-        by_key[e.text.casefold()].append(e)
-    kept = [group[0] for group in by_key.values() if len({e.target for e in group}) == 1]
-    dropped = sum(len(g) for g in by_key.values()) - len(kept)
-    if dropped:
-        log.debug("dropped %d duplicate or ambiguous texts", dropped)
+    first: dict[str, Row] = {}
+    ambiguous: set[str] = set()
+    n = 0
+    for row in rows:
+        n += 1
+        key = row[0].casefold()
+        seen = first.setdefault(key, row)
+        if seen[1:] != row[1:]:
+            ambiguous.add(key)
+    kept = [row for key, row in first.items() if key not in ambiguous]
+    if n > len(kept):
+        log.debug("dropped %d duplicate or ambiguous texts", n - len(kept))
     return kept
 
 
@@ -320,26 +361,26 @@ def _task_rng(seed: int, task: str) -> np.random.Generator:
 
 
 def _split_task(
-    examples: Sequence[Example],
+    task: str,
+    rows: Sequence[Row],
     *,
     per_task: int | None,
     min_per_label: int,
     fractions: tuple[float, float, float],
     seed: int,
 ) -> dict[str, list[Example]]:
-    task = examples[0].task
-    by_label: dict[str, list[Example]] = defaultdict(list)
-    for e in sorted(examples, key=lambda e: (e.label, e.text)):
-        by_label[e.label].append(e)
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for text, _, label in rows:
+        by_label[label].append(text)
     small = sorted(k for k, v in by_label.items() if len(v) < min_per_label)
     if small:
         log.info("%s: dropping labels with fewer than %d texts: %s", task, min_per_label, small)
-    by_label = {k: v for k, v in by_label.items() if len(v) >= min_per_label}
-    quotas = _quotas({k: len(v) for k, v in by_label.items()}, per_task)
+    groups = {k: sorted(v) for k, v in sorted(by_label.items()) if len(v) >= min_per_label}
+    quotas = _quotas({k: len(v) for k, v in groups.items()}, per_task)
     rng = _task_rng(seed, task)
     chosen = {
-        label: [group[i] for i in rng.permutation(len(group))[: quotas[label]]]
-        for label, group in sorted(by_label.items())
+        label: [Example(texts[i], task, label) for i in rng.permutation(len(texts))[: quotas[label]]]
+        for label, texts in groups.items()
     }
     # Interleave the labels round-robin and cut the sequence: a stratified split that stays
     # stratified (and gives every split examples) even when a label has only a few texts.
@@ -373,12 +414,29 @@ def make_suite(
     seed: int = 0,
 ) -> TaskSuite:
     """Dedupe, balance, cap and split labelled examples into a :class:`TaskSuite`."""
+    return _make_suite(
+        ((e.text, e.task, e.label) for e in examples),
+        per_task=per_task,
+        min_per_label=min_per_label,
+        fractions=fractions,
+        seed=seed,
+    )
+
+
+def _make_suite(
+    rows: Iterable[Row],
+    *,
+    per_task: int | None,
+    min_per_label: int,
+    fractions: tuple[float, float, float],
+    seed: int,
+) -> TaskSuite:
     _check_fractions(fractions)
     if per_task is not None and per_task < 3:
         raise ValueError(f"per_task must be at least 3 (or None), got {per_task}")
-    by_task: dict[str, list[Example]] = defaultdict(list)
-    for e in _dedupe(examples):
-        by_task[e.task].append(e)
+    by_task: dict[str, list[Row]] = defaultdict(list)
+    for row in _dedupe(rows):
+        by_task[row[1]].append(row)
     if not by_task:
         raise ValueError("no examples to build a task suite from")
     splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
@@ -386,6 +444,7 @@ def make_suite(
     tasks = tuple(by_task)
     for task in tasks:
         parts = _split_task(
+            task,
             by_task[task],
             per_task=per_task,
             min_per_label=min_per_label,
@@ -428,11 +487,9 @@ def load_tasks(
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(names)!r}")
     if len(set(names)) != len(names):
         raise ValueError(f"tasks must not repeat, got {list(names)!r}")
-    examples = [
-        Example(text, task, label) for task in names for text, label in TASK_LOADERS[task]()
-    ]
-    suite = make_suite(
-        examples, per_task=per_task, min_per_label=min_per_label, fractions=fractions, seed=seed
+    rows = [(text, task, label) for task in names for text, label in task_pool(task)]
+    suite = _make_suite(
+        rows, per_task=per_task, min_per_label=min_per_label, fractions=fractions, seed=seed
     )
     log.info("loaded %d tasks: %s", len(suite.tasks), suite.counts())
     return suite

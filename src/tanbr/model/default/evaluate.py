@@ -190,7 +190,7 @@ def sentence_embeddings(bank: StateBank, n_lower: int, *, batch_size: int = 64) 
     from transformers import BertModel
     from transformers.masking_utils import create_bidirectional_mask
 
-    bert = BertModel.from_pretrained(encoder_path(), add_pooling_layer=False).eval()
+    bert = BertModel.from_pretrained(encoder_path()).eval()
     upper = list(bert.encoder.layer)[n_lower:]
     out = np.zeros((len(bank), bert.config.hidden_size), dtype=np.float32)
     for pos, states in bank.batches(np.arange(len(bank)), batch_size):

@@ -1,0 +1,84 @@
+"""What ``tanbr run`` and ``tanbr compare`` share: arguments, building the setup, printing.
+
+Imports only the standard library at top level (the command line stays instant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser, *, config_required: bool) -> None:
+    parser.add_argument(
+        "config",
+        nargs=None if config_required else "?",
+        help="experiment config (TOML)" + ("" if config_required else "; or use --preset"),
+    )
+    if not config_required:
+        parser.add_argument("--preset", help="a config from configs/ by name, e.g. demo")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set policy.tanbr.rho=0.7 (repeatable)",
+    )
+    parser.add_argument("--out", default="runs", help="folder for run folders (default: runs/)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def _progress(enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    def make(desc: str, total: int) -> Any:
+        return tqdm(
+            total=total, desc=desc, unit="slot", leave=False, file=sys.stderr, disable=not enabled
+        )
+
+    return make
+
+
+def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
+    """Load the config, build the backend and setup, run everything; returns the RunResult."""
+    import logging
+
+    from tanbr.experiment.backend import default_backend
+    from tanbr.experiment.config import load_config
+    from tanbr.experiment.runner import execute, prepare
+
+    config = load_config(args.config, preset=getattr(args, "preset", None), overrides=overrides)
+    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
+    backend, calib, test = default_backend(
+        variant=config.model.variant,
+        path=config.model.path,
+        signature=config.estimator.signature,
+        threads=config.model.threads,
+        memo=config.evaluation.memo,
+        progress=not quiet,
+    )
+    progress = _progress(not quiet)
+    setup = prepare(config, backend, calib, test, progress=progress)
+    return execute(setup, out=Path(args.out), progress=progress, plots=not args.no_plots)
+
+
+def print_result(result: Any, *, as_json: bool) -> None:
+    """The comparison table and the run folder, or exactly the public JSON on stdout."""
+    from tanbr.experiment.report import format_table, format_targets
+    from tanbr.experiment.runner import public_summary
+
+    if as_json:
+        print(json.dumps(public_summary(result.summary), indent=2))
+        print(f"run folder: {result.folder}", file=sys.stderr)
+        return
+    print(format_table(result.summary))
+    targets = format_targets(result.summary)
+    if targets:
+        print("\ntargets (tanbr):\n" + targets)
+    print(f"\nreport: {result.folder / 'report.md'}")
+    print(f"run folder: {result.folder}")

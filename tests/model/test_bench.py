@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tanbr.cli import main
+from tanbr.model.bench import REQUIRED_KEYS, format_table, parse_batches
+from tanbr.model.presets import PRESETS, get_preset
+
+
+def test_parse_batches() -> None:
+    assert parse_batches("1x32, 8X128") == [(1, 32), (8, 128)]
+    for bad in ("8", "0x4", "ax3", "1x2x3"):
+        with pytest.raises(ValueError, match="--batches"):
+            parse_batches(bad)
+
+
+def test_presets_follow_the_issue() -> None:
+    medium, large = get_preset("medium"), get_preset("large")
+    assert (medium.hidden_size, medium.intermediate_size, medium.n_layers) == (512, 1408, 6)
+    assert (medium.n_experts, medium.top_k, medium.vocab_size) == (8, 2, 8192)
+    assert (large.hidden_size, large.intermediate_size, large.n_layers, large.n_experts) == (
+        1024,
+        2816,
+        8,
+        8,
+    )
+    assert set(PRESETS) == {"tiny", "small", "medium", "large"}
+    with pytest.raises(ValueError, match="preset must be one of"):
+        get_preset("huge")
+
+
+def test_bench_merge_json_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TANBR_CACHE", str(tmp_path))
+    argv = ["bench", "merge", "--preset", "tiny", "--batches", "1x4,2x8", "--repeats", "1"]
+    assert main([*argv, "--no-rss", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["batch"] for r in rows] == ["1x4", "2x8"]
+    for row in rows:
+        assert set(REQUIRED_KEYS) <= set(row)
+        assert row["latency_full_ms"] > 0 and row["latency_merged_ms"] > 0
+        assert row["latency_full_all_logits_ms"] > 0 and row["latency_merged_all_logits_ms"] > 0
+        assert row["params_merged_bytes"] < row["params_full_bytes"]
+        assert row["merge_ms"] > 0 and row["memcpy_ms"] > 0 and row["lean_merge_ms"] > 0
+        assert row["experts_implementation"] in ("eager", "grouped_mm")
+        assert row["rss_full_bytes"] is None  # --no-rss
+    assert "params MiB full/merged" in format_table(rows)
+    assert main([*argv[:-4], "--batches", "4", "--json"]) == 2  # a clear one-line error
+
+
+@pytest.mark.slow
+def test_bench_merge_measures_rss_in_fresh_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TANBR_CACHE", str(tmp_path))
+    assert main(["bench", "merge", "--preset", "small", "--batches", "1x8", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "RSS MiB full/merged" in table
+    row = table.splitlines()[1].split()
+    full_rss, merged_rss = (float(x) for x in row[6].split("/"))
+    assert merged_rss < full_rss  # small: 60 MiB of experts are never resident in lean mode
