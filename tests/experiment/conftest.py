@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
+from tanbr.experiment.loop import Prediction
 from tanbr.experiment.slots import Requests
 from tanbr.experiment.workload import Pool
 
@@ -67,7 +68,7 @@ class FakeBackend:
         self.state = ("full", None)
         return 0.0
 
-    def predict(self, requests: Requests) -> tuple[np.ndarray, float]:
+    def predict(self, requests: Requests) -> Prediction:
         t0 = time.perf_counter()
         rows = self._rows(requests)
         kind, plan = self.state
@@ -80,7 +81,7 @@ class FakeBackend:
         pred = np.where(ok, self.labels[rows], (self.labels[rows] + 1) % self.n_labels)
         probs = np.full((len(rows), self.n_labels), 0.01)
         probs[np.arange(len(rows)), pred] = 1.0
-        return probs / probs.sum(1, keepdims=True), (time.perf_counter() - t0) * 1e3
+        return Prediction(probs / probs.sum(1, keepdims=True), (time.perf_counter() - t0) * 1e3)
 
     def reference(self, requests: Requests) -> np.ndarray:
         rows = self._rows(requests)

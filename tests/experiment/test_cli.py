@@ -27,8 +27,13 @@ def _folder(out: Path) -> Path:
     return folder
 
 
-def test_run_writes_a_complete_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    policies = ["--policy", "tanbr", "--policy", "full-moe", "--policy", "slot-oracle", "--policy", "task-oracle"]  # fmt: skip
+def test_run_writes_a_complete_run_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policies = [
+        "--policy", "tanbr", "--policy", "full-moe", "--policy", "slot-oracle",
+        "--policy", "task-oracle",
+    ]  # fmt: skip
     code = cli.main(["-q", "run", str(CONFIG), *FAST, *policies, "--out", str(tmp_path)])
     assert code == 0
     folder = _folder(tmp_path)
@@ -52,7 +57,9 @@ def test_run_writes_a_complete_run_folder(tmp_path: Path, capsys: pytest.Capture
     assert merged["memory_bytes"] < full["memory_bytes"]
 
 
-def test_compare_json_is_exactly_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_json_is_exactly_the_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = ["-q", "compare", str(CONFIG), *FAST, "--set", "policies=['uniform', 'slot-oracle']"]
     assert cli.main([*args, "--json", "--no-plots", "--out", str(tmp_path)]) == 0
     summary = json.loads(capsys.readouterr().out)  # exactly one JSON document

@@ -25,7 +25,7 @@ def test_defaults_and_overrides() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("workload.slotsize=3", r"unknown config key workload.slotsize \(did you mean workload.slot_size\?\)"),
+        ("workload.slotsize=3", r"workload.slotsize \(did you mean workload.slot_size\?\)"),
         ("workload.slot_size=abc", "workload.slot_size must be int"),
         ("reward.latency_weight=true", "reward.latency_weight must be float"),
         ("nonsense", "key.sub=value"),
@@ -40,7 +40,9 @@ def test_bad_overrides_name_the_key(override: str, message: str) -> None:
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
-    cfg = load_config(overrides=["policy.tanbr.rho=0.7", "policy.hoo.nu=1.5", "workload.mix=[0.5, 0.5]"])
+    cfg = load_config(
+        overrides=["policy.tanbr.rho=0.7", "policy.hoo.nu=1.5", "workload.mix=[0.5, 0.5]"]
+    )
     path = tmp_path / "config.toml"
     write_config(path, cfg)
     assert load_config(path) == cfg
@@ -56,7 +58,7 @@ def test_presets_exist_and_load() -> None:
 
 
 def test_unknown_preset_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown preset 'nope'; known presets: .*demo"):
+    with pytest.raises(ValueError, match=r"unknown preset 'nope'; known presets: .*demo"):
         preset_path("nope")
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.toml")

@@ -18,7 +18,7 @@ from tanbr.experiment.runner import build_system, make_slots, prepare
 from tanbr.experiment.slots import Requests, Slot, Truth
 from tanbr.experiment.workload import Pool
 
-from .conftest import FakeBackend  # noqa: TID252
+from .conftest import FakeBackend
 
 Fake = tuple[FakeBackend, Pool, Pool]
 
@@ -26,7 +26,9 @@ Fake = tuple[FakeBackend, Pool, Pool]
 def scramble(slot: Slot, rng: np.random.Generator) -> Slot:
     assert slot.truth is not None
     perm = rng.permutation(len(slot.requests))
-    truth = Truth(tuple(slot.truth.tasks[i] for i in perm), slot.truth.labels[perm], slot.truth.task_names)
+    truth = Truth(
+        tuple(slot.truth.tasks[i] for i in perm), slot.truth.labels[perm], slot.truth.task_names
+    )
     return Slot(slot.index, slot.requests, truth)
 
 
@@ -42,7 +44,13 @@ class Spy:
         method = getattr(self._inner, name)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            log.append((name, [np.array(a, copy=True) if isinstance(a, np.ndarray) else a for a in args], dict(kwargs)))
+            log.append(
+                (
+                    name,
+                    [np.array(a, copy=True) if isinstance(a, np.ndarray) else a for a in args],
+                    dict(kwargs),
+                )
+            )
             return method(*args, **kwargs)
 
         return call
@@ -54,8 +62,10 @@ class Spy:
 def trajectory(fake: Fake, reward: str, scrambled: bool, policy: str = "tanbr") -> list[Any]:
     backend, calib, test = fake
     cfg = load_config(
-        overrides=["n_slots=20", "workload.slot_size=32", "estimator.n_types=4", "estimator.head=16",
-                   "oracle.n_candidates=4", f"reward.kind='{reward}'"]
+        overrides=[
+            "n_slots=20", "workload.slot_size=32", "estimator.n_types=4", "estimator.head=16",
+            "oracle.n_candidates=4", f"reward.kind='{reward}'",
+        ]
     )  # fmt: skip
     setup = prepare(cfg, backend, calib, test)
     system = build_system(setup, policy, 0)
@@ -92,8 +102,12 @@ def test_label_free_trajectory_ignores_truth(fake: Fake) -> None:
 
 
 def test_estimator_inputs_ignore_truth_with_label_feedback(fake: Fake) -> None:
-    clean = [e for e in trajectory(fake, "accuracy", scrambled=False) if e[0] in ("estimate", "observe")]
-    mixed = [e for e in trajectory(fake, "accuracy", scrambled=True) if e[0] in ("estimate", "observe")]
+    clean = [
+        e for e in trajectory(fake, "accuracy", scrambled=False) if e[0] in ("estimate", "observe")
+    ]
+    mixed = [
+        e for e in trajectory(fake, "accuracy", scrambled=True) if e[0] in ("estimate", "observe")
+    ]
     assert _same(clean, mixed)
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def test_drift_has_few_dominant_tasks_that_change() -> None:
     top2 = np.sort(mixes, axis=1)[:, -2:].sum(1)
     assert np.median(top2) > 0.8  # a few tasks dominate each slot
     dominant = [frozenset(np.argsort(m)[-2:].tolist()) for m in mixes]
-    changes = sum(a != b for a, b in zip(dominant, dominant[1:], strict=False))
+    changes = sum(a != b for a, b in itertools.pairwise(dominant))
     assert 6 <= changes <= 40  # ... and the dominant ones change over time
     assert len(set(dominant)) >= 5  # not just two alternating sets
 

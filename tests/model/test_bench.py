@@ -36,7 +36,18 @@ def test_bench_merge_json_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("TANBR_CACHE", str(tmp_path))
-    argv = ["bench", "merge", "--preset", "tiny", "--batches", "1x4,2x8", "--repeats", "1"]
+    argv = [
+        "bench",
+        "merge",
+        "--preset",
+        "tiny",
+        "--batches",
+        "1x4,2x8",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+    ]
     assert main([*argv, "--no-rss", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["batch"] for r in rows] == ["1x4", "2x8"]

@@ -224,3 +224,23 @@ def test_soft_merge_follows_each_sequence_and_ignores_padding(make_case: Any) ->
     merger.set_token_mask(torch.ones(3, 6))
     with pytest.raises(ValueError, match="token mask has shape"):
         block(padded)
+
+
+@torch.no_grad()
+def test_half_precision_experts_are_summed_in_float32(make_case: Any) -> None:
+    case = make_case("mixtral")
+    case.model.to(torch.bfloat16)
+    merger = Merger(case.model)
+    merger.apply(one_hot_plan(merger.blocks, 2))
+    block = merger.blocks[0]
+    merged = get_module(case.model, block.name)
+    experts = merged.merged_from.experts
+    assert merged.expert.gate_up_proj.dtype == torch.bfloat16
+    assert torch.equal(merged.expert.gate_up_proj, experts.gate_up_proj[2])  # an exact copy
+    plan = _plan(merger.blocks, 0)
+    merger.apply(plan)
+    c = torch.tensor(plan[block.name], dtype=torch.float64)
+    want = torch.einsum("e,e...->...", c, experts.down_proj.double())
+    got = merged.expert.down_proj.double()
+    # one rounding to bfloat16 at the end, not one per expert
+    torch.testing.assert_close(got, want.to(torch.bfloat16).double(), atol=0, rtol=0)

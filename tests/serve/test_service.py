@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tanbr.serve.bench import ServerProcess
 from tanbr.serve.state import DB_NAME
@@ -80,7 +82,7 @@ def test_predictions_feedback_and_slot_turnover(server: ServerProcess, http: htt
     assert status["slot"] == 0 and status["kind"] == "merge" and status["merges"] == 1
     assert status["policy"] == "tanbr" and len(status["action"]) == len(status["mix"])
     for coeffs in status["coeffs"].values():
-        assert min(coeffs) >= 0 and abs(sum(coeffs) - 1) < 1e-6
+        assert min(coeffs) >= 0 and abs(sum(coeffs) - 1) < 1e-5
     slot0_coeffs = status["coeffs"]
 
     # --- one text, then a batch: labels, probabilities, ids, slot
@@ -140,7 +142,7 @@ def test_predictions_feedback_and_slot_turnover(server: ServerProcess, http: htt
     assert status["merges"] == len(history) and status["slot"] == history[-1][0]
     # a re-merge: every slot's coeffs are a fresh plan on the simplex
     for coeffs in status["coeffs"].values():
-        assert abs(sum(coeffs) - 1) < 1e-6
+        assert abs(sum(coeffs) - 1) < 1e-5
     assert set(status["coeffs"]) == set(slot0_coeffs)
 
     # --- metrics and docs
@@ -190,11 +192,17 @@ def test_bad_bodies_and_feedback_are_4xx(http: httpx.Client) -> None:
         (b'{"text": "a', 422, "not valid JSON"),
         (b"", 422, "a JSON body is required"),
         (b"\xff\xfe\x00", 400, "could not be parsed as JSON"),
-        (b'{"text": "\xff"}', 422, "not valid JSON"),
+        (b'{"text": "\xff"}', 400, "could not be parsed as JSON"),
     ]
     for content, status, message in raw:
         r = http.post("/v1/predict", content=content, headers={"content-type": "application/json"})
         assert r.status_code == status and message in r.json()["detail"], r.text
+    nan = http.post(
+        "/v1/feedback",
+        content=b'{"request_id": "abc", "reward": NaN}',
+        headers={**AUTH, "content-type": "application/json"},
+    )
+    assert nan.status_code == 422 and "reward: Input should be a finite number" in nan.text
     huge = http.post(
         "/v1/predict",
         content=b'{"text": "' + b"a" * (1 << 20) + b'"}',
@@ -298,3 +306,79 @@ def test_bad_start_arguments_are_one_line_errors(tiny_model: Path, tmp_path: Pat
     ]
     for argv in bad:
         assert main(argv) == 2, argv
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+_fields = st.sampled_from(["text", "texts", "request_id", "label", "reward"])
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    body=_json | st.dictionaries(_fields, _json, max_size=3),
+    path=st.sampled_from(["/v1/predict", "/v1/feedback"]),
+)
+def test_random_bodies_never_cause_a_server_error(http: httpx.Client, body: Any, path: str) -> None:
+    r = http.post(path, json=body, headers=AUTH)
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+
+
+@pytest.mark.slow
+def test_kill_under_concurrent_load_loses_no_acknowledged_feedback(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """Clients predict and give feedback while slots turn every 4 texts; SIGKILL mid-stream."""
+    import threading
+
+    state = tmp_path / "state"
+    server = start_server("--slot-size", "4", state_dir=state)
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=server.url, timeout=30.0) as http:
+            while not stop.is_set():
+                try:
+                    [p] = _predict(http, [TEXTS[int(rng.integers(len(TEXTS)))]])
+                    r = http.post(
+                        "/v1/feedback",
+                        json={"request_id": p["request_id"], "reward": float(rng.random())},
+                        headers=AUTH,
+                    )
+                except (httpx.HTTPError, AssertionError):
+                    return  # the server died under us
+                if r.status_code == 200:
+                    with lock:
+                        acknowledged.append(p["request_id"])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: {"n": len(acknowledged)}, lambda v: v["n"] >= 60)
+    server.kill()
+    stop.set()
+    for t in threads:
+        t.join(60)
+    survivor = start_server("--slot-size", "4", state_dir=state)
+    with httpx.Client(base_url=survivor.url, timeout=60.0) as http:
+        status = http.get("/v1/status").json()
+        assert status["feedback"] >= len(acknowledged)
+        for rid in acknowledged:
+            r = http.post("/v1/feedback", json={"request_id": rid, "reward": 0.0}, headers=AUTH)
+            assert r.status_code == 409, r.text
+        closed = http.post("/v1/admin/close-slot", headers=AUTH).json()
+        assert closed["slot"] == status["slot"] + 1
+        assert http.get("/v1/status").json()["pending_feedback"] == 0

@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "System": "tanbr.experiment.loop",
     "Decision": "tanbr.experiment.loop",
     "Served": "tanbr.experiment.loop",
+    "Prediction": "tanbr.experiment.loop",
     "Plan": "tanbr.experiment.loop",
     "decide": "tanbr.experiment.loop",
     "apply_decision": "tanbr.experiment.loop",

@@ -15,6 +15,7 @@ task fingerprint. ``embedding`` is the mean-pooled lower states (the frozen enco
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tanbr.experiment.loop import Plan
+from tanbr.experiment.loop import Plan, Prediction
 from tanbr.experiment.slots import Requests
 from tanbr.experiment.workload import Pool
 
@@ -78,10 +79,11 @@ class DefaultBackend:
         self._plan: dict[str, np.ndarray] | None = None
         self.texts = tuple(texts)
         self.bank = model.lower_states(self.texts, progress=progress) if self.texts else None
-        self._sig_cache: np.ndarray | None = None
-        self._ref_cache: np.ndarray | None = None
+        self._sig_cache: dict[int, np.ndarray] = {}  # row -> signature
+        self._ref_cache: dict[int, int] = {}  # row -> the full MoE's predicted label
         self.memo = memo
         self._memo: dict[bytes, dict[int, np.ndarray]] = {}
+        self._target: tuple[str, dict[str, np.ndarray] | None] = ("full", None)
 
     # --- Backend protocol -----------------------------------------------------------------------
 
@@ -95,9 +97,12 @@ class DefaultBackend:
 
     def signatures(self, requests: Requests) -> np.ndarray:
         if requests.rows is not None and self.bank is not None:
-            if self._sig_cache is None:
-                self._sig_cache = self._signatures_of(self._row_batches(np.arange(len(self.bank))))
-            return np.asarray(self._sig_cache[requests.rows])
+            rows = requests.rows.tolist()
+            todo = np.array(sorted({r for r in rows if r not in self._sig_cache}), dtype=np.int64)
+            if len(todo):
+                fresh = self._signatures_of(self._row_batches(todo))
+                self._sig_cache.update(zip(todo.tolist(), fresh, strict=True))
+            return np.stack([self._sig_cache[r] for r in rows])
         return self._signatures_of(self._live_batches(requests.texts))
 
     def gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
@@ -115,52 +120,106 @@ class DefaultBackend:
         return out
 
     def merge(self, plan: Plan) -> float:
-        if self._plan is not None and self.merger.merged and _same_plan(self._plan, plan):
-            return 0.0  # the same merge is already being served
-        stats = self.merger.apply(plan)
-        self._plan = {k: np.array(v, dtype=np.float64) for k, v in plan.items()}
-        return float(stats.merge_ms)
+        """Merge now, or (with the memo) when a forward pass first needs it: a slot whose
+        predictions all come from the memo needs no merge at all."""
+        from tanbr.model import validate_plan
+
+        wanted = validate_plan(plan, self.merger.blocks)
+        self._target = ("merged", {k: np.asarray(v, dtype=np.float64) for k, v in wanted.items()})
+        return 0.0 if self.memo else self._sync()
 
     def merge_soft(self) -> float:
-        if self.merger.mode == "soft":
-            return 0.0
-        t0 = time.perf_counter()
-        self.merger.apply_soft()
-        self._plan = None
-        return (time.perf_counter() - t0) * 1e3
+        self._target = ("soft", None)
+        return 0.0 if self.memo else self._sync()
 
     def restore(self) -> float:
-        if self.merger.mode == "full":
+        self._target = ("full", None)
+        return self._sync()
+
+    @torch.inference_mode()
+    def predict(self, requests: Requests) -> Prediction:
+        if not self.memo or requests.rows is None or self.bank is None:
+            merge_ms = self._sync()
+            probs, spent = self._predict(requests)
+            return Prediction(probs, spent, merge_ms)
+        cache = self._memo.setdefault(self._state_key(), {})
+        rows = requests.rows.tolist()
+        todo = np.array([i for i, r in enumerate(rows) if r not in cache], dtype=np.int64)
+        spent = merge_ms = 0.0
+        if len(todo):
+            merge_ms = self._sync()
+            fresh, spent = self._predict(requests.take(todo))
+            for i, p in zip(todo.tolist(), fresh, strict=True):
+                cache[rows[i]] = p
+        if not rows:
+            return Prediction(np.zeros((0, self.n_labels), dtype=np.float32), 0.0)
+        return Prediction(np.stack([cache[r] for r in rows]), spent, merge_ms)
+
+    def reference(self, requests: Requests) -> np.ndarray:
+        if requests.rows is not None and self.bank is not None:
+            rows = requests.rows.tolist()
+            todo = np.array(sorted({r for r in rows if r not in self._ref_cache}), dtype=np.int64)
+            if len(todo):
+                missing = Requests(tuple(self.texts[r] for r in todo), todo)
+                labels = self._with_full(lambda: self.predict(missing).probs.argmax(1))
+                self._ref_cache.update(zip(todo.tolist(), labels.tolist(), strict=True))
+            return np.array([self._ref_cache[r] for r in rows], dtype=np.int64)
+        return self._with_full(lambda: self.predict(requests).probs.argmax(1))
+
+    def memory_bytes(self) -> int:
+        """Parameter bytes the model as set needs resident to serve end to end.
+
+        Merged: the shared layers, gates and one merged expert per block (the originals stay on
+        disk in memory-lean serving). Full MoE and soft merging need every expert.
+        """
+        mode, _ = self._target
+        if mode == "full":
+            tensors = [*self.model.parameters(), *self.model.buffers()]
+            if self.merger.mode != "full":  # a deferred restore: count the originals
+                tensors += [t for m in self.merger._originals.values() for t in m.parameters()]
+        else:
+            self._sync()
+            tensors = [*self.model.parameters(), *self.model.buffers()]
+            if mode == "soft":
+                tensors += [t for m in self.merger._originals.values() for t in m.parameters()]
+        seen: set[int] = set()
+        total = 0
+        for t in tensors:
+            if t.is_meta:
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _sync(self) -> float:
+        """Make the model compute what the last merge / merge_soft / restore asked for."""
+        mode, plan = self._target
+        if mode == "merged" and plan is not None:
+            if self.merger.merged and self._plan is not None and _same_plan(self._plan, plan):
+                return 0.0  # the same merge is already being served
+            stats = self.merger.apply(plan)
+            self._plan = plan
+            return float(stats.merge_ms)
+        if self.merger.mode == mode:
             return 0.0
         t0 = time.perf_counter()
-        self.merger.restore()
+        if mode == "soft":
+            self.merger.apply_soft()
+        else:
+            self.merger.restore()
         self._plan = None
         return (time.perf_counter() - t0) * 1e3
 
-    @torch.inference_mode()
-    def predict(self, requests: Requests) -> tuple[np.ndarray, float]:
-        if not self.memo or requests.rows is None or self.bank is None:
-            return self._predict(requests)
-        cache = self._memo.setdefault(self._state_key(), {})
-        rows = requests.rows
-        todo = np.array([i for i, r in enumerate(rows.tolist()) if r not in cache], dtype=np.int64)
-        spent = 0.0
-        if len(todo):
-            fresh, spent = self._predict(requests.take(todo))
-            for r, p in zip(rows[todo].tolist(), fresh, strict=True):
-                cache[r] = p
-        probs = (
-            np.stack([cache[r] for r in rows.tolist()])
-            if len(rows)
-            else np.zeros((0, self.n_labels), dtype=np.float32)
-        )
-        return probs, spent
-
     def _state_key(self) -> bytes:
-        """What the model currently computes: full, soft, or merged with a given plan."""
-        if self.merger.mode != "merged" or self._plan is None:
-            return self.merger.mode.encode()
-        return b"merged" + b"".join(self._plan[name].tobytes() for name in sorted(self._plan))
+        """What the model is asked to compute: full, soft, or merged with a given plan."""
+        mode, plan = self._target
+        if plan is None:
+            return mode.encode()
+        return b"merged" + b"".join(plan[name].tobytes() for name in sorted(plan))
 
     def _predict(self, requests: Requests) -> tuple[np.ndarray, float]:
         probs = np.zeros((len(requests), self.n_labels), dtype=np.float32)
@@ -175,47 +234,16 @@ class DefaultBackend:
             probs[pos] = torch.softmax(logits.float(), dim=-1).numpy()
         return probs, spent * 1e3
 
-    def reference(self, requests: Requests) -> np.ndarray:
-        if requests.rows is not None and self.bank is not None:
-            if self._ref_cache is None:
-                everything = Requests(self.texts, np.arange(len(self.texts)))
-                self._ref_cache = self._with_full(lambda: self.predict(everything)[0].argmax(1))
-            return np.asarray(self._ref_cache[requests.rows])
-        return self._with_full(lambda: self.predict(requests)[0].argmax(1))
-
-    def memory_bytes(self) -> int:
-        """Parameter bytes the model as currently set needs resident to serve end to end.
-
-        Merged: the shared layers, gates and one merged expert per block (the originals stay on
-        disk in memory-lean serving). Full MoE and soft merging need every expert.
-        """
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        if self.merger.mode == "soft":
-            tensors += [t for m in self.merger._originals.values() for t in m.parameters()]
-        seen: set[int] = set()
-        total = 0
-        for t in tensors:
-            if t.is_meta:
-                continue
-            key = t.untyped_storage().data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-        return total
-
-    # --- internals ------------------------------------------------------------------------------
-
     def _with_full(self, fn: Any) -> np.ndarray:
-        """Run ``fn`` on the full MoE, then put the served merge back."""
-        mode, plan = self.merger.mode, self._plan
+        """Run ``fn`` on the full MoE, then ask for the served merge again."""
+        target = self._target
         self.restore()
         try:
             return np.asarray(fn())
         finally:
-            if mode == "merged" and plan is not None:
-                self.merge(plan)
-            elif mode == "soft":
-                self.merge_soft()
+            self._target = target
+            if not self.memo:
+                self._sync()
 
     def _batches(self, requests: Requests) -> Any:
         if requests.rows is not None and self.bank is not None:
@@ -282,7 +310,16 @@ def _same_plan(a: Mapping[str, np.ndarray], b: Plan) -> bool:
 def load_default(
     *, variant: str = "default", path: str = "", progress: bool = False
 ) -> tuple[Any, Any]:
-    """The default model (built on first use) and its task suite (the same seeded splits)."""
+    """The default model (built on first use) and its task suite (the same seeded splits).
+
+    Loaded once per process and folder: commands run in one process (tests, notebooks) share
+    it; whoever merges it must restore it (see :meth:`DefaultBackend.restore`).
+    """
+    return _load_default(variant, str(path), progress)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_default(variant: str, path: str, progress: bool) -> tuple[Any, Any]:
     from tanbr.model.default.build import build_default_model
     from tanbr.model.default.data import load_tasks
     from tanbr.model.default.modeling import DefaultModel
@@ -311,10 +348,12 @@ def load_default(
 
 
 def make_pools(model: Any, suite: Any) -> tuple[list[str], Pool, Pool]:
-    """Calibration and test pools over one list of texts (rows index that list)."""
+    """Calibration and test pools whose rows index one list of texts: the suite's train,
+    calibration and test texts in that order (the list the model's build cached the lower
+    states of, so the cache is reused)."""
     label_index = {label: i for i, label in enumerate(model.labels)}
     task_index = {t: i for i, t in enumerate(model.tasks)}
-    texts: list[str] = []
+    texts: list[str] = [e.text for e in suite.split("train")]
     pools = []
     for split in ("calib", "test"):
         examples = suite.split(split)

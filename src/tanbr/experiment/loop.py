@@ -39,6 +39,17 @@ DECISION_KINDS = ("merge", "full", "soft", "per-task")
 # --- the parts a System is made of -------------------------------------------------------------
 
 
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """A backend's answer: probabilities (n, n_labels), the ms spent in the MoE layers and the
+    head (lower layers cached when the requests carry rows), and the ms of any merge the
+    backend deferred until a forward pass needed it."""
+
+    probs: np.ndarray
+    latency_ms: float
+    merge_ms: float = 0.0
+
+
 @runtime_checkable
 class Backend(Protocol):
     """The served model: merges, restores and predicts; knows nothing about policies.
@@ -73,9 +84,8 @@ class Backend(Protocol):
         """Serve the original MoE with its top-k gate; returns ms."""
         ...
 
-    def predict(self, requests: Requests) -> tuple[np.ndarray, float]:
-        """Class probabilities (n, n_labels) with the model as currently set, and the ms spent
-        in the MoE layers and head (lower layers cached when the requests carry rows)."""
+    def predict(self, requests: Requests) -> Prediction:
+        """Class probabilities with the model as currently set, and what it cost."""
         ...
 
     def reference(self, requests: Requests) -> np.ndarray:
@@ -210,7 +220,7 @@ class Served:
     probs: np.ndarray  # (n, n_labels)
     predictions: np.ndarray  # (n,) int64
     latency_ms: float  # MoE layers + head for the whole batch
-    merge_ms: float = 0.0  # merges done while serving (per-task mode only)
+    merge_ms: float = 0.0  # merges done while serving (per-task mode, deferred merges)
 
 
 # --- the phases ---------------------------------------------------------------------------------
@@ -296,12 +306,14 @@ def serve(
         for k in np.unique(tasks):
             idx = np.flatnonzero(tasks == k)
             merge_ms += backend.merge(decision.task_plans[int(k)])
-            part, ms = backend.predict(requests.take(idx))
-            probs[idx] = part
-            latency += ms
+            part = backend.predict(requests.take(idx))
+            probs[idx] = part.probs
+            latency += part.latency_ms
+            merge_ms += part.merge_ms
         return Served(probs, probs.argmax(axis=1).astype(np.int64), latency, merge_ms)
-    probs, latency = backend.predict(requests)
-    return Served(probs, probs.argmax(axis=1).astype(np.int64), latency)
+    pred = backend.predict(requests)
+    probs = np.asarray(pred.probs)
+    return Served(probs, probs.argmax(axis=1).astype(np.int64), pred.latency_ms, pred.merge_ms)
 
 
 def observe(system: System, requests: Requests, *, truth: Truth | None = None) -> None:

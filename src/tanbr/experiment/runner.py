@@ -64,7 +64,7 @@ from tanbr.experiment.workload import (
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int], Any]  # (description, total) -> object with update(n) / close()
+Progress = Callable[..., Any]  # (description, total, unit) -> a bar with update(n) / close()
 
 
 @dataclass(eq=False)
@@ -195,11 +195,11 @@ def prepare(
     )
     acc = np.zeros((len(candidates), n_tasks))
     test_requests = _requests(test)
-    bar = progress("oracle table", len(candidates)) if progress else None
+    bar = progress("oracle table", len(candidates), "merge") if progress else None
     for c, action in enumerate(candidates):
         backend.merge(param.plan(action))
-        probs, _ = backend.predict(test_requests)
-        acc[c] = per_task_accuracy(probs.argmax(1), test)
+        probs = backend.predict(test_requests).probs
+        acc[c] = per_task_accuracy(np.asarray(probs).argmax(1), test)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -334,16 +334,19 @@ def run_policy(
     seed: int,
     slots: Sequence[Slot],
     *,
-    progress: Progress | None = None,
+    bar: Any = None,
 ) -> PolicyRun:
-    """Serve a stream with one policy, then probe end-to-end latency on real batches."""
+    """Serve a stream with one policy, then probe latency on real batches.
+
+    ``bar`` is an optional progress bar (``update(n)``, ``set_description(str)``)."""
     t0 = time.perf_counter()
     system = build_system(setup, name, seed)
     evaluator = SlotEvaluator(setup.mapping, len(setup.task_names), setup.baselines.oracle)  # type: ignore[arg-type]
     records: list[SlotRecord] = []
     decisions: list[Decision] = []
     keep = _probe_slots(setup, seed, name, len(slots))
-    bar = progress(f"{name} seed {seed}", len(slots)) if progress else None
+    if bar is not None:
+        bar.set_description(f"{name} (seed {seed})")
     for slot in slots:
         record = run_slot(system, slot, evaluator=evaluator, seed=seed)
         records.append(record)
@@ -351,8 +354,6 @@ def run_policy(
             decisions.append(_last_decision(system))
         if bar is not None:
             bar.update(1)
-    if bar is not None:
-        bar.close()
     e2e, moe = _probe_latency(setup, system, [s for s in slots if s.index in keep], decisions)
     setup.backend.restore()
     return PolicyRun(name, seed, records, e2e, moe, time.perf_counter() - t0)
@@ -509,10 +510,17 @@ def execute(
     write_config(folder / "config.toml", cfg)
     runs: list[PolicyRun] = []
     t0 = time.perf_counter()
-    for seed in cfg.seeds:
-        slots = make_slots(setup, seed)
-        for name in cfg.policies:
-            runs.append(run_policy(setup, name, seed, slots, progress=progress))
+    streams = {seed: make_slots(setup, seed) for seed in cfg.seeds}
+    total = sum(len(slots) for slots in streams.values()) * len(cfg.policies)
+    bar = progress("slots", total) if progress else None
+    try:
+        for seed, slots in streams.items():
+            for name in cfg.policies:
+                runs.append(run_policy(setup, name, seed, slots, bar=bar))
+    finally:
+        setup.backend.restore()
+        if bar is not None:
+            bar.close()
     write_trace(folder / "trace.jsonl", (r for run in runs for r in run.records))
     summary = summarize(runs)
     summary["timings"] = {**setup.timings, "runs_s": time.perf_counter() - t0}

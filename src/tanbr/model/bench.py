@@ -13,7 +13,8 @@ it measures, per batch shape:
 * ``params_full_bytes`` / ``params_merged_bytes``: tensor bytes resident in the normal model
   and in the memory-lean merged model;
 * ``rss_full_bytes`` / ``rss_merged_bytes``: resident set size of a fresh process that loads the
-  checkpoint (normally, or lean and merged) and runs that batch;
+  checkpoint (normally, or lean and merged) and runs that batch (``anon_rss_*``: its private
+  part, without file-backed pages such as the mapped checkpoint);
 * ``merge_ms``: median in-memory re-merge; ``lean_merge_ms``: median memory-lean re-merge from
   the safetensors; ``memcpy_ms``: median time to copy as many bytes as a merge reads, the
   memory-bandwidth floor of a merge.
@@ -111,6 +112,28 @@ def bench_merge(
     rss: bool = True,
 ) -> list[dict[str, Any]]:
     """Measure every batch shape; one row (a dict of :data:`REQUIRED_KEYS` and more) each."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _bench_merge(
+            preset_name, shapes, repeats=repeats, seed=seed, threads=threads, rss=rss
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _bench_merge(
+    preset_name: str,
+    shapes: list[tuple[int, int]],
+    *,
+    repeats: int,
+    seed: int,
+    threads: int,
+    rss: bool,
+) -> list[dict[str, Any]]:
     import numpy as np
     import torch
     from tqdm import tqdm
@@ -118,8 +141,6 @@ def bench_merge(
     from tanbr.model.checkpoint import load_checkpoint
     from tanbr.model.presets import get_preset
 
-    if threads:
-        torch.set_num_threads(threads)
     preset = get_preset(preset_name)
     folder = bench_checkpoint(preset_name, seed)
     n_steps = len(shapes) * (3 if rss else 1) + 2
@@ -174,7 +195,7 @@ def bench_merge(
 
     rows = []
     for b, t in shapes:
-        rss_full = rss_merged = peak_full = peak_merged = None
+        rss_full = rss_merged = peak_full = peak_merged = anon_full = anon_merged = None
         if rss:
             impl = timed[(b, t)]["impl"]
             full = _rss_child(folder, "full", b, t, seed, threads, impl, plans[0])
@@ -183,6 +204,7 @@ def bench_merge(
             bar.update()
             rss_full, peak_full = full["rss_bytes"], full["peak_rss_bytes"]
             rss_merged, peak_merged = merged["rss_bytes"], merged["peak_rss_bytes"]
+            anon_full, anon_merged = full["anon_rss_bytes"], merged["anon_rss_bytes"]
         row = {
             "batch": f"{b}x{t}",
             "latency_full_ms": round(timed[(b, t)]["full_last"], 3),
@@ -198,6 +220,8 @@ def bench_merge(
             "lean_merge_ms": round(float(np.median(lean_ms)), 3),
             "peak_rss_full_bytes": peak_full,
             "peak_rss_merged_bytes": peak_merged,
+            "anon_rss_full_bytes": anon_full,
+            "anon_rss_merged_bytes": anon_merged,
             "experts_implementation": timed[(b, t)]["impl"],
             "preset": preset_name,
             "repeats": repeats,
@@ -220,6 +244,7 @@ def _ratios(row: dict[str, Any]) -> dict[str, float | None]:
         ),
         "params_ratio": ratio("params_merged_bytes", "params_full_bytes"),
         "rss_ratio": ratio("rss_merged_bytes", "rss_full_bytes"),
+        "anon_rss_ratio": ratio("anon_rss_merged_bytes", "anon_rss_full_bytes"),
         "merge_vs_memcpy": ratio("merge_ms", "memcpy_ms"),
         "lean_merge_vs_memcpy": ratio("lean_merge_ms", "memcpy_ms"),
     }
@@ -416,7 +441,8 @@ def _rss_child_main(spec_text: str) -> int:
     gc.collect()
     status = _proc_status()
     # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec
-    print(json.dumps({"rss_bytes": status["VmRSS"], "peak_rss_bytes": status["VmHWM"]}))
+    report = {"rss_bytes": status["VmRSS"], "peak_rss_bytes": status["VmHWM"]}
+    print(json.dumps(report | {"anon_rss_bytes": status.get("RssAnon", 0)}))
     return 0
 
 
@@ -426,7 +452,7 @@ def _proc_status() -> dict[str, int]:
     with open("/proc/self/status") as status:
         for line in status:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon"):
                 out[key] = int(value.split()[0]) * 1024
     return out
 

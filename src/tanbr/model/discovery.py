@@ -18,6 +18,7 @@ unsupported, with a message naming it, rather than silently dropping it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from dataclasses import dataclass
@@ -219,6 +220,7 @@ def _describe_block(name: str, block: nn.Module, experts: nn.Module) -> MoEBlock
             "(3-D gate_up_proj or up_proj, and down_proj) nor a ModuleList/ModuleDict of experts"
         )
 
+    _check_forward(where, block)
     gate_rel, gate_module = _find_gate(where, block, n_experts, hidden)
     shared, shared_gate = _shared_children(where, block, gate_rel)
     top_k = _first_int(block, gate_module, "top_k", "num_experts_per_tok")
@@ -246,6 +248,27 @@ def _describe_block(name: str, block: nn.Module, experts: nn.Module) -> MoEBlock
         dtype=dtype,
         **flags,
     )
+
+
+def _check_forward(where: str, block: nn.Module) -> None:
+    """The merged block is called like the original: ``forward(hidden_states) -> tensor``."""
+    try:
+        sig = inspect.signature(type(block).forward)
+    except (TypeError, ValueError):
+        return
+    params = list(sig.parameters.values())[1:]  # after self
+    extra = [p.name for p in params[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if extra:
+        raise UnsupportedModelError(
+            f"{where}: its forward takes {extra} besides the hidden states; a merged block "
+            "takes the hidden states only"
+        )
+    returns = sig.return_annotation
+    text = returns if isinstance(returns, str) else getattr(returns, "__name__", str(returns))
+    if re.match(r"(typing\.)?tuple\b", str(text), re.IGNORECASE):
+        raise UnsupportedModelError(
+            f"{where}: its forward returns {text}; a merged block returns one tensor"
+        )
 
 
 def _fused_params(experts: nn.Module) -> dict[str, torch.Tensor] | None:

@@ -167,7 +167,8 @@ class _BlockShell(nn.Module):
         self.block_name = block.name
         self.routed_scale = block.routed_scale
         prefix = block.name + "." if block.name else ""
-        gate_child = block.gate_name[len(prefix) :].split(".")[0]
+        self.gate_rel = block.gate_name[len(prefix) :]  # the gate's path inside the block
+        gate_child = self.gate_rel.split(".")[0]
         self.add_module(gate_child, original._modules[gate_child])  # resident, never called
         self.shared = [s[len(prefix) :] for s in block.shared_names]
         self.shared_gate = block.shared_gate_name[len(prefix) :] if block.shared_gate_name else None
@@ -231,7 +232,7 @@ class SoftMergedBlock(_BlockShell):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states if hidden_states.dim() == 3 else hidden_states.reshape(-1, 1, shape[-1])
-        gate = get_module(self, self.block.gate_name[len(self.block.name) + 1 :])
+        gate = get_module(self, self.gate_rel)
         probs = gate_probs(self.block, gate, x)  # (B, T, E)
         mask = self._mask.mask if hidden_states.dim() == 3 else None
         coeffs = masked_mean(probs, mask)  # (B, E)
@@ -284,12 +285,21 @@ def _accumulate(dst: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]]) 
     """
     d_flat = dst.view(-1)  # merged pieces are contiguous row ranges
     flats = [(c, s.reshape(-1)) for c, s in terms]
+    # half-precision weights are summed in float32 and rounded once
+    wide = dst.dtype in (torch.float32, torch.float64)
+    scratch = None if wide else torch.empty(min(_CHUNK_ELEMENTS, d_flat.numel()))
     for a in range(0, d_flat.numel(), _CHUNK_ELEMENTS):
         d = d_flat[a : a + _CHUNK_ELEMENTS]
+        acc = d if scratch is None else scratch[: d.numel()]
         c0, s0 = flats[0]
-        torch.mul(s0[a : a + _CHUNK_ELEMENTS], c0, out=d)
+        if scratch is None:
+            torch.mul(s0[a : a + _CHUNK_ELEMENTS], c0, out=acc)
+        else:
+            acc.copy_(s0[a : a + _CHUNK_ELEMENTS]).mul_(c0)
         for c, s in flats[1:]:
-            d.add_(s[a : a + _CHUNK_ELEMENTS], alpha=c)
+            acc.add_(s[a : a + _CHUNK_ELEMENTS], alpha=c)
+        if scratch is not None:
+            d.copy_(acc)
 
 
 def merge_block_into(

@@ -40,12 +40,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--feedback", type=float, default=0.5, help="fraction of predictions labelled back"
     )
+    parser.add_argument(
+        "--period", type=int, default=6, help="slots between changes of the dominant tasks"
+    )
     parser.add_argument("--policy", default="tanbr", help="policy of the merged run (tanbr)")
     parser.add_argument(
         "--baseline", default="full-moe", help="policy of the comparison run (full-moe)"
     )
     parser.add_argument("--model", default="default", help="default-model variant or folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of each server (1: the load generator needs a core too)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a run")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -266,13 +275,22 @@ async def _load(
 
 
 def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call otherwise
     if args.requests < 1:
         raise ValueError(f"--requests must be >= 1, got {args.requests}")
     if not 1 <= args.concurrency <= 1024:
         raise ValueError(f"--concurrency must be in 1..1024, got {args.concurrency}")
     if not 0.0 <= args.feedback <= 1.0:
         raise ValueError(f"--feedback must be in [0, 1], got {args.feedback}")
-    texts, labels = _workload(args.model, n=args.requests, slot_size=args.slot_size, seed=args.seed)
+    if args.slot_size < 1:
+        raise ValueError(f"--slot-size must be >= 1, got {args.slot_size}")
+    if args.period < 1:
+        raise ValueError(f"--period must be >= 1, got {args.period}")
+    if args.requests < 10 * args.slot_size:
+        logger.warning("fewer than 10 slots: --requests / --slot-size < 10")
+    texts, labels = _workload(
+        args.model, n=args.requests, slot_size=args.slot_size, period=args.period, seed=args.seed
+    )
     results: dict[str, LoadResult] = {}
     with tempfile.TemporaryDirectory(prefix="tanbr-bench-serve-") as tmp:
         for run_name, policy in (("merged", args.policy), ("full_moe", args.baseline)):
@@ -315,6 +333,8 @@ def _one_run(
             str(args.seed),
             "--slot-size",
             str(args.slot_size),
+            "--threads",
+            str(args.threads),
         ],
         state_dir=folder / "state",
         log_path=folder / "server.log",
@@ -335,7 +355,7 @@ def _one_run(
         server.kill()
         raise
     code = server.stop()
-    if code != 0:
+    if code not in (0, -signal.SIGTERM):  # uvicorn re-raises SIGTERM after a clean shutdown
         logger.warning("the %s server exited with code %d", policy, code)
     return LoadResult(
         requests=figures["requests"],
@@ -351,8 +371,35 @@ def _one_run(
     )
 
 
-def _workload(model: str, *, n: int, slot_size: int, seed: int) -> tuple[list[str], list[str]]:
-    raise NotImplementedError
+def _workload(
+    model: str, *, n: int, slot_size: int, period: int, seed: int
+) -> tuple[list[str], list[str]]:
+    """``n`` test-split texts in arrival order, and their true labels.
+
+    The stream is the demo's drift workload (a few tasks dominate, the dominant ones change
+    every ``period`` slots) cut into slots of ``slot_size``, so the server's slots see the mix
+    move as the policy learns.
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from tanbr.experiment.backend import load_default, make_pools
+    from tanbr.experiment.workload import draw_slots, drift
+
+    path = model if Path(model).is_dir() else ""
+    dm, suite = load_default(variant=model if not path else "default", path=path)
+    _, _, test = make_pools(dm, suite)
+    rng = np.random.default_rng([seed, 5])
+    n_slots = -(-n // slot_size)
+    mixes = drift(n_slots=n_slots, n_tasks=len(test.task_names), rng=rng, period=period, ramp=1)
+    texts: list[str] = []
+    labels: list[str] = []
+    for slot in draw_slots(test, mixes, slot_size=slot_size, rng=rng):
+        assert slot.truth is not None
+        texts += slot.requests.texts
+        labels += [dm.labels[int(k)] for k in slot.truth.labels]
+    return texts[:n], labels[:n]
 
 
 def _round(value: Any) -> Any:

@@ -615,8 +615,8 @@ def _outcomes(rows: Sequence[FeedbackRow], latency_ms: float, memory: int) -> Ou
     )
 
 
-def _floats(x: Any) -> list[float]:
-    return [float(v) for v in np.asarray(x, dtype=np.float64).ravel()]
+def _floats(x: Any, digits: int = 6) -> list[float]:
+    return [round(float(v), digits) for v in np.asarray(x, dtype=np.float64).ravel()]
 
 
 def _quantile(values: collections.deque[float], q: float) -> float | None:

@@ -4,8 +4,10 @@ Two stores with two jobs:
 
 * An SQLite database in WAL mode (``service.sqlite3``) holds the append-only logs: one row per
   served request, one per acknowledged feedback, one per slot. Every write that a client is told
-  about is committed (and, with ``synchronous=FULL``, fsynced) before the HTTP answer leaves, so
-  a ``kill -9`` never loses acknowledged feedback.
+  about is committed before the HTTP answer leaves; in WAL mode a commit is in the log file
+  when it returns, so a ``kill -9`` never loses it. Feedback and the slot history are also
+  fsynced at commit (``synchronous=FULL``) and survive a power cut; served-request rows (one
+  transaction per micro-batch) are not fsynced, to keep the request path short.
 * A pickled snapshot (``snapshot.pkl``) holds the learning state (policy and its tree, the
   estimator, the current slot and its decision) at each slot boundary. It is written to a
   temporary file, fsynced and renamed over the old one, so a crash leaves either the old or the
@@ -145,6 +147,7 @@ class StateStore:
 
     def __init__(self, folder: str | os.PathLike[str], *, durable: bool = True) -> None:
         self.folder = Path(folder)
+        self.durable = durable
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(
@@ -154,8 +157,7 @@ class StateStore:
             mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise ValueError(f"state folder {self.folder}: SQLite refused WAL mode ({mode})")
-            # FULL: each commit fsyncs the WAL, so acknowledged rows survive even a power cut.
-            self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as err:
@@ -223,7 +225,7 @@ class StateStore:
         if (label is None) == (reward is None):
             raise ValueError("feedback needs exactly one of label and reward")
         now = time.time()
-        with self._lock, self._transaction():
+        with self._lock, self._transaction(fsync=True):
             served = self._conn.execute(
                 "SELECT slot, label FROM requests WHERE request_id = ?", (request_id,)
             ).fetchone()
@@ -269,7 +271,7 @@ class StateStore:
 
     def open_slot(self, row: SlotRow) -> None:
         """Record a slot's opening (replaces a row left by a boundary that did not finish)."""
-        with self._lock, self._transaction():
+        with self._lock, self._transaction(fsync=True):
             self._conn.execute(
                 "INSERT OR REPLACE INTO slots"
                 " (slot, opened, closed, close_reason, kind, mix, action, merge_ms)"
@@ -288,7 +290,7 @@ class StateStore:
 
     def close_slot(self, slot: int, *, reason: str, closed: float | None = None) -> None:
         """Mark a slot closed (``reason``: count, time or admin)."""
-        with self._lock, self._transaction():
+        with self._lock, self._transaction(fsync=True):
             self._conn.execute(
                 "UPDATE slots SET closed = ?, close_reason = ? WHERE slot = ?",
                 (time.time() if closed is None else closed, reason, slot),
@@ -322,7 +324,7 @@ class StateStore:
         ]
 
     def add_updates(self, rows: Iterable[UpdateRow]) -> None:
-        with self._lock, self._transaction():
+        with self._lock, self._transaction(fsync=True):
             self._conn.executemany(
                 "INSERT INTO updates (slot, reward, n_feedback, watermark, created)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -384,8 +386,9 @@ class StateStore:
         with self._lock:
             self._conn.close()
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._conn)
+    def _transaction(self, *, fsync: bool = False) -> _Transaction:
+        """A write transaction; ``fsync`` makes its commit durable against a power cut too."""
+        return _Transaction(self._conn, full=fsync and self.durable)
 
 
 def read_snapshot(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -411,16 +414,28 @@ def read_snapshot(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE .. COMMIT (ROLLBACK on error) on an autocommit connection."""
+    """BEGIN IMMEDIATE .. COMMIT (ROLLBACK on error) on an autocommit connection.
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    In WAL mode every commit is appended to the log before it returns, so it survives the
+    process being killed; ``full`` also fsyncs the log (``synchronous=FULL``) so that it
+    survives the machine losing power.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, *, full: bool) -> None:
         self._conn = conn
+        self._full = full
 
     def __enter__(self) -> None:
+        if self._full:
+            self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        try:
+            self._conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            if self._full:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
 
 
 def _fsync_dir(folder: Path) -> None:

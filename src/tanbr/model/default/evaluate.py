@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from tanbr.model.default.build import encoder_path, suite_texts
 from tanbr.model.default.data import TaskSuite, load_tasks
-from tanbr.model.default.modeling import DefaultModel, LowerStates, StateBank
+from tanbr.model.default.modeling import DefaultModel, StateBank
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,13 @@ class _Evaluator:
                     self.dm.model.forward_upper(states)
             per_task[task] = rec.profiles()
             weights.append(int(rec.token_probs(rec.block_names[0]).shape[0]))
-        total = float(sum(weights))
-        overall = {
-            name: sum(w / total * per_task[t][name] for w, t in zip(weights, per_task, strict=True))
-            for name in next(iter(per_task.values()))
-        }
-        return per_task, {name: np.asarray(c / c.sum()) for name, c in overall.items()}
+        shares = np.asarray(weights, dtype=np.float64) / float(sum(weights))
+        frequency: Plan = {}
+        for name in next(iter(per_task.values())):
+            stacked = np.stack([per_task[t][name] for t in per_task])  # (K, E)
+            c = shares @ stacked  # (E,)
+            frequency[name] = c / c.sum()
+        return per_task, frequency
 
 
 def _mix_plan(mix: np.ndarray, profiles: Sequence[Plan]) -> Plan:
@@ -190,7 +191,8 @@ def sentence_embeddings(bank: StateBank, n_lower: int, *, batch_size: int = 64) 
     from transformers import BertModel
     from transformers.masking_utils import create_bidirectional_mask
 
-    bert = BertModel.from_pretrained(encoder_path()).eval()
+    bert = BertModel.from_pretrained(encoder_path())
+    bert.train(False)
     upper = list(bert.encoder.layer)[n_lower:]
     out = np.zeros((len(bank), bert.config.hidden_size), dtype=np.float32)
     for pos, states in bank.batches(np.arange(len(bank)), batch_size):
@@ -230,10 +232,15 @@ def fit_probe(
         b = torch.zeros(n_classes, requires_grad=True)
         opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
 
-        def closure(w: torch.Tensor = w, b: torch.Tensor = b, decay: float = decay) -> torch.Tensor:
+        def closure(
+            w: torch.Tensor = w,
+            b: torch.Tensor = b,
+            decay: float = decay,
+            opt: torch.optim.LBFGS = opt,
+        ) -> torch.Tensor:
             opt.zero_grad()
             loss = F.cross_entropy(xt @ w + b, yt) + decay * (w * w).sum()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             return loss
 
         opt.step(closure)  # type: ignore[no-untyped-call]
@@ -302,7 +309,9 @@ def measure_latency(
         for b in blocks:
             get_module(model, b.name)(inputs[b.name])
 
-    samples: dict[str, list[float]] = {k: [] for k in ("e2e_full", "e2e_merged", "moe_full", "moe_merged")}
+    samples: dict[str, list[float]] = {
+        k: [] for k in ("e2e_full", "e2e_merged", "moe_full", "moe_merged")
+    }
     try:
         for _ in range(2):  # warm-up both paths
             model(ids, mask)
@@ -359,7 +368,9 @@ def evaluate_model(
     bank = dm.lower_states(texts, progress=progress)
     ev = _Evaluator(dm, suite, bank, settings)
     tasks = suite.tasks
-    steps = tqdm(total=4 + len(tasks) + settings.n_candidates + 2, desc="eval", disable=not progress)
+    steps = tqdm(
+        total=4 + len(tasks) + settings.n_candidates + 2, desc="eval", disable=not progress
+    )
 
     emb = sentence_embeddings(bank, dm.model.n_lower)
     probe = fit_probe(

@@ -48,7 +48,7 @@ MODEL_TYPE = "tanbr-moe-classifier"
 TASKS_FILE = "tasks.json"
 
 
-class TanbrMoEConfig(PreTrainedConfig):  # type: ignore[misc]
+class TanbrMoEConfig(PreTrainedConfig):  # type: ignore[misc, no-untyped-call]
     """BERT's hyperparameters plus the MoE ones; ``id2label`` holds the joint labels."""
 
     model_type = MODEL_TYPE
@@ -75,7 +75,7 @@ class TanbrMoEConfig(PreTrainedConfig):  # type: ignore[misc]
     task_names: list[str] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
-        super().__post_init__(**kwargs)
+        super().__post_init__(**kwargs)  # type: ignore[no-untyped-call]
         if not 1 <= self.num_moe_layers <= self.num_hidden_layers:
             raise ValueError(
                 f"num_moe_layers must be in [1, num_hidden_layers={self.num_hidden_layers}], "
@@ -147,7 +147,7 @@ class TanbrMoELayer(nn.Module):
 
     def __init__(self, config: TanbrMoEConfig) -> None:
         super().__init__()
-        self.attention = BertAttention(config)
+        self.attention = BertAttention(config)  # type: ignore[no-untyped-call]
         self.mlp = TanbrSparseMoeBlock(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -186,18 +186,21 @@ class TanbrMoEClassifier(PreTrainedModel):  # type: ignore[misc]
     main_input_name = "input_ids"
     _supports_sdpa = True
     _supports_attention_backend = True
-    _no_split_modules = ["BertLayer", "TanbrMoELayer"]
+    _no_split_modules = ["BertLayer", "TanbrMoELayer"]  # noqa: RUF012 (a transformers hook)
 
     def __init__(self, config: TanbrMoEConfig) -> None:
         super().__init__(config)
         n_lower = config.num_hidden_layers - config.num_moe_layers
-        self.embeddings = BertEmbeddings(config)
-        layers: list[nn.Module] = [BertLayer(config, layer_idx=i) for i in range(n_lower)]
+        self.embeddings = BertEmbeddings(config)  # type: ignore[no-untyped-call]
+        layers: list[nn.Module] = [
+            BertLayer(config, layer_idx=i)  # type: ignore[no-untyped-call]
+            for i in range(n_lower)
+        ]
         layers += [TanbrMoELayer(config) for _ in range(config.num_moe_layers)]
         self.layers = nn.ModuleList(layers)
         self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
+        self.classifier = nn.Linear(config.hidden_size, int(config.num_labels or 2))
+        self.post_init()  # type: ignore[no-untyped-call]
 
     @property
     def n_lower(self) -> int:
@@ -207,7 +210,7 @@ class TanbrMoEClassifier(PreTrainedModel):  # type: ignore[misc]
         return [m for m in self.layers[self.n_lower :] if isinstance(m, TanbrMoELayer)]
 
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
+        super()._init_weights(module)  # type: ignore[no-untyped-call]
         std = self.config.initializer_range
         if isinstance(module, TanbrExperts):
             hf_init.normal_(module.up_proj, mean=0.0, std=std)
@@ -281,7 +284,9 @@ class StateBank:
         """Pad the selected texts' states into one batch (padded to the longest selected)."""
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         if idx.ndim != 1 or idx.numel() == 0:
-            raise ValueError(f"indices must be a non-empty 1-D sequence, got shape {tuple(idx.shape)}")
+            raise ValueError(
+                f"indices must be a non-empty 1-D sequence, got shape {tuple(idx.shape)}"
+            )
         if int(idx.min()) < 0 or int(idx.max()) >= len(self):
             raise ValueError(f"indices must be in [0, {len(self)}), got {idx.min()}..{idx.max()}")
         starts, lengths = self.offsets[idx], self.lengths()[idx]
@@ -354,7 +359,7 @@ def compute_lower_states(
     from tqdm.auto import tqdm
 
     was_training = model.training
-    model.eval()
+    model.train(False)
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)
     ids: list[list[int]] = enc["input_ids"]
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
@@ -434,7 +439,7 @@ class DefaultModel:
         self.tokenizer = tokenizer
         self.info = info
         self.path = path
-        id2label = model.config.id2label
+        id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
         self.labels: tuple[str, ...] = tuple(id2label[i] for i in range(len(id2label)))
         self.tasks: tuple[str, ...] = tuple(model.config.task_names or ())
         self.max_length: int = int(info.get("max_length", 128))
@@ -454,7 +459,7 @@ class DefaultModel:
         model = AutoModel.from_pretrained(path)
         if not isinstance(model, TanbrMoEClassifier):
             raise ValueError(f"{path} holds a {type(model).__name__}, not a {MODEL_TYPE} model")
-        model.eval()
+        model.train(False)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, info=info, path=path)
 
