@@ -10,7 +10,9 @@ from tanbr.bandit.neural import History, RewardModel, RewardNet
 from tanbr.bandit.spaces import Simplex
 
 
-def torch_loss(net: RewardNet, z: np.ndarray, r: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def torch_loss(
+    net: RewardNet, z: np.ndarray, r: np.ndarray
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The same regularised loss written with torch autograd: the reference."""
     params = [torch.tensor(p, requires_grad=True) for p in net.params]
     init = [torch.tensor(p) for p in net._init]
@@ -20,7 +22,9 @@ def torch_loss(net: RewardNet, z: np.ndarray, r: np.ndarray) -> tuple[torch.Tens
         h = act(h @ params[2 * layer].T + params[2 * layer + 1])
     out = h @ params[-2] + params[-1][0]
     loss = torch.mean((out - torch.tensor(r)) ** 2)
-    loss = loss + net.weight_decay * sum(torch.sum((p - q) ** 2) for p, q in zip(params, init))
+    loss = loss + net.weight_decay * sum(
+        torch.sum((p - q) ** 2) for p, q in zip(params, init, strict=True)
+    )
     loss.backward()
     return loss, [p.grad for p in params]  # type: ignore[misc]
 

@@ -144,6 +144,21 @@ def _phimoe() -> Case:
     )
 
 
+def _gpt_oss() -> Case:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    cfg = GptOssConfig(
+        intermediate_size=24,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["full_attention", "full_attention"],
+        **_common(),
+    )
+    # transposed (E, H, 2I) experts with biases, interleaved gate/up and a clamped GLU
+    return Case("gpt_oss", GptOssForCausalLM(cfg).eval(), _lm_inputs(), "fused-gated", 2)
+
+
 def _switch() -> Case:
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
@@ -301,6 +316,7 @@ BUILDERS: dict[str, Callable[[], Case]] = {
     "olmoe": _olmoe,
     "deepseek_v3": _deepseek_v3,
     "phimoe": _phimoe,
+    "gpt_oss": _gpt_oss,
     "switch": _switch,
     "fused_plain": _fused_plain,
     "module_list": _module_list,
@@ -337,6 +353,9 @@ def expert_output(block_module: nn.Module, e: int, x: torch.Tensor) -> torch.Ten
     experts = block_module.experts
     if isinstance(experts, (nn.ModuleList, nn.ModuleDict)):
         return list(experts.children())[e](x)  # type: ignore[no-any-return]
+    if getattr(experts, "is_transposed", False):  # (E, in, out) with biases, the model's own GLU
+        h = experts._apply_gate(x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e])
+        return h @ experts.down_proj[e] + experts.down_proj_bias[e]  # type: ignore[no-any-return]
     act = experts.act_fn
     if hasattr(experts, "gate_up_proj"):
         g, u = (x @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
@@ -380,3 +399,12 @@ def reference() -> types.SimpleNamespace:
         routed_scale=routed_scale,
         expected_block=expected_block,
     )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Any:
+    """Tiny models run faster on one thread than on a pool shared with other processes."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

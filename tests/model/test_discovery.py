@@ -111,10 +111,6 @@ def _wrap(block: nn.Module) -> nn.Module:
             _wrap(_TwoArgBlock(gate=nn.Linear(8, 4, bias=False), experts=_Experts())),
             "takes ['mask'] besides the hidden states",
         ),
-        (
-            _wrap(_TupleBlock(gate=nn.Linear(8, 4, bias=False), experts=_Experts())),
-            "returns tuple",
-        ),
     ],
 )
 def test_unsupported_models_name_the_problem(model: nn.Module, message: str) -> None:
@@ -150,3 +146,15 @@ def test_supports_never_raises_on_broken_modules() -> None:
 
     support = supports(Broken())
     assert not support.ok and "boom" in support.reason
+
+
+def test_blocks_returning_tuples_are_mirrored() -> None:
+    model = _wrap(_TupleBlock(gate=nn.Linear(8, 4, bias=False), experts=_Experts()))
+    block = find_moe_blocks(model)[0]
+    assert block.outputs == 2
+    from tanbr.model import Merger, uniform_plan
+
+    merger = Merger(model)
+    merger.apply(uniform_plan(merger.blocks))
+    hidden, extra = model["mlp"](torch.zeros(2, 3, 8))
+    assert hidden.shape == (2, 3, 8) and extra is None

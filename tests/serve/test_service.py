@@ -169,6 +169,7 @@ BAD_PREDICTS = [
     ({"texts": ["fine", ""]}, 422, "texts[1] is empty"),
     ({"texts": ["fine", 3]}, 422, "texts[1]: Input should be a valid string"),
     ({"text": 42}, 422, "text: Input should be a valid string"),
+    ({"texts": ["ok", "\ud800 lone"]}, 422, "texts[1] is not valid Unicode"),
     ({"text": ["a"]}, 422, "text: Input should be a valid string"),
     ({"txt": "a"}, 422, "txt: Extra inputs are not permitted"),
     ({"text": "a", "texts": ["b"]}, 422, "exactly one of 'text'"),

@@ -29,7 +29,16 @@ def _serve(store: StateStore, ids: list[str], slot: int) -> None:
 
 
 def _slot(slot: int) -> SlotRow:
-    return SlotRow(slot, 1.0, None, None, 0, "merge", (0.5, 0.5), (0.3, 0.7), 2.0)
+    return SlotRow(
+        slot=slot,
+        opened=1.0,
+        kind="merge",
+        mix=(0.5, 0.5),
+        action=(0.3, 0.7),
+        plan={"layers.0.mlp": (0.25, 0.75)},
+        merge_ms=2.0,
+        memory_bytes=1234,
+    )
 
 
 def test_wal_mode_and_tables(tmp_path: Path) -> None:
@@ -77,13 +86,16 @@ def test_slot_history_and_rollback(tmp_path: Path) -> None:
     for s in range(3):
         store.open_slot(_slot(s))
     _serve(store, ["a", "b"], slot=1)
-    store.close_slot(1, reason="count")
+    store.close_slot(1, reason="count", latency_ms=12.5)
     store.close_slot(2, reason="time")
     store.add_updates([UpdateRow(0, 0.5, 4, 7, 1.0), UpdateRow(1, 0.9, 2, 9, 1.0)])
     history = store.slots()
     assert [h.slot for h in history] == [0, 1, 2]
     assert history[1].n_requests == 2 and history[1].close_reason == "count"
     assert history[1].mix == (0.5, 0.5) and history[1].action == (0.3, 0.7)
+    assert history[1].plan == {"layers.0.mlp": (0.25, 0.75)}
+    assert history[1].latency_ms == 12.5 and history[1].memory_bytes == 1234
+    assert store.slot(1) == history[1] and store.slot(9) is None
     assert [h.slot for h in store.slots(last=2)] == [1, 2]
     # a boundary into slot 2 that never reached its snapshot (watermark stayed at 7)
     store.rollback(slot=1, watermark=7)

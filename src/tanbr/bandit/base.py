@@ -77,14 +77,14 @@ def check_reward(reward: Any) -> float:
 
 def check_setup(space: Any, context_dim: Any, rng: Any) -> Space:
     """Validate the arguments every factory takes; returns the space."""
-    space = check_space(space)
+    checked = check_space(space)
     if isinstance(context_dim, bool) or not isinstance(context_dim, int | np.integer):
         raise ValueError(f"context_dim must be an int, got {context_dim!r}")
     if context_dim < 1:
         raise ValueError(f"context_dim must be >= 1, got {context_dim}")
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    return space
+    return checked
 
 
 def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:

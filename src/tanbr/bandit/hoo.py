@@ -77,10 +77,8 @@ class HOO:
         node = 0
         while (kids := self.tree.children(node)) is not None:
             b = self.b_values[list(kids)]
-            if b[0] == b[1]:
-                node = kids[int(self.rng.integers(2))]
-            else:
-                node = kids[int(np.argmax(b))]
+            tie = b[0] == b[1]  # ties (both unvisited, say) are broken at random
+            node = kids[int(self.rng.integers(2)) if tie else int(np.argmax(b))]
         return self.tree.center(node)
 
     def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
@@ -102,9 +100,7 @@ class HOO:
         return math.log(self.horizon if self.horizon is not None else max(self.n_updates, 1))
 
     def _max_depth(self) -> int:
-        return math.ceil(
-            (self._log_n() / 2.0 - math.log(1.0 / self.nu)) / math.log(1.0 / self.rho)
-        )
+        return math.ceil((self._log_n() / 2.0 - math.log(1.0 / self.nu)) / math.log(1.0 / self.rho))
 
     def _path_to(self, a: np.ndarray) -> list[int]:
         """Root-to-node path of the node whose centre ``a`` is (else down to ``a``'s leaf)."""

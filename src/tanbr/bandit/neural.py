@@ -24,6 +24,7 @@ gradients against torch autograd.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -47,7 +48,7 @@ def single_threaded_blas() -> Iterator[None]:
     """
     if not _BLAS:
         try:
-            from threadpoolctl import ThreadpoolController
+            from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
         except ImportError:  # pragma: no cover - optional
             _BLAS.append(None)
         else:
@@ -58,6 +59,7 @@ def single_threaded_blas() -> Iterator[None]:
         return
     with controller.limit(limits=1, user_api="blas"):
         yield
+
 
 BONUSES: tuple[str, ...] = ("last-layer", "diagonal")
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh")
@@ -93,7 +95,7 @@ class RewardNet:
         weight_decay: float = 1e-4,
         bonus: str = "last-layer",
         lam: float = 1.0,
-        activation: str = "tanh",
+        activation: str = "relu",
     ) -> None:
         self.input_dim = check_int("input_dim", input_dim, minimum=1)
         self.hidden = check_int("hidden", hidden, minimum=1)
@@ -112,7 +114,7 @@ class RewardNet:
         # He-uniform init: keeps the pre-activations of unit order for both activations.
         sizes = [self.input_dim] + [self.hidden] * self.depth
         arrays: list[np.ndarray] = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+        for fan_in, fan_out in itertools.pairwise(sizes):
             bound = math.sqrt(6.0 / fan_in)
             arrays.append(rng.uniform(-bound, bound, size=(fan_out, fan_in)))
             arrays.append(np.zeros(fan_out))

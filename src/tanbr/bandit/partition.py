@@ -83,7 +83,7 @@ class PartitionTree:
 
     def center(self, node: int) -> np.ndarray:
         """The cell's barycentre (a copy)."""
-        return self._centers[self._check(node)].copy()
+        return np.array(self._centers[self._check(node)])
 
     def diameter(self, node: int) -> float:
         """Longest distance inside the cell (longest edge of a simplex, diagonal of a box)."""
@@ -159,7 +159,7 @@ class PartitionTree:
         if isinstance(self.space, Simplex):
             w = rng.dirichlet(np.ones(self.dim))  # uniform barycentric weights
             return np.asarray(w @ cell)
-        return rng.uniform(cell[0], cell[1])
+        return np.asarray(rng.uniform(cell[0], cell[1]))
 
     # --- growth --------------------------------------------------------------------------
 

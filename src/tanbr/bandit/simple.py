@@ -45,9 +45,7 @@ class FixedPolicy:
     ) -> None:
         self.space = check_setup(space, context_dim, rng)
         self.context_dim = int(context_dim)
-        self.action = (
-            self.space.center() if action is None else check_action(action, self.space)
-        )
+        self.action = self.space.center() if action is None else check_action(action, self.space)
 
     def select(self, context: np.ndarray) -> np.ndarray:
         check_context(context, self.context_dim)

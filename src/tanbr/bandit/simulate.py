@@ -10,11 +10,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from tanbr.bandit import make_policy
 from tanbr.bandit.base import Policy
-from tanbr.bandit.surfaces import Surface
+from tanbr.bandit.spaces import Simplex
+from tanbr.bandit.surfaces import Surface, make_mixes
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,42 @@ def simulate(
         if on_slot is not None:
             on_slot(t)
     return Trace(regret, rewards, actions, select_ms, update_ms)
+
+
+def run_policy(
+    name: str,
+    surface: Surface,
+    *,
+    n_slots: int,
+    seed: int,
+    schedule: str = "stationary",
+    schedule_params: dict[str, Any] | None = None,
+    policy_params: dict[str, Any] | None = None,
+    on_slot: Callable[[int], None] | None = None,
+) -> Trace:
+    """One seeded run of a registered policy on ``Simplex(K)`` with a task-mix schedule.
+
+    The seed is split into independent streams for the contexts, the policy and the reward
+    noise, so every policy run with the same seed sees the same mixes and the same noise.
+    """
+    ctx_seed, policy_seed, noise_seed = np.random.SeedSequence(seed).spawn(3)
+    contexts = make_mixes(
+        schedule,
+        dim=surface.dim,
+        n_slots=n_slots,
+        rng=np.random.default_rng(ctx_seed),
+        **(schedule_params or {}),
+    )
+    policy = make_policy(
+        name,
+        space=Simplex(surface.dim),
+        context_dim=surface.dim,
+        rng=np.random.default_rng(policy_seed),
+        **(policy_params or {}),
+    )
+    return simulate(
+        policy, surface, contexts, rng=np.random.default_rng(noise_seed), on_slot=on_slot
+    )
 
 
 def loglog_slope(cumulative: np.ndarray, *, start: int = 200, end: int | None = None) -> float:

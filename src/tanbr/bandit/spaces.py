@@ -144,7 +144,7 @@ class Box:
         )
 
     def center(self) -> np.ndarray:
-        return (np.asarray(self.low) + np.asarray(self.high)) / 2.0
+        return np.asarray((np.asarray(self.low) + np.asarray(self.high)) / 2.0)
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """``n`` points uniform in the box, shape (n, dim)."""
@@ -153,7 +153,7 @@ class Box:
     def encode(self, a: np.ndarray) -> np.ndarray:
         """Network input for actions ``(..., dim)``: the box mapped onto ``[-1, 1]^dim``."""
         lo, hi = np.asarray(self.low), np.asarray(self.high)
-        return 2.0 * (np.asarray(a, dtype=float) - lo) / (hi - lo) - 1.0
+        return np.asarray(2.0 * (np.asarray(a, dtype=float) - lo) / (hi - lo) - 1.0)
 
 
 Space = Simplex | Box

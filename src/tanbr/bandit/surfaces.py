@@ -130,7 +130,7 @@ class Surface:
                 - np.einsum("nk,nk->n", along, along) / (2 * _SPREAD["ridge"] ** 2)
             )
         out = LOW + (HIGH - LOW) * g
-        return out.reshape(shape)
+        return np.asarray(out.reshape(shape))
 
     def reward(self, context: np.ndarray, action: np.ndarray, rng: np.random.Generator) -> float:
         """A noisy reward in [0, 1]: the mean plus uniform noise in ``[-noise, noise]``."""

@@ -50,8 +50,8 @@ class Tanbr:
     nu
         Lipschitz constant of the cell term ``nu * diam(C)`` (reward per unit distance).
     init_depth
-        The tree starts split uniformly to this depth (default: the intrinsic dimension,
-        so every direction is cut about once).
+        The tree starts split uniformly to this depth (default ``max(6, n)``: at least 64
+        candidates, and every direction cut at least once).
     split_visits
         A played leaf splits after this many visits even if its width is still large.
     max_leaves
@@ -88,7 +88,8 @@ class Tanbr:
         self.gamma = check_positive("gamma", gamma, allow_zero=True)
         self.nu = check_positive("nu", nu, allow_zero=True)
         n = self.space.intrinsic_dim
-        self.init_depth = check_int("init_depth", n if init_depth is None else init_depth, minimum=0)
+        depth = max(6, n) if init_depth is None else init_depth
+        self.init_depth = check_int("init_depth", depth, minimum=0)
         self.split_visits = check_int("split_visits", split_visits, minimum=1)
         self.min_visits = check_int("min_visits", min_visits, minimum=1)
         self.max_leaves = check_int("max_leaves", max_leaves, minimum=2)

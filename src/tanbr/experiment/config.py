@@ -94,7 +94,7 @@ class OracleConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Offline evaluation budget. ``sample``: run only each slot's first ``sample`` requests
+    """Offline evaluation budget. ``sample``: run only each slot's last ``sample`` requests
     through the model and score those (0: the whole slot; the estimator always reads the whole
     slot). ``memo``: reuse the predictions of a (merge, request) pair seen before (exact: the
     model is deterministic), which makes static baselines and repeated actions cheap."""

@@ -153,7 +153,7 @@ class Labelling:
     fraction: float = 1.0
     delay: int = 0
     probe: int = 16  # requests scored against the full MoE when the reward kind is "proxy"
-    sample: int = 0  # offline evaluation budget: serve only a slot's first `sample` requests
+    sample: int = 0  # offline evaluation budget: serve only a slot's last `sample` requests
 
     def __post_init__(self) -> None:
         if self.sample < 0:
@@ -381,9 +381,10 @@ def run_slot(
     """One slot: estimate -> select -> plan -> merge -> serve -> reward -> update.
 
     Feedback is delivered ``labelling.delay`` slots late (queued in ``system.pending``). With
-    ``labelling.sample`` set, the estimator still reads the whole slot but only the slot's first
-    ``sample`` requests (arrival order is random) are run through the model and scored: an
-    offline evaluation budget, the same requests for every policy.
+    ``labelling.sample`` set, the estimator still reads the whole slot but only the slot's last
+    ``sample`` requests (arrival order is random; disjoint from the head the estimator reads
+    while they fit in the slot) are run through the model and scored: an offline evaluation
+    budget, the same requests for every policy.
     """
     truth = slot.truth
     # 1-3. estimate, select, plan
@@ -393,9 +394,9 @@ def run_slot(
     # 5. serve
     requests, served_truth = slot.requests, truth
     if 0 < system.labelling.sample < len(requests):
-        head = slice(0, system.labelling.sample)
-        requests = requests.take(head)
-        served_truth = truth.take(head) if truth is not None else None
+        tail = slice(len(requests) - system.labelling.sample, len(requests))
+        requests = requests.take(tail)
+        served_truth = truth.take(tail) if truth is not None else None
     served = serve(system, requests, decision=decision, truth=served_truth)
     merge_ms += served.merge_ms
     observe(system, slot.requests, truth=truth)

@@ -18,10 +18,13 @@ unsupported, with a message naming it, rather than silently dropping it.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import logging
 import re
+import textwrap
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,6 +91,9 @@ class MoEBlock:
     has_bias, is_transposed, split_gate_up
         Fused-layout flags: biases present; weights stored (E, in, out); ``gate_up_proj`` is
         ``[gate; up]`` stacked along the output dimension (merged in two row pieces).
+    outputs
+        1 when the block returns its hidden states, n when it returns an n-tuple starting with
+        them (the merged block then returns the hidden states and n - 1 ``None``).
     """
 
     name: str
@@ -105,6 +111,7 @@ class MoEBlock:
     has_bias: bool = False
     is_transposed: bool = False
     split_gate_up: bool = False
+    outputs: int = 1
     dtype: torch.dtype = torch.float32
 
     @property
@@ -220,7 +227,7 @@ def _describe_block(name: str, block: nn.Module, experts: nn.Module) -> MoEBlock
             "(3-D gate_up_proj or up_proj, and down_proj) nor a ModuleList/ModuleDict of experts"
         )
 
-    _check_forward(where, block)
+    outputs = _check_forward(where, block)
     gate_rel, gate_module = _find_gate(where, block, n_experts, hidden)
     shared, shared_gate = _shared_children(where, block, gate_rel)
     top_k = _first_int(block, gate_module, "top_k", "num_experts_per_tok")
@@ -245,17 +252,24 @@ def _describe_block(name: str, block: nn.Module, experts: nn.Module) -> MoEBlock
         routed_scale=1.0 if scale is None else float(scale),
         shared_names=tuple(_join(name, s) for s in shared),
         shared_gate_name=_join(name, shared_gate) if shared_gate else None,
+        outputs=outputs,
         dtype=dtype,
         **flags,
     )
 
 
-def _check_forward(where: str, block: nn.Module) -> None:
-    """The merged block is called like the original: ``forward(hidden_states) -> tensor``."""
+def _check_forward(where: str, block: nn.Module) -> int:
+    """How many values the block's forward returns (1: a tensor; n: a tuple, hidden states first).
+
+    The merged block is called like the original, ``forward(hidden_states)``, and must return
+    the same structure: GPT-OSS's block returns ``(hidden_states, router_scores)`` and its
+    decoder layer unpacks two values, so a bare tensor would be unpacked along the batch.
+    """
+    forward = type(block).forward
     try:
-        sig = inspect.signature(type(block).forward)
+        sig = inspect.signature(forward)
     except (TypeError, ValueError):
-        return
+        return 1
     params = list(sig.parameters.values())[1:]  # after self
     extra = [p.name for p in params[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if extra:
@@ -263,12 +277,34 @@ def _check_forward(where: str, block: nn.Module) -> None:
             f"{where}: its forward takes {extra} besides the hidden states; a merged block "
             "takes the hidden states only"
         )
-    returns = sig.return_annotation
-    text = returns if isinstance(returns, str) else getattr(returns, "__name__", str(returns))
-    if re.match(r"(typing\.)?tuple\b", str(text), re.IGNORECASE):
+    arities = _return_arities(forward)
+    if not arities:  # no source: trust the annotation
+        text = str(getattr(sig.return_annotation, "__name__", sig.return_annotation))
+        if re.match(r"(typing\.)?tuple\b", text, re.IGNORECASE):
+            raise UnsupportedModelError(
+                f"{where}: its forward returns {text} of unknown length; cannot mirror it"
+            )
+        return 1
+    if len(arities) > 1:
         raise UnsupportedModelError(
-            f"{where}: its forward returns {text}; a merged block returns one tensor"
+            f"{where}: its forward returns tuples of different lengths {sorted(arities)}"
         )
+    return arities.pop()
+
+
+def _return_arities(forward: Any) -> set[int]:
+    """Lengths of the values returned by a function, read from its source (1 = not a tuple)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):
+        return set()
+    func = tree.body[0]
+    arities = set()
+    for node in ast.walk(func):
+        if isinstance(node, ast.Return) and node.value is not None:
+            value = node.value
+            arities.add(len(value.elts) if isinstance(value, ast.Tuple) else 1)
+    return arities
 
 
 def _fused_params(experts: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -307,7 +343,9 @@ def _describe_fused(
             f"{where}: down_proj shape {tuple(down.shape)} does not match {up_name} "
             f"{tuple(up.shape)} (hidden {hidden}, intermediate {inner})"
         )
-    if not isinstance(getattr(experts, "act_fn", None), nn.Module):
+    has_act = isinstance(getattr(experts, "act_fn", None), nn.Module)
+    custom_gate = has_gate and "_apply_gate" in type(experts).__dict__  # e.g. GPT-OSS's clamped GLU
+    if not has_act and not custom_gate:
         raise UnsupportedModelError(f"{where}: fused experts have no `act_fn` module")
     has_bias = bool(getattr(experts, "has_bias", f"{up_name}_bias" in params))
     targets = [Target(up_name, tuple(up.shape[1:])), Target("down_proj", tuple(down.shape[1:]))]

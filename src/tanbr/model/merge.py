@@ -119,7 +119,7 @@ def one_hot_plan(blocks: Sequence[MoEBlock], expert: int) -> dict[str, np.ndarra
 class FusedExpert(nn.Module):
     """One dense expert in the fused layout: ``down(act(up x))`` or ``down(act(g x) * u x)``."""
 
-    act_fn: nn.Module
+    act_fn: nn.Module | None
     apply_gate: Callable[[torch.Tensor], torch.Tensor] | None
     post_norm: nn.Module | None
 
@@ -130,7 +130,8 @@ class FusedExpert(nn.Module):
         self.up_name = "gate_up_proj" if self.gated else "up_proj"
         for name, t in tensors.items():
             self.register_parameter(name, nn.Parameter(t, requires_grad=False))
-        self.act_fn = experts.get_submodule("act_fn")
+        act = getattr(experts, "act_fn", None)
+        self.act_fn = act if isinstance(act, nn.Module) else None
         # the original gating (split + act * up, or a model's own variant) of the experts module
         self.apply_gate = getattr(experts, "_apply_gate", None) if self.gated else None
         norm = getattr(experts, "post_expert_norm", None)
@@ -146,12 +147,13 @@ class FusedExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N, H)
         h = self._linear(x, self.up_name)  # (N, 2I) or (N, I)
-        if self.gated:
-            if self.apply_gate is not None:
-                h = self.apply_gate(h)
-            else:
-                g, u = h.chunk(2, dim=-1)
-                h = self.act_fn(g) * u  # (N, I)
+        if self.apply_gate is not None:  # the experts' own gating (act(gate) * up, or a variant)
+            h = self.apply_gate(h)  # (N, I)
+        elif self.act_fn is None:
+            raise RuntimeError("merged expert has neither a gating function nor an activation")
+        elif self.gated:
+            g, u = h.chunk(2, dim=-1)
+            h = self.act_fn(g) * u  # (N, I)
         else:
             h = self.act_fn(h)
         y = self._linear(h, "down_proj")  # (N, H)
@@ -165,6 +167,7 @@ class _BlockShell(nn.Module):
         super().__init__()
         object.__setattr__(self, "merged_from", original)  # not a submodule: not walked/counted
         self.block_name = block.name
+        self.outputs = block.outputs
         self.routed_scale = block.routed_scale
         prefix = block.name + "." if block.name else ""
         self.gate_rel = block.gate_name[len(prefix) :]  # the gate's path inside the block
@@ -175,8 +178,12 @@ class _BlockShell(nn.Module):
         for rel in [*self.shared, *([self.shared_gate] if self.shared_gate else [])]:
             self.add_module(rel, original._modules[rel])
 
-    def _finish(self, routed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """routed (N, H) from flat inputs x (N, H): scale, then add the shared experts."""
+    def _finish(self, routed: torch.Tensor, x: torch.Tensor, shape: torch.Size) -> Any:
+        """routed (N, H) from flat inputs x (N, H): scale, add the shared experts, reshape.
+
+        Returns what the original block returns: the hidden states, or a tuple starting with
+        them (the gate's outputs that follow them are not computed: ``None``).
+        """
         if self.routed_scale != 1.0:
             routed = routed * self.routed_scale
         for rel in self.shared:
@@ -184,7 +191,8 @@ class _BlockShell(nn.Module):
             if self.shared_gate is not None:
                 out = torch.sigmoid(self._modules[self.shared_gate](x)) * out  # type: ignore[misc]
             routed = routed + out
-        return routed
+        hidden = routed.reshape(shape)
+        return hidden if self.outputs == 1 else (hidden, *([None] * (self.outputs - 1)))
 
 
 class MergedBlock(_BlockShell):
@@ -194,10 +202,10 @@ class MergedBlock(_BlockShell):
         super().__init__(block, original)
         self.expert = expert
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., H)
+    def forward(self, hidden_states: torch.Tensor) -> Any:  # (..., H) -> (..., H)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (N, H)
-        return self._finish(self.expert(x), x).reshape(shape)
+        return self._finish(self.expert(x), x, shape)
 
 
 class _Mask:
@@ -229,7 +237,7 @@ class SoftMergedBlock(_BlockShell):
         self._mask = mask
         self.chunk = max(1, _SOFT_CHUNK_BYTES // max(1, block.expert_bytes))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> Any:  # (..., H) -> (..., H)
         shape = hidden_states.shape
         x = hidden_states if hidden_states.dim() == 3 else hidden_states.reshape(-1, 1, shape[-1])
         gate = get_module(self, self.gate_rel)
@@ -248,7 +256,7 @@ class SoftMergedBlock(_BlockShell):
                 params = {n: w[i] for n, w in merged.items()}
                 routed[b0 + i] = functional_call(self.template, params, (x[b0 + i],))  # (T, H)
         flat = x.reshape(-1, shape[-1])
-        return self._finish(routed.reshape(-1, shape[-1]), flat).reshape(shape)
+        return self._finish(routed.reshape(-1, shape[-1]), flat, shape)
 
 
 # --- the merge --------------------------------------------------------------------------------
@@ -356,7 +364,7 @@ class Merger:
         self._mode = "full"
         self._mask = _Mask()
         self._resident = {b.name: not self.lean for b in self.blocks}
-        self._guards = []
+        self._guards: list[Any] = []
         if self.lean:
             for b in self.blocks:
                 hook = self._originals[b.name].register_forward_pre_hook(self._guard(b))

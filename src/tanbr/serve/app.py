@@ -443,6 +443,12 @@ def _check_texts(texts: Sequence[str], config: ServeConfig, *, field: str) -> No
             raise ClientError(
                 422, f"{where} has {len(text)} characters; the limit is {config.max_chars}"
             )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate, sent as a \udXXX escape
+            raise ClientError(
+                422, f"{where} is not valid Unicode (a lone surrogate at position {err.start})"
+            ) from None
 
 
 def _install_error_handlers(app: FastAPI) -> None:

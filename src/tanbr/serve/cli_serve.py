@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-wait-ms", type=float, default=0.0, help="wait to fill a micro-batch (0)"
     )
+    parser.add_argument(
+        "--observe-max",
+        type=int,
+        default=64,
+        help="texts of a closing slot the estimator observes, sampled (0: all; 64)",
+    )
     parser.add_argument("--max-texts", type=int, default=64, help="texts per predict call")
     parser.add_argument("--max-chars", type=int, default=2000, help="characters per text")
     parser.add_argument(
@@ -104,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             slot_seconds=args.slot_seconds,
             max_batch=args.max_batch,
             batch_wait_ms=args.batch_wait_ms,
+            observe_max=args.observe_max,
         ),
         max_texts=args.max_texts,
         max_chars=args.max_chars,

@@ -61,7 +61,10 @@ class SlotConfig:
     """When slots close and how requests are batched.
 
     A slot closes after ``slot_size`` texts, or ``slot_seconds`` after its first text when set
-    (an idle service does not re-merge for nothing).
+    (an idle service does not re-merge for nothing). At a boundary the estimator observes at
+    most ``observe_max`` of the closing slot's texts (a uniform sample, 0: all of them):
+    computing signatures means running the encoder again, and the cluster frequencies of a
+    uniform sample estimate the slot's mix without bias.
     """
 
     slot_size: int = 256
@@ -69,6 +72,7 @@ class SlotConfig:
     max_batch: int = 64
     batch_wait_ms: float = 0.0
     max_queue: int = 1024
+    observe_max: int = 64
 
     def __post_init__(self) -> None:
         if self.slot_size < 1:
@@ -81,6 +85,8 @@ class SlotConfig:
             raise ValueError(f"batch_wait_ms must be in [0, 1000], got {self.batch_wait_ms}")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.observe_max < 0:
+            raise ValueError(f"observe_max must be >= 0, got {self.observe_max}")
 
 
 class ServiceBusyError(RuntimeError):
@@ -116,6 +122,7 @@ class _Job:
 
 
 _WINDOW = 2048  # latency observations kept for /v1/status
+_KEEP_DECISIONS = 64  # recent decisions kept in memory and in the snapshot
 
 
 class SlotManager:
@@ -159,9 +166,9 @@ class SlotManager:
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_queue)
         self._replicas = [_Replica(a), _Replica(b)]
         self._active = 0
-        # learning state: touched by the boundary thread only, once started
+        # learning state: touched by the boundary thread only, once started; decisions of
+        # older slots than the last few are read back from the slot history when needed
         self._decisions: dict[int, Decision] = {}
-        self._costs: dict[int, tuple[float, int]] = {}  # slot -> (MoE+head ms, memory bytes)
         self._watermark = 0
         self._merges = 0
         self._updates = 0
@@ -191,7 +198,7 @@ class SlotManager:
             decision = decide(replica.system, slot=0)
             merge_ms = self._build(replica, decision)
             self._decisions[0] = decision
-            self._record_slot(0, decision, merge_ms)
+            self._record_slot(0, decision, merge_ms, replica)
             self._open(0)
             self._persist(0)
             logger.info("fresh state: slot 0 serves (%s)", decision.kind)
@@ -217,13 +224,17 @@ class SlotManager:
             thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Answer what is queued, then stop the threads (the state is already durable)."""
+        """Answer what is queued, stop the threads (the state is already durable) and put the
+        models back as they were loaded (a model may be shared within the process)."""
         self._queue.put(None)
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
         for thread in self._threads:
             thread.join(timeout)
+        if not any(t.is_alive() for t in self._threads):
+            for replica in self._replicas:
+                replica.system.backend.restore()
         self._threads = []
 
     # --- request path -------------------------------------------------------------------
@@ -346,11 +357,21 @@ class SlotManager:
                 n += len(nxt.texts)
             try:
                 self._serve(jobs)
-            except Exception as err:  # answer the callers, keep serving the next batch
-                logger.exception("serving a micro-batch failed")
+            except Exception:
+                # one call's texts must not fail the others batched with it: serve each alone
+                if len(jobs) == 1:
+                    self._fail(jobs[0])
+                    continue
                 for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(err)
+                    try:
+                        self._serve([j])
+                    except Exception:
+                        self._fail(j)
+
+    def _fail(self, job: _Job) -> None:
+        logger.exception("serving %d texts failed", len(job.texts))
+        if not job.future.done():
+            job.future.set_exception(RuntimeError("the model failed on this request"))
 
     def _serve(self, jobs: list[_Job]) -> None:
         texts = [t for job in jobs for t in job.texts]
@@ -442,7 +463,7 @@ class SlotManager:
         closing = self._slot
         nxt = closing + 1
         with self._lock:
-            self._costs[closing] = (self._slot_latency_ms, self._costs[closing][1])
+            latency_ms = self._slot_latency_ms
         # --- 6-7. reward and policy update from the feedback acknowledged so far; late
         # feedback counts for the slot that served the request (its own decision)
         upto = self.store.last_feedback_seq()
@@ -455,17 +476,19 @@ class SlotManager:
         # --- the served texts join the estimator's history (the mix is the context of a
         # learning policy; baselines ignore it and skip the cost); 1-3. estimate, select, plan
         if standby.system.mode.learns:
-            observe(standby.system, Requests(tuple(texts)))
+            observe(standby.system, Requests(tuple(self._sample(texts, closing))))
         decision = decide(standby.system, slot=nxt)
         # --- 4. merge, on the standby replica
         merge_ms = self._build(standby, decision)
         # --- persist (slot history, then the snapshot that commits it all), then swap
-        self.store.close_slot(closing, reason=reason)
+        self.store.close_slot(closing, reason=reason, latency_ms=latency_ms)
         self.store.add_updates(updates)
         self._decisions[nxt] = decision
+        for old in [s for s in self._decisions if s <= nxt - _KEEP_DECISIONS]:
+            del self._decisions[old]
         self._watermark = upto
         self._updates += len(updates)
-        self._record_slot(nxt, decision, merge_ms)
+        self._record_slot(nxt, decision, merge_ms, standby)
         self._persist(nxt)
         with self._lock:
             standby.slot = nxt
@@ -483,6 +506,14 @@ class SlotManager:
             len(updates),
         )
 
+    def _sample(self, texts: list[str], slot: int) -> list[str]:
+        """At most ``observe_max`` texts, uniformly (seeded by the slot: reproducible)."""
+        limit = self.config.observe_max
+        if limit == 0 or len(texts) <= limit:
+            return texts
+        keep = np.random.default_rng(slot).choice(len(texts), size=limit, replace=False)
+        return [texts[i] for i in np.sort(keep)]
+
     def _learn(self, rows: Sequence[FeedbackRow], upto: int) -> list[UpdateRow]:
         """One reward and policy update per slot that got feedback since the last boundary."""
         by_slot: dict[int, list[FeedbackRow]] = {}
@@ -492,10 +523,8 @@ class SlotManager:
         updates = []
         now = time.time()
         for slot, slot_rows in sorted(by_slot.items()):
-            latency_ms, memory = self._costs.get(slot, (0.0, 0))
-            reward = feedback(
-                system, self._decisions[slot], _outcomes(slot_rows, latency_ms, memory)
-            )
+            decision, latency_ms, memory = self._decision_of(slot)
+            reward = feedback(system, decision, _outcomes(slot_rows, latency_ms, memory))
             if reward is None:
                 continue
             updates.append(UpdateRow(slot, reward, len(slot_rows), upto, now))
@@ -503,9 +532,27 @@ class SlotManager:
             self.metrics.last_reward.set(reward)
         return updates
 
+    def _decision_of(self, slot: int) -> tuple[Decision, float, int]:
+        """A served slot's decision, its requests' model time (ms) and its model's memory."""
+        row = self.store.slot(slot)
+        if row is None:
+            raise RuntimeError(f"slot {slot} served requests but has no history entry")
+        decision = self._decisions.get(slot)
+        if decision is None:  # an old slot: its decision, as recorded at full precision
+            decision = Decision(
+                slot=slot,
+                mix=np.asarray(row.mix, dtype=np.float64),
+                kind=row.kind,
+                action=None if row.action is None else np.asarray(row.action, dtype=np.float64),
+                plan=None
+                if row.plan is None
+                else {k: np.asarray(v, dtype=np.float64) for k, v in row.plan.items()},
+            )
+        latency_ms = self._slot_latency_ms if slot == self._slot else row.latency_ms
+        return decision, latency_ms, row.memory_bytes
+
     def _build(self, replica: _Replica, decision: Decision) -> float:
         merge_ms = apply_decision(replica.system, decision)
-        self._costs[decision.slot] = (0.0, int(replica.system.backend.memory_bytes()))
         if decision.kind == "merge":
             self._merges += 1
             self.metrics.merges.inc()
@@ -523,18 +570,20 @@ class SlotManager:
         self.metrics.slot.set(slot)
         self.metrics.slot_requests.set(self._slot_served)
 
-    def _record_slot(self, slot: int, decision: Decision, merge_ms: float) -> None:
+    def _record_slot(
+        self, slot: int, decision: Decision, merge_ms: float, replica: _Replica
+    ) -> None:
+        plan = decision.plan
         self.store.open_slot(
             SlotRow(
                 slot=slot,
                 opened=time.time(),
-                closed=None,
-                close_reason=None,
-                n_requests=0,
                 kind=decision.kind,
-                mix=tuple(_floats(decision.mix)),
-                action=() if decision.action is None else tuple(_floats(decision.action)),
+                mix=tuple(_exact(decision.mix)),
+                action=None if decision.action is None else tuple(_exact(decision.action)),
+                plan=None if plan is None else {k: tuple(_exact(v)) for k, v in plan.items()},
                 merge_ms=merge_ms,
+                memory_bytes=int(replica.system.backend.memory_bytes()),
             )
         )
 
@@ -552,7 +601,6 @@ class SlotManager:
                 "merges": self._merges,
                 "updates": self._updates,
                 "decisions": self._decisions,
-                "costs": self._costs,
                 "estimator": system.estimator,
                 "mode": system.mode,
                 "reward": system.reward,
@@ -569,7 +617,6 @@ class SlotManager:
             self._merges = int(snapshot["merges"])
             self._updates = int(snapshot["updates"])
             self._decisions = dict(snapshot["decisions"])
-            self._costs = dict(snapshot["costs"])
             estimator, mode, rng = snapshot["estimator"], snapshot["mode"], snapshot["rng"]
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"snapshot in {self.store.folder} is incomplete: {err}") from err
@@ -613,6 +660,10 @@ def _outcomes(rows: Sequence[FeedbackRow], latency_ms: float, memory: int) -> Ou
         memory_bytes=memory,
         reward=min(1.0, max(0.0, mean)),
     )
+
+
+def _exact(x: Any) -> list[float]:
+    return [float(v) for v in np.asarray(x, dtype=np.float64).ravel()]
 
 
 def _floats(x: Any, digits: int = 6) -> list[float]:

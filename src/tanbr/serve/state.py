@@ -64,8 +64,11 @@ CREATE TABLE IF NOT EXISTS slots (
     close_reason TEXT,
     kind TEXT NOT NULL,
     mix TEXT NOT NULL,
-    action TEXT NOT NULL,
-    merge_ms REAL NOT NULL
+    action TEXT,
+    plan TEXT,
+    merge_ms REAL NOT NULL,
+    latency_ms REAL NOT NULL DEFAULT 0,
+    memory_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS updates (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -112,19 +115,27 @@ class FeedbackRow:
     created: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SlotRow:
-    """A slot's history entry: when it opened/closed, why, and what it served with."""
+    """A slot's history entry: when it opened and closed (and why), and how it was served.
+
+    ``mix``, ``action`` and ``plan`` are the slot's decision at full precision (late feedback
+    for a slot long gone is learned from them); ``latency_ms`` is the time its requests spent
+    in the model, ``memory_bytes`` what the served model needs resident.
+    """
 
     slot: int
     opened: float
-    closed: float | None
-    close_reason: str | None
-    n_requests: int
     kind: str
     mix: tuple[float, ...]
-    action: tuple[float, ...]
-    merge_ms: float
+    action: tuple[float, ...] | None = None
+    plan: dict[str, tuple[float, ...]] | None = None
+    merge_ms: float = 0.0
+    closed: float | None = None
+    close_reason: str | None = None
+    n_requests: int = 0
+    latency_ms: float = 0.0
+    memory_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -271,11 +282,12 @@ class StateStore:
 
     def open_slot(self, row: SlotRow) -> None:
         """Record a slot's opening (replaces a row left by a boundary that did not finish)."""
+        plan = None if row.plan is None else {k: list(v) for k, v in row.plan.items()}
         with self._lock, self._transaction(fsync=True):
             self._conn.execute(
-                "INSERT OR REPLACE INTO slots"
-                " (slot, opened, closed, close_reason, kind, mix, action, merge_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO slots (slot, opened, closed, close_reason, kind, mix,"
+                " action, plan, merge_ms, latency_ms, memory_bytes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     row.slot,
                     row.opened,
@@ -283,45 +295,47 @@ class StateStore:
                     row.close_reason,
                     row.kind,
                     json.dumps(list(row.mix)),
-                    json.dumps(list(row.action)),
+                    None if row.action is None else json.dumps(list(row.action)),
+                    None if plan is None else json.dumps(plan),
                     row.merge_ms,
+                    row.latency_ms,
+                    row.memory_bytes,
                 ),
             )
 
-    def close_slot(self, slot: int, *, reason: str, closed: float | None = None) -> None:
-        """Mark a slot closed (``reason``: count, time or admin)."""
+    def close_slot(
+        self, slot: int, *, reason: str, latency_ms: float = 0.0, closed: float | None = None
+    ) -> None:
+        """Mark a slot closed (``reason``: count, time or admin) with its model time."""
         with self._lock, self._transaction(fsync=True):
             self._conn.execute(
-                "UPDATE slots SET closed = ?, close_reason = ? WHERE slot = ?",
-                (time.time() if closed is None else closed, reason, slot),
+                "UPDATE slots SET closed = ?, close_reason = ?, latency_ms = ? WHERE slot = ?",
+                (time.time() if closed is None else closed, reason, latency_ms, slot),
             )
+
+    _SLOT_COLUMNS = (
+        "s.slot, s.opened, s.kind, s.mix, s.action, s.plan, s.merge_ms, s.closed,"
+        " s.close_reason, (SELECT COUNT(*) FROM requests r WHERE r.slot = s.slot),"
+        " s.latency_ms, s.memory_bytes"
+    )
 
     def slots(self, *, last: int | None = None) -> list[SlotRow]:
         """Slot history, oldest first (only the ``last`` ones if given)."""
-        query = (
-            "SELECT s.slot, s.opened, s.closed, s.close_reason,"
-            " (SELECT COUNT(*) FROM requests r WHERE r.slot = s.slot),"
-            " s.kind, s.mix, s.action, s.merge_ms FROM slots s ORDER BY s.slot DESC"
-        )
+        query = f"SELECT {self._SLOT_COLUMNS} FROM slots s ORDER BY s.slot DESC"
         with self._lock:
             rows = self._conn.execute(
                 query + (" LIMIT ?" if last is not None else ""),
                 (last,) if last is not None else (),
             ).fetchall()
-        return [
-            SlotRow(
-                int(r[0]),
-                r[1],
-                r[2],
-                r[3],
-                int(r[4]),
-                r[5],
-                tuple(json.loads(r[6])),
-                tuple(json.loads(r[7])),
-                r[8],
-            )
-            for r in reversed(rows)
-        ]
+        return [_slot_row(r) for r in reversed(rows)]
+
+    def slot(self, slot: int) -> SlotRow | None:
+        """One slot's history entry, or None if the slot never opened."""
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {self._SLOT_COLUMNS} FROM slots s WHERE s.slot = ?", (slot,)
+            ).fetchone()
+        return None if row is None else _slot_row(row)
 
     def add_updates(self, rows: Iterable[UpdateRow]) -> None:
         with self._lock, self._transaction(fsync=True):
@@ -389,6 +403,24 @@ class StateStore:
     def _transaction(self, *, fsync: bool = False) -> _Transaction:
         """A write transaction; ``fsync`` makes its commit durable against a power cut too."""
         return _Transaction(self._conn, full=fsync and self.durable)
+
+
+def _slot_row(r: Sequence[Any]) -> SlotRow:
+    plan = None if r[5] is None else {k: tuple(v) for k, v in json.loads(r[5]).items()}
+    return SlotRow(
+        slot=int(r[0]),
+        opened=r[1],
+        kind=r[2],
+        mix=tuple(json.loads(r[3])),
+        action=None if r[4] is None else tuple(json.loads(r[4])),
+        plan=plan,
+        merge_ms=r[6],
+        closed=r[7],
+        close_reason=r[8],
+        n_requests=int(r[9]),
+        latency_ms=r[10],
+        memory_bytes=int(r[11]),
+    )
 
 
 def read_snapshot(folder: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -13,6 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="default",
         help="which build: 'default' (the real model) or 'tiny' (seconds, for tests)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -21,6 +24,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.variant not in VARIANTS:
         raise ValueError(f"--variant must be one of {sorted(VARIANTS)}, got {args.variant!r}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     path = build_default_model(args.variant, progress=True)
     seconds = time.perf_counter() - started

@@ -13,6 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="default",
         help="which default-model build to evaluate (built if missing)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument(
         "--candidates",
@@ -65,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.variant not in VARIANTS:
         raise ValueError(f"--variant must be one of {sorted(VARIANTS)}, got {args.variant!r}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     settings = EvalSettings(
         n_candidates=args.candidates, latency_repeats=args.repeats, seed=args.seed
     )
