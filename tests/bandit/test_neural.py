@@ -74,11 +74,11 @@ def test_diagonal_width_is_the_quadratic_form_of_per_sample_gradients(activation
     diag = 0.5 + (g_played**2).sum(axis=0)  # Z = lam I + sum g g^T, kept diagonal
     g = per_sample_gradients(net, candidates)
     expected = np.sqrt((g**2 / diag).sum(axis=1))
-    _, width = net.predict(candidates)
-    np.testing.assert_allclose(width, expected, rtol=1e-9)
+    _, width = net.predict(candidates)  # scored in float32
+    np.testing.assert_allclose(width, expected, rtol=1e-4)
     # refresh() recomputes the same statistics from the history in one pass
     net.refresh(played[:5])
-    np.testing.assert_allclose(net.predict(candidates)[1], expected, rtol=1e-9)
+    np.testing.assert_allclose(net.predict(candidates)[1], expected, rtol=1e-4)
 
 
 def test_last_layer_width_uses_the_exact_inverse() -> None:
@@ -94,9 +94,9 @@ def test_last_layer_width_uses_the_exact_inverse() -> None:
     _, acts_c, _ = net._forward(cand)
     gc = np.concatenate([acts_c[-1], np.ones((4, 1))], axis=1)
     expected = np.sqrt(np.einsum("ni,ij,nj->n", gc, np.linalg.inv(precision), gc))
-    np.testing.assert_allclose(net.predict(cand)[1], expected, rtol=1e-8)
+    np.testing.assert_allclose(net.predict(cand)[1], expected, rtol=1e-4)
     net.refresh(played)
-    np.testing.assert_allclose(net.predict(cand)[1], expected, rtol=1e-8)
+    np.testing.assert_allclose(net.predict(cand)[1], expected, rtol=1e-4)
 
 
 def test_training_fits_a_smooth_function() -> None:

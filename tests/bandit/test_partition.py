@@ -131,9 +131,10 @@ def test_sampled_points_fall_in_their_cell() -> None:
     for space in (Simplex(5), Box(low=(0.0, -1.0, 2.0), high=(1.0, 1.0, 3.0))):
         tree = PartitionTree(space)
         grow_randomly(tree, 30, rng)
-        for node in tree.leaves():
-            for _ in range(5):
-                assert tree.locate(tree.sample(int(node), rng)) == node
+        leaves = tree.leaves()
+        for _ in range(5):
+            points = tree.sample(leaves, rng)
+            assert [tree.locate(p) for p in points] == leaves.tolist()
 
 
 def test_bad_input_is_rejected() -> None:

@@ -169,7 +169,6 @@ BAD_PREDICTS = [
     ({"texts": ["fine", ""]}, 422, "texts[1] is empty"),
     ({"texts": ["fine", 3]}, 422, "texts[1]: Input should be a valid string"),
     ({"text": 42}, 422, "text: Input should be a valid string"),
-    ({"texts": ["ok", "\ud800 lone"]}, 422, "texts[1] is not valid Unicode"),
     ({"text": ["a"]}, 422, "text: Input should be a valid string"),
     ({"txt": "a"}, 422, "txt: Extra inputs are not permitted"),
     ({"text": "a", "texts": ["b"]}, 422, "exactly one of 'text'"),
@@ -194,6 +193,7 @@ def test_bad_bodies_and_feedback_are_4xx(http: httpx.Client) -> None:
         (b"", 422, "a JSON body is required"),
         (b"\xff\xfe\x00", 400, "could not be parsed as JSON"),
         (b'{"text": "\xff"}', 400, "could not be parsed as JSON"),
+        (b'{"texts": ["ok", "\\ud800 lone"]}', 422, "texts[1] is not valid Unicode"),
     ]
     for content, status, message in raw:
         r = http.post("/v1/predict", content=content, headers={"content-type": "application/json"})

@@ -44,12 +44,12 @@ class PartitionTree:
         self._split = np.full((cap, 2), -1, dtype=np.int64)
         self._split_value = np.zeros(cap)  # box: the cut coordinate
         # Cell shapes: simplex vertices (K, K) and their inverse; box (2, d) low/high rows.
-        self._cells: list[np.ndarray] = []
-        self._inverses: list[np.ndarray] = []
         if isinstance(self.space, Simplex):
             root = self.space.vertices()
         else:
             root = np.stack([np.asarray(self.space.low), np.asarray(self.space.high)])
+        self._cells = np.zeros((cap, *root.shape))
+        self._inverses: list[np.ndarray] = []
         self._root_measure = self._measure(root)
         self._add(root, parent=-1, depth=0)
 
@@ -121,7 +121,7 @@ class PartitionTree:
 
     def vertices(self, node: int) -> np.ndarray:
         """Simplex cells: the vertices, one per row, shape (K, K). Box cells: ``[low; high]``."""
-        return self._cells[self._check(node)].copy()
+        return np.array(self._cells[self._check(node)])
 
     def contains(self, node: int, point: np.ndarray) -> bool:
         """Whether the closed cell contains ``point`` (with float slack)."""
@@ -153,13 +153,17 @@ class PartitionTree:
         """The leaf containing ``point``."""
         return self.path(point)[-1]
 
-    def sample(self, node: int, rng: np.random.Generator) -> np.ndarray:
-        """A point uniform inside the cell."""
-        cell = self._cells[self._check(node)]
+    def sample(self, nodes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One point uniform inside each cell of ``nodes`` (N,), shape (N, dim)."""
+        nodes = np.asarray(nodes, dtype=np.int64)
+        if nodes.size and (nodes.min() < 0 or nodes.max() >= self._n):
+            raise ValueError(f"nodes must be in [0, {self._n}), got {nodes.tolist()}")
+        cells = self._cells[nodes]  # (N, K, K) vertices or (N, 2, d) bounds
         if isinstance(self.space, Simplex):
-            w = rng.dirichlet(np.ones(self.dim))  # uniform barycentric weights
-            return np.asarray(w @ cell)
-        return np.asarray(rng.uniform(cell[0], cell[1]))
+            w = rng.dirichlet(np.ones(self.dim), size=len(nodes))  # (N, K) barycentric
+            return np.asarray(np.einsum("nk,nkd->nd", w, cells))
+        u = rng.random((len(nodes), self.dim))  # (N, d)
+        return np.asarray(cells[:, 0] + u * (cells[:, 1] - cells[:, 0]))
 
     # --- growth --------------------------------------------------------------------------
 
@@ -234,7 +238,7 @@ class PartitionTree:
             self._grow()
         self._parent[node] = parent
         self._depth[node] = depth
-        self._cells.append(cell)
+        self._cells[node] = cell
         if isinstance(self.space, Simplex):
             self._inverses.append(np.linalg.inv(cell))
             self._centers[node] = cell.mean(axis=0)
@@ -261,6 +265,7 @@ class PartitionTree:
         self._volumes = grown(self._volumes, 0.0)
         self._split = grown(self._split, -1)
         self._split_value = grown(self._split_value, 0.0)
+        self._cells = grown(self._cells, 0.0)
 
 
 def split_to_depth(tree: PartitionTree, depth: int) -> None:

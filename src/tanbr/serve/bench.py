@@ -182,6 +182,7 @@ def run_load(
     feedback: float,
     seed: int,
     token: str | None = None,
+    desc: str = "load",
 ) -> dict[str, Any]:
     """Send every text once (``concurrency`` calls in flight) and feedback for a fraction.
 
@@ -196,6 +197,7 @@ def run_load(
             feedback=feedback,
             seed=seed,
             token=token,
+            desc=desc,
         )
     )
 
@@ -209,11 +211,14 @@ async def _load(
     feedback: float,
     seed: int,
     token: str | None,
+    desc: str,
 ) -> dict[str, Any]:
     import httpx
     import numpy as np
+    from tqdm import tqdm
 
     rng = np.random.default_rng(seed)
+    bar = tqdm(total=len(texts), desc=desc, unit="req", file=sys.stderr, leave=False)
     give = rng.random(len(texts)) < feedback  # (n,) which predictions get their label back
     latencies: list[float] = []
     errors: list[str] = []
@@ -235,6 +240,7 @@ async def _load(
                 errors.append(f"predict: {type(err).__name__}: {err}")
                 continue
             latencies.append((time.perf_counter() - t0) * 1e3)
+            bar.update(1)
             if r.status_code != 200:
                 errors.append(f"predict: HTTP {r.status_code}: {r.text[:200]}")
                 continue
@@ -256,6 +262,7 @@ async def _load(
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120.0) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
     wall = time.perf_counter() - start
+    bar.close()
     lat = np.asarray(latencies, dtype=np.float64)
     if errors:
         logger.warning("%d errors; first: %s", len(errors), errors[0])
@@ -349,6 +356,7 @@ def _one_run(
             concurrency=args.concurrency,
             feedback=args.feedback,
             seed=args.seed,
+            desc=policy,
         )
         status = httpx.get(f"{url}/v1/status", timeout=30.0).json()
     except BaseException:

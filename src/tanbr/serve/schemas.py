@@ -87,6 +87,9 @@ class LatencyFigures(BaseModel):
     predict_p99_ms: float | None
     model_p50_ms: float | None = Field(description="model forward per micro-batch, median")
     merge_p50_ms: float | None = Field(description="building one merged model, median")
+    boundary_p50_ms: float | None = Field(
+        description="a whole slot boundary (learn, estimate, decide, merge, persist), median"
+    )
 
 
 class StatusResponse(BaseModel):

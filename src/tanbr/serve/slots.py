@@ -186,6 +186,7 @@ class SlotManager:
         self._predict_ms: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self._model_ms: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self._merge_ms: collections.deque[float] = collections.deque(maxlen=_WINDOW)
+        self._boundary_ms: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self._threads: list[threading.Thread] = []
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -318,6 +319,7 @@ class SlotManager:
                 "predict_p99_ms": _quantile(self._predict_ms, 0.99),
                 "model_p50_ms": _quantile(self._model_ms, 0.5),
                 "merge_p50_ms": _quantile(self._merge_ms, 0.5),
+                "boundary_p50_ms": _quantile(self._boundary_ms, 0.5),
             },
         }
 
@@ -462,24 +464,30 @@ class SlotManager:
         """One slot boundary, off the request path (runs on the boundary thread)."""
         closing = self._slot
         nxt = closing + 1
+        clock = _Clock()
         with self._lock:
             latency_ms = self._slot_latency_ms
         # --- 6-7. reward and policy update from the feedback acknowledged so far; late
         # feedback counts for the slot that served the request (its own decision)
         upto = self.store.last_feedback_seq()
         updates = self._learn(self.store.feedback_after(self._watermark, upto=upto), upto)
+        clock.lap("learn")
         # --- the standby replica: wait until no forward runs on it any more
         with self._lock:
             standby = self._replicas[1 - self._active]
             self._lock.wait_for(lambda: standby.inflight == 0)
             texts, self._texts = self._texts, []
+        clock.lap("wait")
         # --- the served texts join the estimator's history (the mix is the context of a
         # learning policy; baselines ignore it and skip the cost); 1-3. estimate, select, plan
         if standby.system.mode.learns:
             observe(standby.system, Requests(tuple(self._sample(texts, closing))))
+        clock.lap("observe")
         decision = decide(standby.system, slot=nxt)
+        clock.lap("decide")
         # --- 4. merge, on the standby replica
         merge_ms = self._build(standby, decision)
+        clock.lap("merge")
         # --- persist (slot history, then the snapshot that commits it all), then swap
         self.store.close_slot(closing, reason=reason, latency_ms=latency_ms)
         self.store.add_updates(updates)
@@ -490,20 +498,22 @@ class SlotManager:
         self._updates += len(updates)
         self._record_slot(nxt, decision, merge_ms, standby)
         self._persist(nxt)
+        clock.lap("persist")
         with self._lock:
             standby.slot = nxt
             self._active = 1 - self._active
             self._open(nxt)
             self._boundary_reason = None
             self._lock.notify_all()
+        self._boundary_ms.append(clock.total_ms)
         logger.info(
-            "slot %d closed (%s); slot %d serves (%s, merge %.1f ms, %d policy updates)",
+            "slot %d closed (%s); slot %d serves (%s, %d policy updates); boundary %s",
             closing,
             reason,
             nxt,
             decision.kind,
-            merge_ms,
             len(updates),
+            clock,
         )
 
     def _sample(self, texts: list[str], slot: int) -> list[str]:
@@ -639,6 +649,27 @@ class SlotManager:
             raise RuntimeError(f"slot boundary failed: {self._failure}")
         if self._stopping:
             raise ServiceBusyError("the service is shutting down")
+
+
+class _Clock:
+    """Wall time of the phases of a slot boundary, for the log."""
+
+    def __init__(self) -> None:
+        self._start = self._last = time.perf_counter()
+        self._laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self._laps.append((name, (now - self._last) * 1e3))
+        self._last = now
+
+    @property
+    def total_ms(self) -> float:
+        return (self._last - self._start) * 1e3
+
+    def __str__(self) -> str:
+        laps = ", ".join(f"{name} {ms:.0f}" for name, ms in self._laps)
+        return f"{self.total_ms:.0f} ms ({laps})"
 
 
 def _outcomes(rows: Sequence[FeedbackRow], latency_ms: float, memory: int) -> Outcomes:
