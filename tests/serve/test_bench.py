@@ -25,8 +25,10 @@ def test_bench_serve_prints_the_figures_of_both_runs(
         assert run["requests"] == 120 and run["errors"] == 0
         assert run["throughput_rps"] > 0 and run["latency_p99_ms"] >= run["latency_p50_ms"] > 0
         assert run["feedback"] > 0
-    # a slot serves at least 10 texts (more while its successor is being built): <= 12 slots
-    assert 4 <= out["merges"] == out["slots"] <= 12 and out["full_moe"]["merges"] == 0
+    # a slot serves at least 10 texts (more while its successor is being built): <= 12 slots;
+    # one more merge when the status was read while the next slot was being built
+    assert 4 <= out["slots"] <= 12 and out["merges"] - out["slots"] in (0, 1)
+    assert out["full_moe"]["merges"] == 0
     assert out["policy"] == "tanbr" and out["full_moe"]["policy"] == "full-moe"
     assert out["throughput_ratio"] == pytest.approx(
         out["throughput_rps"] / out["full_moe"]["throughput_rps"], rel=1e-2

@@ -205,13 +205,6 @@ class RewardNet:
             self._adam_step(grads)
         return loss
 
-    def input_gradient(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Predictions and their gradients with respect to the inputs ``z`` (N, D): (N,), (N, D)."""
-        z = np.atleast_2d(np.asarray(z, dtype=float))
-        slopes, _, out = self._forward(z)
-        delta = self._deltas(slopes)[0]  # (N, m), d out / d first pre-activation
-        return out, delta @ self.params[0]  # (N,), (N, D)
-
     def loss_and_grads(self, z: np.ndarray, r: np.ndarray) -> tuple[float, list[np.ndarray]]:
         """Regularised squared loss on a batch ``(z (B, D), r (B,))`` and its gradients.
 
@@ -405,19 +398,6 @@ class RewardModel:
     def mean(self, context: np.ndarray, actions: np.ndarray) -> np.ndarray:
         with single_threaded_blas():
             return self.net.mean(self.inputs(context, actions))
-
-    def action_gradient(
-        self, context: np.ndarray, actions: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted rewards of ``actions`` (N, dim) and their gradients in the action: (N,),
-        (N, dim). The encoding is affine, so the chain rule is a per-coordinate scale."""
-        actions = np.atleast_2d(actions)
-        scale = self.space.encode(np.ones(self.space.dim)) - self.space.encode(
-            np.zeros(self.space.dim)
-        )  # (dim,)
-        with single_threaded_blas():
-            out, grad = self.net.input_gradient(self.inputs(context, actions))
-        return out, grad[:, self.context_dim :] * scale
 
     def learn(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
         """Record one slot's feedback and train a little (inputs already validated)."""

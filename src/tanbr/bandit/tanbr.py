@@ -33,9 +33,9 @@ from tanbr.bandit.base import (
 )
 from tanbr.bandit.neural import RewardModel
 from tanbr.bandit.partition import PartitionTree, split_to_depth
-from tanbr.bandit.spaces import Simplex, Space
+from tanbr.bandit.spaces import Space
 
-REPRESENTATIVES: tuple[str, ...] = ("center", "sample", "both")
+REPRESENTATIVES: tuple[str, ...] = ("center", "sample")
 
 
 class Tanbr:
@@ -77,10 +77,8 @@ class Tanbr:
         nu: float = 0.5,
         init_depth: int | None = None,
         split_visits: int = 8,
-        min_visits: int = 1,
         max_leaves: int = 2048,
         representative: str = "center",
-        refine_steps: int = 0,
         **model_params: Any,
     ) -> None:
         self.space = check_setup(space, context_dim, rng)
@@ -92,14 +90,12 @@ class Tanbr:
         depth = max(6, n) if init_depth is None else init_depth
         self.init_depth = check_int("init_depth", depth, minimum=0)
         self.split_visits = check_int("split_visits", split_visits, minimum=1)
-        self.min_visits = check_int("min_visits", min_visits, minimum=1)
         self.max_leaves = check_int("max_leaves", max_leaves, minimum=2)
         if representative not in REPRESENTATIVES:
             raise ValueError(
                 f"representative must be one of {REPRESENTATIVES}, got {representative!r}"
             )
         self.representative = representative
-        self.refine_steps = check_int("refine_steps", refine_steps, minimum=0)
         self.tree = PartitionTree(self.space)
         split_to_depth(self.tree, self.init_depth)
         self.model = RewardModel(
@@ -112,14 +108,11 @@ class Tanbr:
 
     def select(self, context: np.ndarray) -> np.ndarray:
         x = check_context(context, self.context_dim)
-        leaves = self._candidate_leaves()  # (N,)
+        leaves = self.tree.leaves()  # (N,)
         points = self._representatives(leaves)  # (N, dim)
         mean, width = self.model.predict(x, points)  # (N,), (N,)
         score = mean + self.gamma * width + self.nu * self.tree.diameters[leaves]
-        best = argmax(score, self.rng)
-        if self.refine_steps:
-            return self._refine(x, int(leaves[best]), points[best])
-        return np.array(points[best])
+        return np.array(points[argmax(score, self.rng)])
 
     def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
         x = check_context(context, self.context_dim)
@@ -144,8 +137,6 @@ class Tanbr:
             return
         if tree.depth(node) >= self.max_depth():
             return
-        if self.visits[node] < self.min_visits:
-            return
         if self.visits[node] < self.split_visits:
             _, width = self.model.predict(x, tree.centers[node][None, :])
             if self.gamma * float(width[0]) > self.nu * tree.diameter(node):
@@ -160,58 +151,17 @@ class Tanbr:
         arrive late) the centre is matched here rather than credited to a child.
         """
         path = self.tree.path(a)
-        if self.representative != "sample":
+        if self.representative == "center":
             centers = self.tree.centers
             for node in path:
                 if np.max(np.abs(centers[node] - a)) <= 1e-12:
                     return node
         return path[-1]
 
-    def _refine(self, x: np.ndarray, leaf: int, start: np.ndarray) -> np.ndarray:
-        """Climb the network's predicted reward inside the chosen cell (monotone steps)."""
-        tree, model = self.tree, self.model
-        cell = tree.vertices(leaf)
-        if isinstance(self.space, Simplex):
-            lam = np.maximum(start @ np.linalg.inv(cell), 0.0)  # barycentric, (K,)
-            lam /= lam.sum()
-        else:
-            lam = (start - cell[0]) / (cell[1] - cell[0])  # unit coordinates, (d,)
-
-        def point(c: np.ndarray) -> np.ndarray:
-            if isinstance(self.space, Simplex):
-                return np.asarray(c @ cell)
-            return np.asarray(cell[0] + c * (cell[1] - cell[0]))
-
-        mu, grad = model.action_gradient(x, point(lam)[None, :])
-        rate = 1.0
-        for _ in range(self.refine_steps):
-            if isinstance(self.space, Simplex):
-                g = cell @ grad[0]  # d mu / d lam, (K,)
-                new = lam * np.exp(rate * g / (np.abs(g).max() + 1e-12))
-                new /= new.sum()
-            else:
-                g = grad[0] * (cell[1] - cell[0])
-                new = np.clip(lam + 0.5 * rate * g / (np.abs(g).max() + 1e-12), 0.0, 1.0)
-            mu_new, grad_new = model.action_gradient(x, point(new)[None, :])
-            if mu_new[0] > mu[0]:
-                lam, mu, grad = new, mu_new, grad_new
-            else:
-                rate /= 2.0
-        return point(lam)
-
-    def _candidate_leaves(self) -> np.ndarray:
-        leaves = self.tree.leaves()
-        return np.concatenate([leaves, leaves]) if self.representative == "both" else leaves
-
     def _representatives(self, leaves: np.ndarray) -> np.ndarray:
         if self.representative == "center":
             return np.array(self.tree.centers[leaves])
-        if self.representative == "sample":
-            return self.tree.sample(leaves, self.rng)
-        half = len(leaves) // 2  # "both": every leaf's centre, then a point inside it
-        return np.concatenate(
-            [self.tree.centers[leaves[:half]], self.tree.sample(leaves[half:], self.rng)]
-        )
+        return self.tree.sample(leaves, self.rng)
 
     @property
     def n_leaves(self) -> int:

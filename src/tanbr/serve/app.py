@@ -204,10 +204,9 @@ def _twin(backend: Any) -> Any:
     """
     import copy
 
-    shared: dict[int, Any] = {}
-    for module in (backend.model, *backend.merger._originals.values()):
-        for t in [*module.parameters(), *module.buffers()]:
-            shared[id(t)] = t
+    backend.restore()  # the tree holds every original tensor, and no merged one
+    shared: dict[int, Any] = {id(t): t for t in backend.model.parameters()}
+    shared.update({id(t): t for t in backend.model.buffers()})
     for name in ("bank", "_sig_cache", "_ref_cache", "texts"):
         value = getattr(backend, name, None)
         if value is not None:

@@ -1,0 +1,107 @@
+"""Tanbr's own mechanics: where the tree refines, how deep, how big, and late feedback."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tanbr.bandit import Box, Simplex, Tanbr
+from tanbr.bandit.simulate import simulate
+from tanbr.bandit.surfaces import HIGH, Surface, make_mixes
+
+
+def trained(surface: Surface, n_slots: int, seed: int = 0, **params: object) -> Tanbr:
+    rng = np.random.default_rng(seed)
+    policy = Tanbr(space=Simplex(surface.dim), context_dim=surface.dim, rng=rng, **params)  # type: ignore[arg-type]
+    mixes = make_mixes("stationary", dim=surface.dim, n_slots=n_slots, rng=rng)
+    simulate(policy, surface, mixes, rng=rng)
+    return policy
+
+
+def test_the_tree_refines_where_the_reward_is_high() -> None:
+    surface = Surface(family="bump", dim=3, contextual=False)
+    policy = trained(surface, 400)
+    tree = policy.tree
+    best = surface.best_action(np.zeros(3))
+    leaves = tree.leaves()
+    dist = np.linalg.norm(tree.centers[leaves] - best, axis=1)
+    depth = tree.depths[leaves]
+    near, far = depth[dist < 0.15], depth[dist > 0.6]
+    assert len(near) and len(far)
+    assert near.mean() >= far.mean() + 3  # much finer cells near the optimum
+    # the leaves crowd around the optimum far beyond its share of the volume
+    share = sum(tree.volume(int(n)) for n in leaves[dist < 0.15])
+    assert np.mean(dist < 0.15) > 4 * share
+
+
+def test_depth_is_bounded_by_log_t_and_leaves_by_the_cap() -> None:
+    surface = Surface(family="ridge", dim=3)
+    policy = trained(surface, 300, split_visits=1, max_leaves=150)
+    n = Simplex(3).intrinsic_dim
+    assert policy.tree.depths.max() <= policy.init_depth + math.ceil(n / 2 * math.log2(301))
+    assert policy.n_leaves <= 150
+
+
+def test_late_feedback_credits_the_node_that_was_played() -> None:
+    rng = np.random.default_rng(0)
+    policy = Tanbr(space=Simplex(3), context_dim=3, rng=rng, init_depth=2)
+    x = np.array([0.2, 0.3, 0.5])
+    a = policy.select(x)
+    leaf = policy.tree.locate(a)
+    assert np.allclose(policy.tree.center(leaf), a)
+    policy.tree.split(leaf)  # the cell split before the feedback came back
+    policy.visits = np.concatenate([policy.visits, [0, 0]])
+    policy.update(x, a, 0.7)
+    assert policy.visits[leaf] == 1
+    assert policy.visits[list(policy.tree.children(leaf) or ())].sum() == 0
+
+
+def test_a_leaf_splits_once_its_width_is_below_its_cell_term() -> None:
+    rng = np.random.default_rng(1)
+    # width rule off (gamma * width never below nu * 0), visit rule after 3 plays
+    policy = Tanbr(space=Simplex(3), context_dim=3, rng=rng, init_depth=0, nu=0.0, split_visits=3)
+    x = np.full(3, 1 / 3)
+    for visit in range(1, 4):
+        policy.update(x, np.full(3, 1 / 3), 0.5)
+        assert policy.tree.n_leaves == (1 if visit < 3 else 2)
+    # width rule on: a huge cell term splits at the first visit
+    eager = Tanbr(space=Simplex(3), context_dim=3, rng=rng, init_depth=0, nu=100.0)
+    eager.update(x, np.full(3, 1 / 3), 0.5)
+    assert eager.tree.n_leaves == 2
+
+
+def test_it_learns_a_context_dependent_optimum() -> None:
+    """The network generalises across contexts: on fresh mixes its greedy choice among the
+    leaves beats the plug-in action a = x, which is close to but not the optimum."""
+    surface = Surface(family="bump", dim=3)
+    policy = trained(surface, 700, seed=2)
+    xs = np.random.default_rng(9).dirichlet(np.ones(3), 100)
+    candidates = policy.tree.centers[policy.tree.leaves()]
+    greedy = [candidates[np.argmax(policy.model.mean(x, candidates))] for x in xs]
+    regret = np.mean([HIGH - float(surface.mean(x, a)) for x, a in zip(xs, greedy, strict=True)])
+    plug_in = np.mean([HIGH - float(surface.mean(x, x)) for x in xs])
+    assert regret < 0.6 * plug_in
+
+
+def test_sampled_representatives_and_boxes() -> None:
+    rng = np.random.default_rng(3)
+    box = Box(low=(0.0, 0.0), high=(2.0, 1.0))
+    policy = Tanbr(space=box, context_dim=2, rng=rng, representative="sample")
+    for _ in range(60):
+        x = rng.dirichlet(np.ones(2))
+        a = policy.select(x)
+        assert box.contains(a)
+        policy.update(x, a, float(np.exp(-np.sum((a - [1.5, 0.5]) ** 2))))
+    assert policy.n_leaves > 2**policy.init_depth
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [("gamma", -1.0), ("nu", float("nan")), ("init_depth", -1), ("split_visits", 0),
+     ("max_leaves", 1), ("representative", "vertex"), ("bonus", "full"), ("lr", 0.0)],
+)  # fmt: skip
+def test_bad_hyperparameters_are_named(param: str, value: object) -> None:
+    with pytest.raises(ValueError, match=param):
+        Tanbr(space=Simplex(3), context_dim=3, rng=np.random.default_rng(0), **{param: value})  # type: ignore[arg-type]
