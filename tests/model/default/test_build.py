@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +32,8 @@ def test_checkpoint_folder_is_complete_and_loads_with_auto_model(tiny_path: Path
 
 def test_second_build_comes_from_the_cache(tiny_path: Path) -> None:
     stamp = (tiny_path / "model.safetensors").stat().st_mtime_ns
-    started = time.perf_counter()
     assert build_default_model("tiny") == tiny_path
-    assert time.perf_counter() - started < 10.0  # hashing the data files, no training
-    assert (tiny_path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (tiny_path / "model.safetensors").stat().st_mtime_ns == stamp  # not rebuilt
 
 
 def test_predict_gives_probabilities_better_than_chance(tiny_path: Path) -> None:
