@@ -33,7 +33,7 @@ class EpsilonGreedyGrid:
     epsilon
         Exploration rate at slot 1; slot ``t`` explores with ``min(1, epsilon / t^(1/3))``.
     max_arms
-        Size budget of the lattice.
+        Size budget of the lattice (Tanbr's ``max_leaves``, as for NeuralUCB-grid).
     **model_params
         Reward-model settings, as for Tanbr.
     """
@@ -46,8 +46,8 @@ class EpsilonGreedyGrid:
         space: Space,
         context_dim: int,
         rng: np.random.Generator,
-        epsilon: float = 0.5,
-        max_arms: int = 200,
+        epsilon: float = 0.2,
+        max_arms: int = 2048,
         **model_params: Any,
     ) -> None:
         self.space = check_setup(space, context_dim, rng)

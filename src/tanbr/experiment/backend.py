@@ -9,8 +9,11 @@ estimator would see its own decisions. ``gate0`` uses the first MoE block's own 
 is the output of the first upper layer's attention over the lower states, which no merge
 touches; the signature is the gate's probabilities averaged over the request's tokens. Because
 the default model's experts specialise by task, these probabilities are a compact, label-free
-task fingerprint. ``embedding`` is the mean-pooled lower states (the frozen encoder's view);
-``gate0+embedding`` concatenates both.
+task fingerprint, and they cost one attention layer. ``gates`` is every block's gate
+probabilities under the full MoE: a sharper fingerprint (the later blocks specialise more) that
+costs a full-MoE pass over the requests it signs (cached per request offline; for live texts the
+full MoE runs on them, then the served merge is put back). ``embedding`` is the mean-pooled
+lower states (the frozen encoder's view); ``gate0+embedding`` concatenates gate0 and embedding.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from tanbr.experiment.workload import Pool
 
 log = logging.getLogger(__name__)
 
-SIGNATURES = ("gate0", "embedding", "gate0+embedding")
+SIGNATURES = ("gate0", "gates", "embedding", "gate0+embedding")
 
 
 class DefaultBackend:
@@ -100,15 +103,25 @@ class DefaultBackend:
             rows = requests.rows.tolist()
             todo = np.array(sorted({r for r in rows if r not in self._sig_cache}), dtype=np.int64)
             if len(todo):
-                fresh = self._signatures_of(self._row_batches(todo))
+                missing = Requests(tuple(self.texts[r] for r in todo), todo)
+                fresh = self._signatures(missing)
                 self._sig_cache.update(zip(todo.tolist(), fresh, strict=True))
             return np.stack([self._sig_cache[r] for r in rows])
-        return self._signatures_of(self._live_batches(requests.texts))
+        return self._signatures(requests)
+
+    def _signatures(self, requests: Requests) -> np.ndarray:
+        if self.signature == "gates":  # every block's gate under the full MoE
+            probs = self.gate_probs(requests)
+            return np.concatenate([probs[name] for name in self._blocks], axis=1)
+        return self._signatures_of(self._batches(requests))
 
     def gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
+        result: dict[str, np.ndarray] = self._with_full(lambda: self._gate_probs(requests))
+        return result
+
+    def _gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
         from tanbr.model import GateRecorder
 
-        self.restore()
         out = {name: np.zeros((len(requests), e)) for name, e in self._blocks.items()}
         with torch.inference_mode(), GateRecorder(self.model, blocks=self.merger.blocks) as rec:
             for pos, states in self._batches(requests):
@@ -161,10 +174,10 @@ class DefaultBackend:
             todo = np.array(sorted({r for r in rows if r not in self._ref_cache}), dtype=np.int64)
             if len(todo):
                 missing = Requests(tuple(self.texts[r] for r in todo), todo)
-                labels = self._with_full(lambda: self.predict(missing).probs.argmax(1))
+                labels = np.asarray(self._with_full(lambda: self.predict(missing).probs.argmax(1)))
                 self._ref_cache.update(zip(todo.tolist(), labels.tolist(), strict=True))
             return np.array([self._ref_cache[r] for r in rows], dtype=np.int64)
-        return self._with_full(lambda: self.predict(requests).probs.argmax(1))
+        return np.asarray(self._with_full(lambda: self.predict(requests).probs.argmax(1)))
 
     def memory_bytes(self) -> int:
         """Parameter bytes the model as set needs resident to serve end to end.
@@ -234,12 +247,12 @@ class DefaultBackend:
             probs[pos] = torch.softmax(logits.float(), dim=-1).numpy()
         return probs, spent * 1e3
 
-    def _with_full(self, fn: Any) -> np.ndarray:
+    def _with_full(self, fn: Any) -> Any:
         """Run ``fn`` on the full MoE, then ask for the served merge again."""
         target = self._target
         self.restore()
         try:
-            return np.asarray(fn())
+            return fn()
         finally:
             self._target = target
             if not self.memo:

@@ -36,10 +36,8 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, *, config_required
 def _progress(enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    def make(desc: str, total: int) -> Any:
-        return tqdm(
-            total=total, desc=desc, unit="slot", leave=False, file=sys.stderr, disable=not enabled
-        )
+    def make(desc: str, total: int, unit: str = "slot") -> Any:
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled)
 
     return make
 

@@ -1,11 +1,12 @@
 """``tanbr bench serve``: load-test the HTTP service over loopback, merged vs full MoE.
 
-The command starts ``tanbr serve`` as a subprocess on 127.0.0.1 (a free port), sends a bounded
-load (``--concurrency`` clients, each with one call in flight) of real texts drawn from the
-default model's test split with a drifting task mix, answers a fraction of the predictions
-with their true label (so the policy learns while it serves), then stops the server and runs
-the same load against a second server that serves the full MoE (no merging, real top-k
-dispatch). Both runs see the same texts in the same order.
+The command starts two ``tanbr serve`` subprocesses on 127.0.0.1 (free ports): one serving the
+policy (``tanbr``), one serving the full MoE (no merging, real top-k dispatch). It sends both
+the same bounded load (``--concurrency`` clients, each with one call in flight) of real texts
+drawn from the default model's test split with a drifting task mix, and answers a fraction of
+the predictions with their true label, so the policy learns while it serves. The stream is sent
+in ``--rounds`` parts, each part to one server and then the other (ABBA order): background load
+on a shared machine then weighs on both runs alike.
 
 Throughput counts predictions per second of wall time (feedback calls are part of the load but
 not counted); latencies are client-side, per predict call, over loopback.
@@ -55,7 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="torch threads of each server (1: the load generator needs a core too)",
     )
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a run")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="parts the stream is sent in, alternating between the two servers (4)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for a server to start"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
@@ -222,14 +231,14 @@ async def _load(
     give = rng.random(len(texts)) < feedback  # (n,) which predictions get their label back
     latencies: list[float] = []
     errors: list[str] = []
-    hits = 0
+    hits = answered = 0
     sent_feedback = 0
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     next_index = 0
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal next_index, hits, sent_feedback
+        nonlocal next_index, hits, answered, sent_feedback
         while next_index < len(texts):
             i = next_index
             next_index += 1
@@ -245,6 +254,7 @@ async def _load(
                 errors.append(f"predict: HTTP {r.status_code}: {r.text[:200]}")
                 continue
             answer = r.json()["predictions"][0]
+            answered += 1
             hits += answer["label"] == labels[i]
             if give[i]:
                 body = {"request_id": answer["request_id"], "label": labels[i]}
@@ -273,7 +283,10 @@ async def _load(
         "throughput_rps": len(latencies) / wall if wall > 0 else 0.0,
         "latency_p50_ms": float(np.quantile(lat, 0.5)) if lat.size else float("nan"),
         "latency_p99_ms": float(np.quantile(lat, 0.99)) if lat.size else float("nan"),
-        "accuracy": hits / max(1, len(latencies)),
+        "latencies_ms": latencies,
+        "answered": answered,
+        "hits": hits,
+        "accuracy": hits / max(1, answered),
         "feedback": sent_feedback,
     }
 
@@ -293,15 +306,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--slot-size must be >= 1, got {args.slot_size}")
     if args.period < 1:
         raise ValueError(f"--period must be >= 1, got {args.period}")
+    if not 1 <= args.rounds <= args.requests:
+        raise ValueError(f"--rounds must be in 1..--requests, got {args.rounds}")
     if args.requests < 10 * args.slot_size:
         logger.warning("fewer than 10 slots: --requests / --slot-size < 10")
     texts, labels = _workload(
         args.model, n=args.requests, slot_size=args.slot_size, period=args.period, seed=args.seed
     )
-    results: dict[str, LoadResult] = {}
+    runs = {"merged": args.policy, "full_moe": args.baseline}
     with tempfile.TemporaryDirectory(prefix="tanbr-bench-serve-") as tmp:
-        for run_name, policy in (("merged", args.policy), ("full_moe", args.baseline)):
-            results[run_name] = _one_run(Path(tmp) / run_name, policy, texts, labels, args=args)
+        results = _interleaved(Path(tmp), runs, texts, labels, args=args)
     out: dict[str, Any] = {k: _round(v) for k, v in asdict(results["merged"]).items()}
     out["policy"] = args.policy
     out["full_moe"] = {k: _round(v) for k, v in asdict(results["full_moe"]).items()}
@@ -312,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
     )
     out["concurrency"] = args.concurrency
     out["slot_size"] = args.slot_size
+    out["rounds"] = args.rounds
     if args.json:
         print(json.dumps(out))
     else:
@@ -319,18 +334,59 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r.errors == 0 for r in results.values()) else 1
 
 
-def _one_run(
+def _interleaved(
     folder: Path,
-    policy: str,
+    runs: dict[str, str],
     texts: Sequence[str],
     labels: Sequence[str],
     *,
     args: argparse.Namespace,
-) -> LoadResult:
+) -> dict[str, LoadResult]:
+    """Both servers up at once; the stream is sent in ``args.rounds`` parts, each part to one
+    server and then the other (in ABBA order), so that a change of the machine's background
+    load during the command weighs on both runs alike. An idle server costs no CPU."""
     import httpx
+    import numpy as np
 
-    folder.mkdir(parents=True)
-    server = ServerProcess(
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for name, policy in runs.items():
+            (folder / name).mkdir(parents=True)
+            print(f"tanbr bench serve: starting a {policy} server", file=sys.stderr, flush=True)
+            servers[name] = _server(folder / name, policy, args)
+            servers[name].start(timeout=args.timeout)
+        parts: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+        names = list(runs)
+        for r, idx in enumerate(np.array_split(np.arange(len(texts)), args.rounds)):
+            for name in names if r % 2 == 0 else names[::-1]:
+                parts[name].append(
+                    run_load(
+                        servers[name].url,
+                        [texts[i] for i in idx],
+                        [labels[i] for i in idx],
+                        concurrency=args.concurrency,
+                        feedback=args.feedback,
+                        seed=args.seed + r,
+                        desc=f"{runs[name]} {r + 1}/{args.rounds}",
+                    )
+                )
+        status = {
+            name: httpx.get(f"{server.url}/v1/status", timeout=60.0).json()
+            for name, server in servers.items()
+        }
+    except BaseException:
+        for server in servers.values():
+            server.kill()
+        raise
+    for name, server in servers.items():
+        code = server.stop()
+        if code not in (0, -signal.SIGTERM):  # uvicorn re-raises SIGTERM after a clean stop
+            logger.warning("the %s server exited with code %d", runs[name], code)
+    return {name: _combine(parts[name], status[name]) for name in runs}
+
+
+def _server(folder: Path, policy: str, args: argparse.Namespace) -> ServerProcess:
+    return ServerProcess(
         [
             "--model",
             args.model,
@@ -346,36 +402,26 @@ def _one_run(
         state_dir=folder / "state",
         log_path=folder / "server.log",
     )
-    print(f"tanbr bench serve: starting a {policy} server", file=sys.stderr, flush=True)
-    url = server.start(timeout=args.timeout)
-    try:
-        figures = run_load(
-            url,
-            texts,
-            labels,
-            concurrency=args.concurrency,
-            feedback=args.feedback,
-            seed=args.seed,
-            desc=policy,
-        )
-        status = httpx.get(f"{url}/v1/status", timeout=30.0).json()
-    except BaseException:
-        server.kill()
-        raise
-    code = server.stop()
-    if code not in (0, -signal.SIGTERM):  # uvicorn re-raises SIGTERM after a clean shutdown
-        logger.warning("the %s server exited with code %d", policy, code)
+
+
+def _combine(parts: Sequence[dict[str, Any]], status: dict[str, Any]) -> LoadResult:
+    """One run's figures over its rounds: latencies pooled, throughput = calls / wall time."""
+    import numpy as np
+
+    lat = np.concatenate([np.asarray(p["latencies_ms"], dtype=np.float64) for p in parts])
+    wall = sum(p["wall_s"] for p in parts)
+    answered = sum(p["answered"] for p in parts)
     return LoadResult(
-        requests=figures["requests"],
-        errors=figures["errors"],
-        throughput_rps=figures["throughput_rps"],
-        latency_p50_ms=figures["latency_p50_ms"],
-        latency_p99_ms=figures["latency_p99_ms"],
+        requests=sum(p["requests"] for p in parts),
+        errors=sum(p["errors"] for p in parts),
+        throughput_rps=len(lat) / wall if wall > 0 else 0.0,
+        latency_p50_ms=float(np.quantile(lat, 0.5)) if lat.size else float("nan"),
+        latency_p99_ms=float(np.quantile(lat, 0.99)) if lat.size else float("nan"),
         merges=int(status["merges"]),
-        feedback=figures["feedback"],
-        accuracy=figures["accuracy"],
+        feedback=sum(p["feedback"] for p in parts),
+        accuracy=sum(p["hits"] for p in parts) / max(1, answered),
         slots=int(status["slot"]) + 1,
-        wall_s=figures["wall_s"],
+        wall_s=wall,
     )
 
 
