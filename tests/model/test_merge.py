@@ -184,6 +184,19 @@ def test_merge_stats_count_only_active_experts(make_case: Any) -> None:
     assert (first.in_place, again.in_place) == (False, True)
 
 
+def test_re_merge_outside_inference_mode_after_a_first_merge_inside_it(make_case: Any) -> None:
+    case, fresh_case = make_case("mixtral"), make_case("mixtral")
+    merger, fresh = Merger(case.model), Merger(fresh_case.model)
+    first, second = _plan(merger.blocks, 1), _plan(merger.blocks, 2)
+    with torch.inference_mode():
+        merger.apply(first)
+    stats = merger.apply(second)  # in place, into tensors created under inference_mode
+    fresh.apply(second)
+    assert stats.in_place
+    with torch.no_grad():
+        assert torch.equal(case.run(), fresh_case.run())
+
+
 def _one_hot_gate(block: Any, gate: nn.Module, e: int) -> None:
     """Gate weights that put all probability on expert e for any positive input."""
     w = torch.full_like(gate.weight, -4.0)

@@ -291,6 +291,12 @@ def _accumulate(dst: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]]) 
     kernels, and waking a thread pool for each costs more than the work whenever the other core
     is busy (a serving process, or a shared machine).
     """
+    if dst.is_inference() and not torch.is_inference_mode_enabled():
+        # the first merge ran under inference_mode (a serving thread); re-merging in place
+        # into its tensors is only allowed back inside that mode
+        with torch.inference_mode():
+            _accumulate(dst, terms)
+        return
     d_flat = dst.view(-1)  # merged pieces are contiguous row ranges
     flats = [(c, s.reshape(-1)) for c, s in terms]
     # half-precision weights are summed in float32 and rounded once
