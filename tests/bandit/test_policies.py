@@ -159,3 +159,10 @@ def test_make_policy_names_bad_requests() -> None:
         make_policy("random", space=Simplex(3), context_dim=3, rng=0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Simplex or a Box"):
         make_policy("hoo", space=[0, 1], context_dim=3, rng=rng)  # type: ignore[arg-type]
+
+
+def test_plug_in_rejects_a_context_that_is_not_a_mix() -> None:
+    policy = make_policy("plug-in", space=Simplex(3), context_dim=3, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="mix"):
+        policy.select(np.array([0.5, -0.2, 0.7]))
+    np.testing.assert_allclose(policy.select(np.array([2.0, 1.0, 1.0])), [0.5, 0.25, 0.25])

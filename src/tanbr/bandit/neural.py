@@ -1,6 +1,6 @@
 """The reward network of the neural policies and its NeuralUCB exploration width.
 
-A small ReLU MLP ``f(z; theta)`` predicts the reward of an input ``z = (context, action)``
+A small MLP ``f(z; theta)`` predicts the reward of an input ``z = (context, action)``
 (encoded). Its uncertainty follows NeuralUCB (Zhou, Li and Gu, ICML 2020): the width of a
 candidate is ``sqrt(g^T Z^-1 g)`` where ``g`` is a gradient feature of the network at ``z`` and
 ``Z = lam * I + sum_s g_s g_s^T`` over the inputs played so far. Two CPU-cheap choices of ``g``:
@@ -27,14 +27,15 @@ import contextlib
 import itertools
 import math
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from tanbr.bandit.base import check_int, check_positive
 from tanbr.bandit.spaces import Space
 
-Bonus = Literal["last-layer", "diagonal"]
+BONUSES: tuple[str, ...] = ("last-layer", "diagonal")
+ACTIVATIONS: tuple[str, ...] = ("relu", "tanh")
 _BLAS: list[Any] = []  # the threadpoolctl controller, created on first use
 
 
@@ -61,10 +62,6 @@ def single_threaded_blas() -> Iterator[None]:
         yield
 
 
-BONUSES: tuple[str, ...] = ("last-layer", "diagonal")
-ACTIVATIONS: tuple[str, ...] = ("relu", "tanh")
-
-
 class RewardNet:
     """MLP reward model with NeuralUCB widths.
 
@@ -75,13 +72,15 @@ class RewardNet:
     rng
         Source of the initial weights and of the minibatches.
     hidden, depth
-        Width and number of hidden ReLU layers.
+        Width and number of hidden layers.
     lr, weight_decay
         Adam step size; strength of the pull towards the initial weights.
     bonus
         ``"last-layer"`` or ``"diagonal"`` gradient features (see the module docstring).
     lam
         Prior precision of ``Z``: the width of a never-seen input is ``|g| / sqrt(lam)``.
+    activation
+        ``"relu"`` or ``"tanh"`` hidden units.
     """
 
     def __init__(
@@ -346,8 +345,8 @@ class History:
 class RewardModel:
     """Everything a neural policy learns: the network, its history and when to train.
 
-    Inputs are ``(encode_context(x), space.encode(a))``; contexts are centred and scaled like
-    mixes (``(x - 1/d) * d``), which keeps the network's inputs of unit order whatever K is.
+    Inputs are ``((x - 1/d) * d, space.encode(a))``: contexts are centred and scaled like
+    mixes of ``d`` tasks, which keeps the network's inputs of unit order whatever K is.
 
     Parameters
     ----------
@@ -359,7 +358,8 @@ class RewardModel:
         Rebuild ``Z`` from the whole history with the current weights every this many updates
         (rank-one updates in between).
     **net_params
-        Passed to :class:`RewardNet` (hidden, depth, lr, weight_decay, bonus, lam).
+        Passed to :class:`RewardNet` (hidden, depth, lr, weight_decay, bonus, lam,
+        activation).
     """
 
     def __init__(
@@ -396,6 +396,7 @@ class RewardModel:
             return self.net.predict(self.inputs(context, actions))
 
     def mean(self, context: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """Predicted rewards of ``actions`` (N, dim) for one context, shape (N,)."""
         with single_threaded_blas():
             return self.net.mean(self.inputs(context, actions))
 

@@ -76,7 +76,9 @@ class PlugIn:
 
     def select(self, context: np.ndarray) -> np.ndarray:
         x = check_context(context, self.context_dim)
-        return check_action(x / x.sum() if x.sum() > 0 else x, self.space)
+        if np.any(x < 0) or x.sum() <= 0:
+            raise ValueError(f"plug-in needs a context that is a mix (weights >= 0), got {x}")
+        return np.asarray(x / x.sum())  # tolerate a mix estimate that does not sum to 1
 
     def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
         check_context(context, self.context_dim)

@@ -86,10 +86,13 @@ class RewardConfig:
 @dataclass(frozen=True)
 class OracleConfig:
     """Candidate merges searched by the slot oracle: the task-type vertices, their pairwise
-    midpoints, the centre, and ``n_candidates`` Dirichlet(``concentration``) samples."""
+    midpoints, the centre, and ``n_candidates`` Dirichlet(``concentration``) samples, each
+    scored per task on the test split (on its first ``rows_per_task`` requests of each task
+    when set; 0: all of them)."""
 
     n_candidates: int = 64
     concentration: float = 1.0
+    rows_per_task: int = 0
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,20 @@ def per_task_accuracy(predictions: np.ndarray, pool: Pool) -> np.ndarray:
     return np.asarray(hits / np.bincount(pool.tasks, minlength=n))
 
 
+def _first_per_task(pool: Pool, n: int) -> Pool:
+    """The first ``n`` requests of every task of a pool (the whole pool when n is 0)."""
+    if n <= 0:
+        return pool
+    idx = np.sort(np.concatenate([group[:n] for group in pool.by_task]))
+    return Pool(
+        tuple(pool.texts[i] for i in idx),
+        pool.tasks[idx],
+        pool.labels[idx],
+        pool.task_names,
+        rows=None if pool.rows is None else np.asarray(pool.rows)[idx],
+    )
+
+
 def prepare(
     config: ExperimentConfig,
     backend: Backend,
@@ -194,12 +208,13 @@ def prepare(
         rng=rng,
     )
     acc = np.zeros((len(candidates), n_tasks))
-    test_requests = _requests(test)
+    scored = _first_per_task(test, config.oracle.rows_per_task)
+    test_requests = _requests(scored)
     bar = progress("oracle table", len(candidates), "merge") if progress else None
     for c, action in enumerate(candidates):
         backend.merge(param.plan(action))
         probs = backend.predict(test_requests).probs
-        acc[c] = per_task_accuracy(np.asarray(probs).argmax(1), test)
+        acc[c] = per_task_accuracy(np.asarray(probs).argmax(1), scored)
         if bar is not None:
             bar.update(1)
     if bar is not None:
