@@ -99,7 +99,8 @@ def test_sampled_representatives_and_boxes() -> None:
 
 @pytest.mark.parametrize(
     ("param", "value"),
-    [("gamma", -1.0), ("nu", float("nan")), ("init_depth", -1), ("split_visits", 0),
+    [("gamma", -1.0), ("nu", float("nan")), ("init_depth", -1), ("init_depth", 12),
+     ("split_visits", 0),
      ("max_leaves", 1), ("representative", "vertex"), ("bonus", "full"), ("lr", 0.0)],
 )  # fmt: skip
 def test_bad_hyperparameters_are_named(param: str, value: object) -> None:

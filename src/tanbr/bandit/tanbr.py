@@ -51,7 +51,7 @@ class Tanbr:
         Lipschitz constant of the cell term ``nu * diam(C)`` (reward per unit distance).
     init_depth
         The tree starts split uniformly to this depth (default ``max(6, n)``: at least 64
-        candidates, and every direction cut at least once).
+        candidates, and every direction cut at least once; at most ``log2(max_leaves) - 1``).
     split_visits
         A played leaf splits after this many visits even if its width is still large.
     max_leaves
@@ -87,10 +87,16 @@ class Tanbr:
         self.gamma = check_positive("gamma", gamma, allow_zero=True)
         self.nu = check_positive("nu", nu, allow_zero=True)
         n = self.space.intrinsic_dim
-        depth = max(6, n) if init_depth is None else init_depth
-        self.init_depth = check_int("init_depth", depth, minimum=0)
         self.split_visits = check_int("split_visits", split_visits, minimum=1)
         self.max_leaves = check_int("max_leaves", max_leaves, minimum=2)
+        room = int(math.log2(self.max_leaves)) - 1  # leave room to refine under the cap
+        depth = min(max(6, n), room) if init_depth is None else init_depth
+        self.init_depth = check_int("init_depth", depth, minimum=0)
+        if 2**self.init_depth > self.max_leaves:
+            raise ValueError(
+                f"init_depth {self.init_depth} makes {2**self.init_depth} leaves, more than "
+                f"max_leaves={self.max_leaves}"
+            )
         if representative not in REPRESENTATIVES:
             raise ValueError(
                 f"representative must be one of {REPRESENTATIVES}, got {representative!r}"
