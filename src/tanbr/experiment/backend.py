@@ -84,6 +84,7 @@ class DefaultBackend:
         self.bank = model.lower_states(self.texts, progress=progress) if self.texts else None
         self._sig_cache: dict[int, np.ndarray] = {}  # row -> signature
         self._ref_cache: dict[int, int] = {}  # row -> the full MoE's predicted label
+        self._gate_cache: dict[int, np.ndarray] = {}  # row -> every block's gate probs, joined
         self.memo = memo
         self._memo: dict[bytes, dict[int, np.ndarray]] = {}
         self._target: tuple[str, dict[str, np.ndarray] | None] = ("full", None)
@@ -116,8 +117,22 @@ class DefaultBackend:
         return self._signatures_of(self._batches(requests))
 
     def gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
-        result: dict[str, np.ndarray] = self._with_full(lambda: self._gate_probs(requests))
-        return result
+        if requests.rows is None or self.bank is None:
+            live: dict[str, np.ndarray] = self._with_full(lambda: self._gate_probs(requests))
+            return live
+        rows = requests.rows.tolist()
+        todo = np.array(sorted({r for r in rows if r not in self._gate_cache}), dtype=np.int64)
+        if len(todo):
+            missing = Requests(tuple(self.texts[r] for r in todo), todo)
+            probs = self._with_full(lambda: self._gate_probs(missing))
+            joined = np.concatenate([probs[name] for name in self._blocks], axis=1)  # (m, sum E)
+            self._gate_cache.update(zip(todo.tolist(), joined, strict=True))
+        joined = np.stack([self._gate_cache[r] for r in rows])  # (n, sum E)
+        bounds = np.cumsum([0, *self._blocks.values()])
+        return {
+            name: joined[:, a:b]
+            for name, a, b in zip(self._blocks, bounds[:-1], bounds[1:], strict=True)
+        }
 
     def _gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
         from tanbr.model import GateRecorder
