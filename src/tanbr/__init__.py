@@ -6,7 +6,7 @@ serves the slot with that merged model and learns from the reward.
 
 The package has three loosely joined worlds:
 
-* :mod:`tanbr.bandit`: policies over continuous action spaces (numpy and a small torch MLP).
+* :mod:`tanbr.bandit`: policies over continuous action spaces (numpy and a small MLP).
 * :mod:`tanbr.model`: MoE discovery, merging and serving on transformers models.
 * :mod:`tanbr.experiment`: workloads, the slot loop, reports.
 """
