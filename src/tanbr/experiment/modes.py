@@ -1,9 +1,9 @@
 """How each policy name is served in the loop.
 
-Bandit policies (every name in :data:`tanbr.bandit.POLICIES`: ``tanbr``, ``neural-grid``,
-``hoo``, ``linucb-grid``, ``egreedy-grid``, ``random``, ``plug-in``, ...) select an action from
-the estimated mix and a parameterization turns it into a plan. The other baselines are
-non-learning modes:
+Bandit policies (the names in :data:`tanbr.bandit.POLICIES`: ``tanbr``, ``neural-grid``,
+``hoo``, ``linucb-grid``, ``egreedy-grid``, ``random``, ...) select an action from the
+estimated mix and the parameterization turns it into a plan. The other baselines are
+non-learning modes, and take precedence over a bandit policy of the same name:
 
 - ``full-moe``: the original model with its top-k gate (no merging);
 - ``uniform``: every expert weighted equally, every slot;
@@ -11,6 +11,7 @@ non-learning modes:
   mean gate probabilities on unlabeled calibration requests, static;
 - ``smear``: token-level soft merging (SMEAR style): each input gets its own merge from its
   gate probabilities;
+- ``plug-in``: the estimated mix is the action in the task simplex (task-aware, no learning);
 - ``task-oracle``: each request served by its own task's merge, reading the true tags (the
   ceiling no single merge can always reach);
 - ``slot-oracle``: the best single merge for the slot's true mix, found in a table of per-task
@@ -63,8 +64,12 @@ class Baselines:
     frequency_plan: Plan | None = None
     task_plans: tuple[Plan, ...] = ()
     oracle: OracleTable | None = None
-    plan_of: Callable[[np.ndarray], Plan] | None = None  # the parameterization, for the oracle
+    plan_of: Callable[[np.ndarray], Plan] | None = None  # absolute merges: oracle, plug-in
+    task_simplex: bool = True  # plan_of is the task simplex (its actions are mixes)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+PlanOf = Callable[[np.ndarray, np.ndarray], Plan]  # (action, context) -> plan
 
 
 class BanditMode:
@@ -73,14 +78,14 @@ class BanditMode:
     learns = True
     needs_truth = False
 
-    def __init__(self, name: str, policy: Any, plan_of: Callable[[np.ndarray], Plan]) -> None:
+    def __init__(self, name: str, policy: Any, plan_of: PlanOf) -> None:
         self.name = name
         self.policy = policy
         self.plan_of = plan_of
 
     def choose(self, mix: np.ndarray, *, truth: Truth | None = None) -> Choice:
         action = np.asarray(self.policy.select(mix), dtype=np.float64)
-        return Choice("merge", action=action, plan=self.plan_of(action))
+        return Choice("merge", action=action, plan=self.plan_of(action, mix))
 
     def learn(self, mix: np.ndarray, action: np.ndarray, reward: float) -> None:
         self.policy.update(mix, action, reward)
@@ -137,6 +142,24 @@ class Frequency(_Fixed):
         return Choice("merge", plan=self.plan)
 
 
+class PlugIn(_Fixed):
+    """The estimated mix is the action in the task simplex (task-aware, no learning).
+
+    Served as a fixed rule on the absolute task-simplex parameterization, whatever
+    parameterization the bandit policies use, so the baseline means the same in every run."""
+
+    name = "plug-in"
+
+    def __init__(self, baselines: Baselines) -> None:
+        if baselines.plan_of is None or not baselines.task_simplex:
+            raise ValueError("plug-in needs the task-simplex parameterization (action = mix)")
+        self.plan_of = baselines.plan_of
+
+    def choose(self, mix: np.ndarray, *, truth: Truth | None = None) -> Choice:
+        action = np.asarray(mix, dtype=np.float64)
+        return Choice("merge", action=action, plan=self.plan_of(action))
+
+
 class TaskOracle(_Fixed):
     name = "task-oracle"
     needs_truth = True
@@ -177,6 +200,7 @@ MODES: dict[str, ModeFactory] = {
     "uniform": Uniform,
     "frequency": Frequency,
     "smear": Smear,
+    "plug-in": PlugIn,
     "task-oracle": TaskOracle,
     "slot-oracle": SlotOracle,
 }
@@ -195,7 +219,7 @@ def make_mode(
     baselines: Baselines,
     space: Any = None,
     context_dim: int = 0,
-    plan_of: Callable[[np.ndarray], Plan] | None = None,
+    plan_of: PlanOf | None = None,
     rng: np.random.Generator | None = None,
     params: Mapping[str, Any] | None = None,
 ) -> Any:

@@ -7,8 +7,17 @@ assigns to k; label-free). The action says "how much each task's experts count";
 (4..8) while a block may have many experts, and the same action means the same thing in
 every block.
 
+``task-relative``: the same profiles, but the action re-weights the estimated mix p instead of
+replacing it: ``b = normalize((p + floor) * a)`` elementwise, then ``c_l = normalize(sum_k b_k
+U_{l,k})``. The centre of the simplex is the plug-in merge (b = p), the vertices are the task
+types' own merges, and every point of the task simplex stays reachable; the policy learns a
+context-dependent correction of the plug-in merge rather than the merge itself.
+
 ``direct``: the action lives on the simplex over the E experts and is shared by all blocks,
 for models without task structure.
+
+Every parameterization has ``plan(action, context=None)``; only ``task-relative`` reads the
+context (the estimated mix).
 """
 
 from __future__ import annotations
@@ -78,7 +87,7 @@ class TaskSimplex:
             self.profiles[name] = u / u.sum(1, keepdims=True)
         self.dim = dims.pop()
 
-    def plan(self, action: np.ndarray) -> Plan:
+    def plan(self, action: np.ndarray, context: np.ndarray | None = None) -> Plan:
         a = _as_action(action, self.dim)
         plan = {}
         for name, u in self.profiles.items():
@@ -101,9 +110,30 @@ class Direct:
         self.blocks = dict(blocks)
         self.dim = sizes.pop()
 
-    def plan(self, action: np.ndarray) -> Plan:
+    def plan(self, action: np.ndarray, context: np.ndarray | None = None) -> Plan:
         a = _as_action(action, self.dim)
         return {name: a.copy() for name in self.blocks}
+
+
+class TaskRelative(TaskSimplex):
+    """Action on Simplex(K) re-weighting the estimated mix: ``b = normalize((p + floor) * a)``,
+    then the task-simplex plan of b (the centre of the simplex is the plug-in merge)."""
+
+    name = "task-relative"
+
+    def __init__(self, profiles: Mapping[str, np.ndarray], *, floor: float = 0.02) -> None:
+        super().__init__(profiles)
+        if not (np.isfinite(floor) and floor > 0):
+            raise ValueError(f"floor must be > 0, got {floor}")
+        self.floor = floor
+
+    def plan(self, action: np.ndarray, context: np.ndarray | None = None) -> Plan:
+        if context is None:
+            raise ValueError("task-relative plans need the context (the estimated mix)")
+        a = _as_action(action, self.dim)
+        p = _as_action(context, self.dim)
+        b = (p + self.floor) * a  # (K,)
+        return super().plan(b / b.sum())
 
 
 def make_space(dim: int) -> Any:
@@ -115,6 +145,7 @@ def make_space(dim: int) -> Any:
 
 PARAMETERIZATIONS: dict[str, Callable[..., TaskSimplex | Direct]] = {
     "task-simplex": TaskSimplex,
+    "task-relative": TaskRelative,
     "direct": Direct,
 }
 

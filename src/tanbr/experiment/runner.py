@@ -32,7 +32,6 @@ from tanbr.experiment.loop import (
     Backend,
     Decision,
     Labelling,
-    Plan,
     System,
     apply_decision,
     run_slot,
@@ -42,11 +41,13 @@ from tanbr.experiment.modes import (
     MODES,
     Baselines,
     OracleTable,
+    PlanOf,
     candidate_actions,
     make_mode,
 )
 from tanbr.experiment.parameterization import (
     Direct,
+    TaskRelative,
     TaskSimplex,
     cluster_profiles,
     make_space,
@@ -77,7 +78,7 @@ class Setup:
     test: Pool
     estimator: ClusterEstimator | TagEstimator  # fitted template, copied per run
     mapping: np.ndarray  # (K,) task type -> true task (evaluation only)
-    plan_of: Callable[[np.ndarray], Plan]
+    plan_of: PlanOf  # the bandit policies' parameterization: (action, context) -> plan
     dim: int  # action-space dimension
     baselines: Baselines
     timings: dict[str, float] = field(default_factory=dict)
@@ -192,17 +193,23 @@ def prepare(
     )  # reads tags: the task oracle only
     kind = config.parameterization.kind
     param: TaskSimplex | Direct
-    if kind == "task-simplex":
-        param = TaskSimplex(cluster_profiles(assign, gates, k))
+    absolute: TaskSimplex | Direct  # static merges: the oracle's candidates, plug-in
+    if kind in ("task-simplex", "task-relative"):
+        profiles = cluster_profiles(assign, gates, k)
+        absolute = TaskSimplex(profiles)
+        param = absolute if kind == "task-simplex" else TaskRelative(profiles)
     elif kind == "direct":
-        param = Direct(backend.blocks)
+        param = absolute = Direct(backend.blocks)
     else:
-        raise ValueError(f"parameterization.kind must be 'task-simplex' or 'direct', got {kind!r}")
+        raise ValueError(
+            "parameterization.kind must be 'task-simplex', 'task-relative' or 'direct', "
+            f"got {kind!r}"
+        )
     timings["profiles_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     candidates = candidate_actions(
-        param.dim,
+        absolute.dim,
         n_random=config.oracle.n_candidates,
         concentration=config.oracle.concentration,
         rng=rng,
@@ -212,7 +219,7 @@ def prepare(
     test_requests = _requests(scored)
     bar = progress("oracle table", len(candidates), "merge") if progress else None
     for c, action in enumerate(candidates):
-        backend.merge(param.plan(action))
+        backend.merge(absolute.plan(action))
         probs = backend.predict(test_requests).probs
         acc[c] = per_task_accuracy(np.asarray(probs).argmax(1), scored)
         if bar is not None:
@@ -233,7 +240,8 @@ def prepare(
         frequency_plan=frequency_plan,
         task_plans=task_plans,
         oracle=oracle,
-        plan_of=param.plan,
+        plan_of=absolute.plan,
+        task_simplex=isinstance(absolute, TaskSimplex),
     )
     return Setup(
         config=config,
