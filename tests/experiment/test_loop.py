@@ -242,7 +242,9 @@ def test_trace_replay_through_the_runner(fake: Fake, tmp_path: Path) -> None:
 def test_oracle_table_on_a_subsample(fake: Fake) -> None:
     backend, calib, test = fake
     full = prepare(small_config(), backend, calib, test).baselines.oracle
-    sub = prepare(small_config(**{"oracle.rows_per_task": 30}), backend, calib, test).baselines.oracle
+    sub = prepare(
+        small_config(**{"oracle.rows_per_task": 30}), backend, calib, test
+    ).baselines.oracle
     assert full is not None and sub is not None
     assert full.acc.shape == sub.acc.shape
     # 30 of 100 requests per task: per-task accuracies close to the full split's
