@@ -250,3 +250,16 @@ def test_oracle_table_on_a_subsample(fake: Fake) -> None:
     # 30 of 100 requests per task: per-task accuracies close to the full split's
     assert np.abs(full.acc - sub.acc).max() < 0.25
     assert not np.array_equal(full.acc, sub.acc)
+
+
+def test_task_relative_bandits_and_absolute_plug_in(fake: Fake) -> None:
+    backend, calib, test = fake
+    cfg = small_config(**{"parameterization.kind": "task-relative", "n_slots": 8})
+    setup = prepare(cfg, backend, calib, test)
+    slots = make_slots(setup, 0)
+    plug = run_policy(setup, "plug-in", 0, slots).records
+    assert all(r.action == r.est_mix for r in plug)  # the action is the estimated mix
+    tanbr = run_policy(setup, "tanbr", 0, slots).records
+    assert all(r.kind == "merge" and r.coeffs is not None for r in tanbr)
+    with pytest.raises(ValueError, match=r"parameterization\.kind"):
+        prepare(small_config(**{"parameterization.kind": "nope"}), backend, calib, test)

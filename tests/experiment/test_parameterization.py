@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tanbr.experiment.parameterization import (
+    Direct,
+    TaskRelative,
+    TaskSimplex,
+    cluster_profiles,
+)
+
+U = {
+    "b0": np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]]),  # (K=2, E=3)
+    "b1": np.array([[0.5, 0.5, 0.0], [0.0, 0.2, 0.8]]),
+}
+
+
+def test_task_simplex_is_the_normalised_profile_mixture() -> None:
+    plan = TaskSimplex(U).plan(np.array([0.25, 0.75]))
+    np.testing.assert_allclose(plan["b0"], 0.25 * U["b0"][0] + 0.75 * U["b0"][1])
+    np.testing.assert_allclose(plan["b1"], 0.25 * U["b1"][0] + 0.75 * U["b1"][1])
+    vertex = TaskSimplex(U).plan(np.array([1.0, 0.0]))
+    np.testing.assert_allclose(vertex["b1"], U["b1"][0])
+
+
+def test_task_relative_centre_is_plug_in_and_vertices_are_types() -> None:
+    mix = np.array([0.3, 0.7])
+    rel, ts = TaskRelative(U, floor=1e-9), TaskSimplex(U)
+    centre = rel.plan(np.array([0.5, 0.5]), mix)
+    for name in U:
+        np.testing.assert_allclose(centre[name], ts.plan(mix)[name], atol=1e-8)
+        np.testing.assert_allclose(rel.plan(np.array([0.0, 1.0]), mix)[name], U[name][1])
+    with pytest.raises(ValueError, match="context"):
+        rel.plan(np.array([0.5, 0.5]))
+
+
+def test_direct_shares_coeffs_across_blocks() -> None:
+    plan = Direct({"b0": 3, "b1": 3}).plan(np.array([0.2, 0.3, 0.5]))
+    assert set(plan) == {"b0", "b1"}
+    np.testing.assert_allclose(plan["b1"], [0.2, 0.3, 0.5])
+    with pytest.raises(ValueError, match="same number of experts"):
+        Direct({"b0": 3, "b1": 4})
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        (np.array([0.5, 0.6]), "simplex"),
+        (np.array([-0.1, 1.1]), "simplex"),
+        (np.array([np.nan, 1.0]), "simplex"),
+        (np.array([1.0, 0.0, 0.0]), "shape"),
+    ],
+)
+def test_bad_actions_are_rejected(action: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TaskSimplex(U).plan(action)
+
+
+def test_profiles_from_assignments() -> None:
+    gates = {"b0": np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])}
+    profiles = cluster_profiles(np.array([0, 1, 1]), gates, 3)
+    np.testing.assert_allclose(profiles["b0"][0], [1.0, 0.0])
+    np.testing.assert_allclose(profiles["b0"][1], [0.25, 0.75])
+    np.testing.assert_allclose(profiles["b0"][2], [0.5, 0.5])  # empty type: the overall mean
+    with pytest.raises(ValueError, match="must be"):
+        cluster_profiles(np.array([0, 1]), gates, 2)
+    with pytest.raises(ValueError, match="all-zero"):
+        TaskSimplex({"b0": np.array([[0.0, 0.0], [1.0, 0.0]])})
