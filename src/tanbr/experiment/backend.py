@@ -22,6 +22,7 @@ import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,16 @@ class DefaultBackend:
         self.memo = memo
         self._memo: dict[bytes, dict[int, np.ndarray]] = {}
         self._target: tuple[str, dict[str, np.ndarray] | None] = ("full", None)
+
+    def export_caches(self) -> dict[str, dict[int, Any]]:
+        """The per-request caches (signatures, gate probabilities, full-MoE labels), for another
+        process serving the same texts (parallel experiment runs)."""
+        return {"sig": self._sig_cache, "gate": self._gate_cache, "ref": self._ref_cache}
+
+    def import_caches(self, caches: Mapping[str, Mapping[int, Any]]) -> None:
+        self._sig_cache.update(caches.get("sig", {}))
+        self._gate_cache.update(caches.get("gate", {}))
+        self._ref_cache.update(caches.get("ref", {}))
 
     # --- Backend protocol -----------------------------------------------------------------------
 
@@ -416,3 +427,18 @@ def default_backend(
     texts, calib, test = make_pools(model, suite)
     backend = DefaultBackend(model, texts=texts, signature=signature, memo=memo, progress=progress)
     return backend, calib, test
+
+
+@dataclass(frozen=True)
+class BackendFactory:
+    """A picklable recipe for the same backend in another process (parallel runs)."""
+
+    variant: str = "default"
+    path: str = ""
+    signature: str = "gate0"
+    memo: bool = False
+
+    def __call__(self) -> DefaultBackend:
+        return default_backend(
+            variant=self.variant, path=self.path, signature=self.signature, memo=self.memo
+        )[0]

@@ -46,7 +46,7 @@ def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
     """Load the config, build the backend and setup, run everything; returns the RunResult."""
     import logging
 
-    from tanbr.experiment.backend import default_backend
+    from tanbr.experiment.backend import BackendFactory, default_backend
     from tanbr.experiment.config import load_config
     from tanbr.experiment.runner import execute, prepare
 
@@ -62,7 +62,20 @@ def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
     )
     progress = _progress(not quiet)
     setup = prepare(config, backend, calib, test, progress=progress)
-    return execute(setup, out=Path(args.out), progress=progress, plots=not args.no_plots)
+    factory = BackendFactory(
+        variant=config.model.variant,
+        path=config.model.path,
+        signature=config.estimator.signature,
+        memo=config.evaluation.memo,
+    )
+    return execute(
+        setup,
+        out=Path(args.out),
+        progress=progress,
+        plots=not args.no_plots,
+        workers=config.evaluation.workers,
+        backend_factory=factory,
+    )
 
 
 def print_result(result: Any, *, as_json: bool) -> None:

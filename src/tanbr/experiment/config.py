@@ -100,17 +100,25 @@ class EvaluationConfig:
     """Offline evaluation budget. ``sample``: run only each slot's last ``sample`` requests
     through the model and score those (0: the whole slot; the estimator always reads the whole
     slot). ``memo``: reuse the predictions of a (merge, request) pair seen before (exact: the
-    model is deterministic), which makes static baselines and repeated actions cheap."""
+    model is deterministic), which makes static baselines and repeated actions cheap.
+    ``workers``: processes that run the (policy, seed) runs side by side, each with its own copy
+    of the model (results are the same as with one; latency probes run afterwards in the main
+    process)."""
 
     sample: int = 0
     memo: bool = True
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"evaluation.workers must be >= 1, got {self.workers}")
 
 
 @dataclass(frozen=True)
 class LatencyConfig:
-    """Latency probes: ``batches`` real batches of ``batch_size`` requests per policy and seed,
-    timed end to end (tokenize + encoder + MoE layers + head) and for the MoE layers + head
-    alone (cached lower states)."""
+    """Latency probes: ``batches`` real batches of ``batch_size`` requests per policy, spread
+    evenly over the seeds (at least one per seed), timed end to end (tokenize + encoder + MoE
+    layers + head) and for the MoE layers + head alone (cached lower states)."""
 
     batches: int = 8
     batch_size: int = 32

@@ -11,6 +11,7 @@ batches, and writes ``config.toml``, ``trace.jsonl``, ``summary.json`` and the p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 import zlib
@@ -341,7 +342,8 @@ def build_system(setup: Setup, name: str, seed: int) -> System:
 
 @dataclass(frozen=True)
 class PolicyRun:
-    """One policy on one seed: the slot records and the latency probes (ms per batch)."""
+    """One policy on one seed: the slot records, the latency probes (ms per batch) and the
+    decisions of the probe slots (what the probes replay)."""
 
     policy: str
     seed: int
@@ -349,6 +351,7 @@ class PolicyRun:
     e2e_ms: list[float]
     moe_ms: list[float]
     seconds: float
+    probes: tuple[Decision, ...] = ()
 
 
 def run_policy(
@@ -358,10 +361,12 @@ def run_policy(
     slots: Sequence[Slot],
     *,
     bar: Any = None,
+    probe: bool = True,
 ) -> PolicyRun:
-    """Serve a stream with one policy, then probe latency on real batches.
+    """Serve a stream with one policy, then (``probe``) time real batches of its probe slots.
 
-    ``bar`` is an optional progress bar (``update(n)``, ``set_description(str)``)."""
+    ``bar`` is an optional progress bar (``update(n)``, ``set_description(str)``). Without
+    ``probe`` the decisions to replay are kept in the run, for :func:`probe_latency`."""
     t0 = time.perf_counter()
     system = build_system(setup, name, seed)
     evaluator = SlotEvaluator(setup.mapping, len(setup.task_names), setup.baselines.oracle)  # type: ignore[arg-type]
@@ -377,9 +382,40 @@ def run_policy(
             decisions.append(_last_decision(system))
         if bar is not None:
             bar.update(1)
-    e2e, moe = _probe_latency(setup, system, [s for s in slots if s.index in keep], decisions)
+    e2e: list[float] = []
+    moe: list[float] = []
+    if probe:
+        e2e, moe = _probe_latency(setup, system, [s for s in slots if s.index in keep], decisions)
     setup.backend.restore()
-    return PolicyRun(name, seed, records, e2e, moe, time.perf_counter() - t0)
+    return PolicyRun(name, seed, records, e2e, moe, time.perf_counter() - t0, tuple(decisions))
+
+
+def probe_latency(
+    setup: Setup, runs: Sequence[PolicyRun], streams: Mapping[int, Sequence[Slot]]
+) -> list[PolicyRun]:
+    """Time every run's probe slots, interleaved: probe j of every policy of a seed runs before
+    probe j + 1 of any, in an order rotated with j, so load changes on a shared machine hit
+    every policy alike and the latency ratios stay comparable."""
+    e2e: dict[int, list[float]] = {i: [] for i in range(len(runs))}
+    moe: dict[int, list[float]] = {i: [] for i in range(len(runs))}
+    for seed, slots in streams.items():
+        members = [i for i, run in enumerate(runs) if run.seed == seed]
+        keep = sorted(_probe_slots(setup, seed, "", len(slots)))
+        probe_slots = [s for s in slots if s.index in keep]
+        systems = {i: build_system(setup, runs[i].policy, seed) for i in members}
+        for j, slot in enumerate(probe_slots):
+            order = members[j % len(members) :] + members[: j % len(members)] if members else []
+            for i in order:
+                if j >= len(runs[i].probes):
+                    continue
+                a, b = _probe_latency(setup, systems[i], [slot], [runs[i].probes[j]])
+                e2e[i] += a
+                moe[i] += b
+    setup.backend.restore()
+    return [
+        dataclasses.replace(run, e2e_ms=run.e2e_ms + e2e[i], moe_ms=run.moe_ms + moe[i])
+        for i, run in enumerate(runs)
+    ]
 
 
 def _last_decision(system: System) -> Decision:
@@ -389,8 +425,11 @@ def _last_decision(system: System) -> Decision:
 
 def _probe_slots(setup: Setup, seed: int, name: str, n_slots: int) -> set[int]:
     """Slots whose decisions are replayed for the end-to-end probe (the same for all policies
-    of a seed, spread over the run)."""
-    n = min(setup.config.latency.batches, n_slots)
+    of a seed, spread over the run). ``latency.batches`` is per policy: each seed probes its
+    share, so more seeds do not multiply the probing time."""
+    cfg = setup.config
+    share = -(-cfg.latency.batches // max(1, len(cfg.seeds)))  # ceil
+    n = min(share, n_slots)
     rng = np.random.default_rng([seed, zlib.crc32(b"probe")])
     return {int(i) for i in rng.choice(n_slots, size=n, replace=False)}
 
@@ -523,27 +562,46 @@ def execute(
     out: Path,
     progress: Progress | None = None,
     plots: bool = True,
+    workers: int = 1,
+    backend_factory: Callable[[], Backend] | None = None,
 ) -> RunResult:
-    """Every policy x seed of the config; writes the run folder and returns the summary."""
+    """Every policy x seed of the config; writes the run folder and returns the summary.
+
+    With ``workers`` > 1 the (policy, seed) runs are spread over that many processes, each
+    serving with its own copy of the model made by ``backend_factory`` (a picklable callable);
+    the results are the same as with one process. The latency probes always run afterwards in
+    this process, interleaved across policies (:func:`probe_latency`)."""
     cfg = setup.config
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers > 1 and backend_factory is None:
+        raise ValueError("workers > 1 needs a backend_factory (each process builds its model)")
     unknown = [p for p in cfg.policies if p not in MODES and not _is_bandit(p)]
     if unknown:
         make_mode(unknown[0], baselines=setup.baselines)  # raises with close matches
     folder = new_run_folder(out, cfg.name)
     write_config(folder / "config.toml", cfg)
-    runs: list[PolicyRun] = []
     t0 = time.perf_counter()
     streams = {seed: make_slots(setup, seed) for seed in cfg.seeds}
     total = sum(len(slots) for slots in streams.values()) * len(cfg.policies)
     bar = progress("slots", total) if progress else None
     try:
-        for seed, slots in streams.items():
-            for name in cfg.policies:
-                runs.append(run_policy(setup, name, seed, slots, bar=bar))
+        if workers > 1:
+            assert backend_factory is not None
+            runs = _run_parallel(setup, streams, workers, backend_factory, bar)
+        else:
+            runs = [
+                run_policy(setup, name, seed, slots, bar=bar, probe=False)
+                for seed, slots in streams.items()
+                for name in cfg.policies
+            ]
     finally:
         setup.backend.restore()
         if bar is not None:
             bar.close()
+    t_probe = time.perf_counter()
+    runs = probe_latency(setup, runs, streams)
+    setup.timings["probes_s"] = time.perf_counter() - t_probe
     write_trace(folder / "trace.jsonl", (r for run in runs for r in run.records))
     summary = summarize(runs)
     summary["timings"] = {**setup.timings, "runs_s": time.perf_counter() - t0}
@@ -558,6 +616,81 @@ def execute(
 
     write_report([folder], folder / "report.md")
     return RunResult(folder, summary, runs)
+
+
+# --- parallel runs ------------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _run_parallel(
+    setup: Setup,
+    streams: Mapping[int, Sequence[Slot]],
+    workers: int,
+    backend_factory: Callable[[], Backend],
+    bar: Any,
+) -> list[PolicyRun]:
+    """Run the (policy, seed) jobs in ``workers`` spawned processes.
+
+    The setup travels without its backend; each process builds its own from the factory and
+    receives the parent's request-signature caches, which are filled here first so that no
+    process recomputes them. Threads per process: the parent's count split evenly."""
+    import concurrent.futures
+    import multiprocessing
+
+    import torch
+
+    backend = setup.backend
+    rows = sorted(
+        {int(r) for slots in streams.values() for s in slots if s.requests.rows is not None
+         for r in s.requests.rows}
+    )  # fmt: skip
+    if rows and hasattr(backend, "texts"):
+        texts = backend.texts
+        backend.signatures(Requests(tuple(texts[r] for r in rows), np.asarray(rows)))
+    caches = backend.export_caches() if hasattr(backend, "export_caches") else None
+    shared = {f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)}
+    shared.pop("backend")
+    threads = max(1, torch.get_num_threads() // workers)
+    jobs = [(seed, name) for seed in streams for name in setup.config.policies]
+    results: dict[tuple[int, str], PolicyRun] = {}
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(backend_factory, shared, caches, threads),
+    ) as pool:
+        futures = {
+            pool.submit(_worker_run, name, seed, list(streams[seed])): (seed, name)
+            for seed, name in jobs
+        }
+        for future in concurrent.futures.as_completed(futures):
+            seed, name = futures[future]
+            results[(seed, name)] = future.result()
+            if bar is not None:
+                bar.set_description(f"{name} (seed {seed}) done")
+                bar.update(len(streams[seed]))
+    return [results[job] for job in jobs]
+
+
+def _init_worker(
+    backend_factory: Callable[[], Backend],
+    shared: dict[str, Any],
+    caches: Any,
+    threads: int,
+) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    backend = backend_factory()
+    if caches is not None and hasattr(backend, "import_caches"):
+        backend.import_caches(caches)
+    _WORKER["setup"] = Setup(backend=backend, **shared)
+
+
+def _worker_run(name: str, seed: int, slots: list[Slot]) -> PolicyRun:
+    return run_policy(_WORKER["setup"], name, seed, slots, probe=False)
 
 
 def _is_bandit(name: str) -> bool:
