@@ -13,7 +13,10 @@ Recipe (the numbers behind each choice are in docs/default-model.md):
    Task-MoE routing loss: for each MoE layer, the mean over the example's tokens of
    ``-log p(home expert)`` with ``home = task index mod num_experts``, weighted by
    ``route_weight``. That is what makes the experts specialise by task; the tags are used only
-   in training, never at inference.
+   in training, never at inference. Optionally (``merge_weight > 0``) each chunk also runs
+   through the merges the online loop will serve: every example through the plug-in merge of
+   a simulated slot mix dominated by its own task (:func:`sample_merge_coeffs`), with the
+   merged experts' cross-entropy added to the loss (merge-aware training).
 5. Save config + safetensors + tokenizer + ``tasks.json`` into a temporary folder and rename it
    into ``cache_dir("default-model", <every input>)``.
 """
@@ -26,6 +29,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ from tanbr.cache import cache_dir, file_digest
 from tanbr.model.default.data import TASKS, TaskSuite, data_files, load_tasks
 from tanbr.model.default.modeling import (
     TASKS_FILE,
+    LowerStates,
     StateBank,
     TanbrMoEClassifier,
     TanbrMoEConfig,
@@ -50,7 +55,7 @@ from tanbr.model.default.modeling import (
 log = logging.getLogger(__name__)
 
 # Bump when the training code changes in a way that changes the result for the same inputs.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 
 _BERT_FIELDS = (
     "vocab_size",
@@ -87,6 +92,11 @@ class BuildSpec:
     head_lr: float = 1e-2
     weight_decay: float = 0.01
     route_weight: float = 0.3
+    # merge-aware training: weight of the merged experts' cross-entropy (0: off), the least
+    # weight of an example's own task in its simulated slot mix, the Dirichlet of the rest
+    merge_weight: float = 0.0
+    merge_min_home: float = 0.3
+    merge_alpha: float = 0.3
 
     def __post_init__(self) -> None:
         positive = {
@@ -104,9 +114,17 @@ class BuildSpec:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}")
-        for name, rate in {"noise": self.noise, "route_weight": self.route_weight}.items():
+        for name, rate in {
+            "noise": self.noise,
+            "route_weight": self.route_weight,
+            "merge_weight": self.merge_weight,
+        }.items():
             if not rate >= 0.0:
                 raise ValueError(f"{name} must be >= 0, got {rate}")
+        if not 0.0 <= self.merge_min_home <= 1.0:
+            raise ValueError(f"merge_min_home must be in [0, 1], got {self.merge_min_home}")
+        if not self.merge_alpha > 0.0:
+            raise ValueError(f"merge_alpha must be > 0, got {self.merge_alpha}")
         for name, rate in {"lr": self.lr, "gate_lr": self.gate_lr, "head_lr": self.head_lr}.items():
             if not rate > 0.0:
                 raise ValueError(f"{name} must be > 0, got {rate}")
@@ -324,6 +342,90 @@ def routing_loss(
     return (nll * keep).sum() / keep.sum().clamp(min=1.0)
 
 
+def forward_upper_merged(
+    model: TanbrMoEClassifier, states: LowerStates, coeffs: torch.Tensor
+) -> torch.Tensor:
+    """Logits (B, n_labels) with every MoE block replaced, per example, by its merged expert.
+
+    coeffs (B, L, E): example b's merging coefficients in MoE layer l. The merged expert is
+    ``sum_e c_e * expert_e`` on every tensor (biases included), exactly what
+    :class:`tanbr.model.Merger` serves, but differentiable, so training can reach the merges
+    the online loop will use.
+    """
+    b = len(states)
+    layers = model.moe_layers()
+    if coeffs.shape != (b, len(layers), model.config.num_experts):
+        raise ValueError(
+            f"coeffs must be (B, L, E) = {(b, len(layers), model.config.num_experts)}, "
+            f"got {tuple(coeffs.shape)}"
+        )
+    dtype = model.classifier.weight.dtype
+    hidden = states.hidden.to(dtype)  # (B, T, H)
+    keep = states.attention_mask.to(dtype)  # (B, T)
+    mask = model._mask(hidden, states.attention_mask)
+    c_all = coeffs.to(dtype)
+    for i, layer in enumerate(layers):
+        attended, _ = layer.attention(hidden, mask)  # (B, T, H)
+        ex = layer.mlp.experts
+        c = c_all[:, i]  # (B, E)
+        up = torch.einsum("be,eih->bih", c, ex.up_proj)  # (B, I, H)
+        down = torch.einsum("be,ehi->bhi", c, ex.down_proj)  # (B, H, I)
+        x = torch.baddbmm((c @ ex.up_proj_bias)[:, None], attended, up.transpose(1, 2))  # (B, T, I)
+        y = torch.baddbmm((c @ ex.down_proj_bias)[:, None], ex.act_fn(x), down.transpose(1, 2))
+        hidden = layer.LayerNorm(layer.dropout(y) + attended)  # (B, T, H)
+    pooled = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
+    logits: torch.Tensor = model.classifier(model.dropout(pooled))  # (B, n_labels)
+    return logits
+
+
+def task_gate_means(
+    gate_logits: Sequence[torch.Tensor],
+    attention_mask: torch.Tensor,
+    task: torch.Tensor,
+    n_tasks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per task, the sum of gate probabilities over its real tokens and the token count.
+
+    gate_logits: one (B*T, E) tensor per MoE layer; attention_mask (B, T); task (B,).
+    Returns sums (K, L, E) and counts (K,), detached: the running task profiles U.
+    """
+    b, t = attention_mask.shape
+    keep = attention_mask.reshape(b, t, 1).float()  # (B, T, 1)
+    onehot = F.one_hot(task, n_tasks).float()  # (B, K)
+    sums = []
+    for g in gate_logits:
+        probs = F.softmax(g.detach().float(), dim=-1).reshape(b, t, -1)  # (B, T, E)
+        per_example = (probs * keep).sum(1)  # (B, E)
+        sums.append(onehot.T @ per_example)  # (K, E)
+    counts = onehot.T @ keep.sum((1, 2))  # (K,)
+    return torch.stack(sums, dim=1), counts
+
+
+def sample_merge_coeffs(
+    task: torch.Tensor,
+    profiles: torch.Tensor,
+    *,
+    min_home: float,
+    alpha: float,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    """Merging coefficients (B, L, E) of simulated slots, one per example of task (B,).
+
+    Each example's slot mix is ``p = w * onehot(task) + (1 - w) * q`` with
+    ``w ~ U(min_home, 1)`` and ``q ~ Dirichlet(alpha)``, and its coefficients are the plug-in
+    ``normalize(sum_k p_k U_k)`` over the profiles (K, L, E). Training on such merges keeps a
+    task's accuracy when its experts are merged with those of a few other tasks.
+    """
+    n_tasks = profiles.shape[0]
+    ids = task.numpy()
+    w = rng.uniform(min_home, 1.0, size=len(ids))  # (B,)
+    q = rng.dirichlet(np.full(n_tasks, alpha), size=len(ids))  # (B, K)
+    mix = (1.0 - w)[:, None] * q
+    mix[np.arange(len(ids)), ids] += w
+    c = torch.einsum("bk,kle->ble", torch.as_tensor(mix, dtype=torch.float32), profiles)
+    return c / c.sum(-1, keepdim=True)  # (B, L, E)
+
+
 def train(
     model: TanbrMoEClassifier,
     bank: StateBank,
@@ -359,10 +461,14 @@ def train(
         pct_start=0.1,
         anneal_strategy="cos",
     )
-    by_task = [train_index[task_ids[train_index] == t] for t in range(int(task_ids.max()) + 1)]
+    n_tasks = int(task_ids.max()) + 1
+    by_task = [train_index[task_ids[train_index] == t] for t in range(n_tasks)]
+    n_layers = len(model.moe_layers())
+    # running task profiles U (K, L, E): mean gate probabilities per task, as eval measures them
+    profiles = torch.full((n_tasks, n_layers, spec.num_experts), 1.0 / spec.num_experts)
     tap = GateTap(model)
     model.train()
-    ce_ema = route_ema = float("nan")
+    ce_ema = route_ema = merge_ema = float("nan")
     bar = tqdm(range(spec.steps), desc="train", unit="step", disable=not progress)
     try:
         for _ in bar:
@@ -374,32 +480,52 @@ def train(
                 ]
             )
             optimizer.zero_grad(set_to_none=True)
-            ce_sum = route_sum = 0.0
+            ce_sum = route_sum = merge_sum = 0.0
+            sums = torch.zeros_like(profiles)
+            counts = torch.zeros(n_tasks)
             # Length-sorted chunks with gradient accumulation: far less padding than one batch.
             for pos, states in bank.batches(batch, spec.chunk):
                 rows = batch[pos]
+                task = torch.as_tensor(task_ids[rows])  # (b,)
+                target = torch.as_tensor(targets[rows])  # (b,)
                 logits = model.forward_upper(states)  # (b, n_labels)
-                ce = F.cross_entropy(logits, torch.as_tensor(targets[rows]))
-                home = homes[torch.as_tensor(task_ids[rows])]  # (b,)
+                ce = F.cross_entropy(logits, target)
+                gates = tap.take()
                 route = torch.stack(
-                    [routing_loss(g, states.attention_mask, home) for g in tap.take()]
+                    [routing_loss(g, states.attention_mask, homes[task]) for g in gates]
                 ).mean()
+                s_add, c_add = task_gate_means(gates, states.attention_mask, task, n_tasks)
+                sums += s_add
+                counts += c_add
                 share = len(rows) / len(batch)
-                loss = (ce + spec.route_weight * route) * share
-                loss.backward()  # type: ignore[no-untyped-call]
+                loss = ce + spec.route_weight * route
+                if spec.merge_weight > 0.0:
+                    coeffs = sample_merge_coeffs(
+                        task,
+                        profiles,
+                        min_home=spec.merge_min_home,
+                        alpha=spec.merge_alpha,
+                        rng=rng,
+                    )
+                    merged = F.cross_entropy(forward_upper_merged(model, states, coeffs), target)
+                    loss = loss + spec.merge_weight * merged
+                    merge_sum += merged.item() * share
+                (loss * share).backward()  # type: ignore[no-untyped-call]
                 ce_sum += ce.item() * share
                 route_sum += route.item() * share
             optimizer.step()
             scheduler.step()
-            ce_v, route_v = ce_sum, route_sum
-            ce_ema = ce_v if np.isnan(ce_ema) else 0.9 * ce_ema + 0.1 * ce_v
-            route_ema = route_v if np.isnan(route_ema) else 0.9 * route_ema + 0.1 * route_v
-            bar.set_postfix(ce=f"{ce_ema:.3f}", route=f"{route_ema:.3f}")
+            seen = counts > 0
+            profiles[seen] = sums[seen] / counts[seen, None, None]
+            ce_ema = ce_sum if np.isnan(ce_ema) else 0.9 * ce_ema + 0.1 * ce_sum
+            route_ema = route_sum if np.isnan(route_ema) else 0.9 * route_ema + 0.1 * route_sum
+            merge_ema = merge_sum if np.isnan(merge_ema) else 0.9 * merge_ema + 0.1 * merge_sum
+            bar.set_postfix(ce=f"{ce_ema:.3f}", route=f"{route_ema:.3f}", merge=f"{merge_ema:.3f}")
     finally:
         tap.close()
         bar.close()
     model.train(False)
-    return {"ce": ce_ema, "route": route_ema}
+    return {"ce": ce_ema, "route": route_ema, "merge": merge_ema}
 
 
 @torch.inference_mode()
@@ -482,6 +608,7 @@ def _build_into(folder: Path, spec: BuildSpec, *, variant: str, progress: bool) 
             "calib_accuracy": round(calib_accuracy, 4),
             "final_ce": round(losses["ce"], 4),
             "final_route": round(losses["route"], 4),
+            "final_merge": round(losses["merge"], 4),
         },
     }
     (folder / TASKS_FILE).write_text(json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,76 @@
+"""Merge-aware training: the differentiable merged forward is the merge the engine serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tanbr.model.default import BuildSpec, DefaultModel
+from tanbr.model.default.build import (
+    forward_upper_merged,
+    sample_merge_coeffs,
+    task_gate_means,
+)
+
+pytestmark = pytest.mark.data
+
+
+def test_merged_forward_matches_the_merging_engine_per_example(tiny_path: Path) -> None:
+    from tanbr.model import Merger
+
+    dm = DefaultModel.load(tiny_path)
+    texts = ["a short review of a film", "Herr Präsident, meine Damen und Herren", "hi there"]
+    states = dm.lower_states(texts, cache=False).batch([0, 1, 2])
+    blocks = [f"layers.{i}.mlp" for i in range(dm.model.n_lower, 6)]
+    rng = np.random.default_rng(3)
+    coeffs = torch.as_tensor(rng.dirichlet(np.ones(6), size=(3, len(blocks))), dtype=torch.float32)
+    with torch.inference_mode():
+        ours = forward_upper_merged(dm.model, states, coeffs)  # (3, n_labels)
+    merger = Merger(dm.model)
+    for row in range(3):
+        merger.apply({b: coeffs[row, i].numpy().astype(np.float64) for i, b in enumerate(blocks)})
+        try:
+            with torch.inference_mode():
+                expected = dm.model.forward_upper(states)[row]
+        finally:
+            merger.restore()
+        torch.testing.assert_close(ours[row], expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="coeffs must be"):
+        forward_upper_merged(dm.model, states, coeffs[:, :1])
+
+
+def test_sampled_slot_coeffs_are_plug_in_merges_that_favour_the_home_task() -> None:
+    profiles = torch.eye(4)[:, None, :].expand(4, 2, 4).clone()  # (K=4, L=2, E=4), one-hot homes
+    task = torch.tensor([0, 1, 2, 3] * 50)
+    rng = np.random.default_rng(0)
+    c = sample_merge_coeffs(task, profiles, min_home=0.4, alpha=0.3, rng=rng)
+    assert c.shape == (200, 2, 4)
+    torch.testing.assert_close(c.sum(-1), torch.ones(200, 2))
+    home = c[torch.arange(200), :, task]  # (200, 2)
+    assert float(home.min()) >= 0.4 - 1e-6  # p_home >= w >= min_home with one-hot profiles
+    assert float(home.max()) <= 1.0 + 1e-6
+
+
+def test_task_gate_means_average_probabilities_over_real_tokens() -> None:
+    logits = torch.zeros(2 * 3, 2)  # (B*T, E)
+    logits[0:3, 0] = 10.0  # example 0 (task 1): all tokens to expert 0
+    logits[3, 1] = 10.0  # example 1 (task 0): its one real token to expert 1
+    logits[4:6, 0] = 10.0  # example 1's padding: must not count
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    sums, counts = task_gate_means([logits], mask, torch.tensor([1, 0]), 2)
+    profile = sums / counts[:, None, None]  # (K, L, E)
+    torch.testing.assert_close(profile[1, 0], torch.tensor([1.0, 0.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(profile[0, 0], torch.tensor([0.0, 1.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(counts, torch.tensor([1.0, 3.0]))
+
+
+def test_merge_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="merge_weight must be >= 0"):
+        BuildSpec(merge_weight=-1.0)
+    with pytest.raises(ValueError, match="merge_min_home must be in"):
+        BuildSpec(merge_min_home=1.5)
+    with pytest.raises(ValueError, match="merge_alpha must be > 0"):
+        BuildSpec(merge_alpha=0.0)
