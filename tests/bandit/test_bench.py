@@ -29,6 +29,19 @@ def test_bench_policy_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert 0 < timing["select_ms_p50"] <= timing["select_ms_p99"]
 
 
+def test_bench_policy_several_dims(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "policy", "--json", *TINY, "--dims", "2", "6", "--timing-slots", "0"]
+    assert cli.main([*argv, "--policies", "tanbr,tanbr@absolute,plug-in"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["surfaces"]) == {"bump-2", "ridge-2", "bump-6", "ridge-6"}
+    assert out["settings"]["dims"] == [2, 6] and out["timing"] == {}
+    for rows in out["surfaces"].values():
+        assert set(rows) == {"tanbr", "tanbr@absolute", "plug-in"}
+    # the two charts are different policies
+    six = out["surfaces"]["bump-6"]
+    assert six["tanbr"]["regret_mean"] != six["tanbr@absolute"]["regret_mean"]
+
+
 def test_bench_policy_table(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "policy", *TINY, "--policies", "random,fixed", "--timing-slots", "0"]
     assert cli.main(argv) == 0
@@ -42,6 +55,8 @@ def test_bench_policy_table(capsys: pytest.CaptureFixture[str]) -> None:
     ("extra", "message"),
     [
         (["--policies", "router"], "unknown policy"),
+        (["--policies", "hoo@relative"], "only tanbr"),
+        (["--dims", "4", "1"], "--dims"),
         (["--families", "saddle"], "unknown surface family"),
         (["--schedule", "bursty"], "unknown schedule"),
         (["--slots", "100"], "--slots"),

@@ -19,7 +19,7 @@ Function = Callable[[np.ndarray], np.ndarray]
 
 def garland(s: np.ndarray) -> np.ndarray:
     """PyXAB's Garland function (many local maxima), squeezed into [0.1, 0.9]."""
-    return 0.1 + 0.8 * s * (1 - s) * (4 - np.sqrt(np.abs(np.sin(60 * s))))
+    return np.asarray(0.1 + 0.8 * s * (1 - s) * (4 - np.sqrt(np.abs(np.sin(60 * s)))))
 
 
 def static_bump(s: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ def torch_loss(
     loss = loss + net.weight_decay * sum(
         torch.sum((p - q) ** 2) for p, q in zip(params, init, strict=True)
     )
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     return loss, [p.grad for p in params]  # type: ignore[misc]
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tanbr.bandit import Box, Simplex, Tanbr
+from tanbr.bandit.chart import anchor_weights, to_chart
 from tanbr.bandit.simulate import simulate
 from tanbr.bandit.surfaces import HIGH, Surface, make_mixes
 
@@ -22,7 +23,7 @@ def trained(surface: Surface, n_slots: int, seed: int = 0, **params: object) -> 
 
 def test_the_tree_refines_where_the_reward_is_high() -> None:
     surface = Surface(family="bump", dim=3, contextual=False)
-    policy = trained(surface, 400)
+    policy = trained(surface, 400, chart="absolute")  # tree coordinates = actions
     tree = policy.tree
     best = surface.best_action(np.zeros(3))
     leaves = tree.leaves()
@@ -44,13 +45,15 @@ def test_depth_is_bounded_by_log_t_and_leaves_by_the_cap() -> None:
     assert policy.n_leaves <= 150
 
 
-def test_late_feedback_credits_the_node_that_was_played() -> None:
+@pytest.mark.parametrize("chart", ["relative", "absolute"])
+def test_late_feedback_credits_the_node_that_was_played(chart: str) -> None:
     rng = np.random.default_rng(0)
-    policy = Tanbr(space=Simplex(3), context_dim=3, rng=rng, init_depth=2)
+    policy = Tanbr(space=Simplex(3), context_dim=3, rng=rng, init_depth=2, chart=chart)
     x = np.array([0.2, 0.3, 0.5])
     a = policy.select(x)
-    leaf = policy.tree.locate(a)
-    assert np.allclose(policy.tree.center(leaf), a)
+    point = a if chart == "absolute" else to_chart(anchor_weights(x, policy.floor), a)
+    leaf = policy.tree.locate(point)
+    assert np.allclose(policy.tree.center(leaf), point)
     policy.tree.split(leaf)  # the cell split before the feedback came back
     policy.visits = np.concatenate([policy.visits, [0, 0]])
     policy.update(x, a, 0.7)

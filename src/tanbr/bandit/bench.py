@@ -1,12 +1,15 @@
 """``tanbr bench policy``: regret of every policy on the synthetic surfaces, and Tanbr's speed.
 
-For each surface family (in ``--dim`` dimensions, contexts from ``--schedule``) every policy runs
+For each surface family and each dimension K of ``--dims`` (contexts from ``--schedule``), every
+policy runs
 ``--seeds`` seeded runs of ``--slots`` slots. Reported per (surface, policy): the mean and
 standard deviation over seeds of the cumulative regret after ``--at`` slots, and the log-log
 slope of the mean cumulative regret between slot 200 and the last slot (0.5 for ``sqrt(T)``
-growth, 1 for linear). Timing runs Tanbr alone for ``--timing-slots`` slots on the bump surface
-and reports select/update wall times over the last 10% of the slots, where the tree and the
-history are largest.
+growth, 1 for linear). Surfaces are keyed ``FAMILY-K`` (``bump-8``). A policy named
+``tanbr@absolute`` is Tanbr forced onto the absolute chart (a transparency row; the baselines
+always act on the absolute simplex). Timing runs Tanbr alone for ``--timing-slots`` slots on the
+bump surface in ``--timing-dim`` dimensions and reports select/update wall times over the last
+10% of the slots, where the tree and the history are largest.
 
 Prints one JSON document with ``--json``, otherwise a table. Progress goes to stderr.
 """
@@ -42,7 +45,10 @@ def _csv(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
-    parser.add_argument("--dim", type=int, default=4, help="K, the number of task types")
+    parser.add_argument(
+        "--dims", "--dim", dest="dims", type=int, nargs="+", default=[4],
+        help="K, the number of task types; several values run every one (e.g. 2 4 6 8)",
+    )  # fmt: skip
     parser.add_argument("--slots", type=int, default=2000, help="slots per run")
     parser.add_argument("--at", type=int, default=1000, help="report cumulative regret here")
     parser.add_argument("--seeds", type=int, default=5, help="seeded runs per cell")
@@ -50,7 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", type=_csv, default=list(DEFAULT_POLICIES))
     parser.add_argument("--schedule", default="stationary", help="task-mix schedule")
     parser.add_argument("--timing-slots", type=int, default=5000, help="0 skips timing")
+    parser.add_argument("--timing-dim", type=int, default=4, help="K of the timing run")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
+
+
+def _policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"tanbr@absolute"`` -> ``("tanbr", {"chart": "absolute"})``; plain names unchanged."""
+    name, _, chart = spec.partition("@")
+    if not chart:
+        return name, {}
+    if name != "tanbr" or chart not in ("relative", "absolute"):
+        raise ValueError(
+            f"unknown policy variant {spec!r}: only tanbr@relative and tanbr@absolute exist"
+        )
+    return name, {"chart": chart}
 
 
 def _one_run(job: tuple[str, str, int, int, int, str]) -> list[float]:
@@ -58,9 +77,10 @@ def _one_run(job: tuple[str, str, int, int, int, str]) -> list[float]:
     from tanbr.bandit.simulate import run_policy
     from tanbr.bandit.surfaces import Surface
 
-    family, policy, dim, slots, seed, schedule = job
-    trace = run_policy(policy, Surface(family=family, dim=dim), n_slots=slots, seed=seed,
-                       schedule=schedule)  # fmt: skip
+    family, spec, dim, slots, seed, schedule = job
+    name, params = _policy_spec(spec)
+    trace = run_policy(name, Surface(family=family, dim=dim), n_slots=slots, seed=seed,
+                       schedule=schedule, policy_params=params)  # fmt: skip
     return [float(v) for v in trace.cumulative]
 
 
@@ -93,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     from tanbr.bandit.simulate import loglog_slope
     from tanbr.bandit.surfaces import FAMILIES, SCHEDULES, Surface
 
-    for name in args.policies:
+    for spec in args.policies:
+        name, _ = _policy_spec(spec)
         if name not in POLICIES:
             raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}")
     for family in args.families:
@@ -101,8 +122,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown surface family {family!r}; choose from {FAMILIES}")
     if args.schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {args.schedule!r}; choose from {sorted(SCHEDULES)}")
-    if not 2 <= args.dim <= 16:
-        raise ValueError(f"--dim must be in [2, 16], got {args.dim}")
+    for dim in [*args.dims, args.timing_dim]:
+        if not 2 <= dim <= 16:
+            raise ValueError(f"--dims and --timing-dim must be in [2, 16], got {dim}")
+    dims = list(dict.fromkeys(args.dims))  # in order, without repeats
     if args.slots <= SLOPE_START:
         raise ValueError(f"--slots must be > {SLOPE_START} to measure a slope, got {args.slots}")
     if not 1 <= args.at <= args.slots:
@@ -111,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--seeds and --jobs must be >= 1 and --timing-slots >= 0")
 
     jobs = [
-        (family, policy, args.dim, args.slots, seed, args.schedule)
+        (family, policy, dim, args.slots, seed, args.schedule)
+        for dim in dims
         for family in args.families
         for policy in args.policies
         for seed in range(args.seeds)
@@ -131,10 +155,10 @@ def run(args: argparse.Namespace) -> int:
 
     surfaces: dict[str, dict[str, dict[str, float]]] = {}
     for i in range(0, len(jobs), args.seeds):
-        family, policy = jobs[i][0], jobs[i][1]
+        family, policy, dim = jobs[i][:3]
         cum = np.asarray(curves[i : i + args.seeds])  # (seeds, slots)
         mean = cum.mean(axis=0)
-        key = Surface(family=family, dim=args.dim).name
+        key = Surface(family=family, dim=dim).name
         surfaces.setdefault(key, {})[policy] = {
             "regret_mean": round(float(mean[args.at - 1]), 2),
             "regret_std": round(float(cum[:, args.at - 1].std()), 2),
@@ -144,13 +168,14 @@ def run(args: argparse.Namespace) -> int:
     timing: dict[str, Any] = {}
     if args.timing_slots:
         with tqdm(total=args.timing_slots, desc="timing", file=sys.stderr, unit="slot") as bar:
-            timing = _timing(args.dim, args.timing_slots, lambda _t: bar.update())
+            timing = _timing(args.timing_dim, args.timing_slots, lambda _t: bar.update())
 
     result = {
         "surfaces": surfaces,
         "timing": timing,
         "settings": {
-            "dim": args.dim,
+            "dims": dims,
+            "timing_dim": args.timing_dim,
             "slots": args.slots,
             "at": args.at,
             "seeds": args.seeds,
@@ -184,7 +209,7 @@ def _table(result: dict[str, Any]) -> str:
     if t:
         lines.append("")
         lines.append(
-            f"tanbr timing at {t['slots']} slots (K={s['dim']}): select p50 "
+            f"tanbr timing at {t['slots']} slots (K={s['timing_dim']}): select p50 "
             f"{t['select_ms_p50']:.2f} ms, p99 {t['select_ms_p99']:.2f} ms; update p50 "
             f"{t['update_ms_p50']:.2f} ms; {t['leaves']} leaves"
         )

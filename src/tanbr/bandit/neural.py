@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 
 from tanbr.bandit.base import check_int, check_positive
-from tanbr.bandit.spaces import Space
+from tanbr.bandit.spaces import Simplex, Space
 
 BONUSES: tuple[str, ...] = ("last-layer", "diagonal")
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh")
+ENCODINGS: tuple[str, ...] = ("plain", "offset")
 _BLAS: list[Any] = []  # the threadpoolctl controller, created on first use
 
 
@@ -346,7 +347,15 @@ class RewardModel:
     """Everything a neural policy learns: the network, its history and when to train.
 
     Inputs are ``((x - 1/d) * d, space.encode(a))``: contexts are centred and scaled like
-    mixes of ``d`` tasks, which keeps the network's inputs of unit order whatever K is.
+    mixes of ``d`` tasks, which keeps the network's inputs of unit order whatever K is. With
+    ``encoding="offset"`` (actions on the task simplex of the context) the step
+    ``(a - x) * d`` away from the plug-in merge is appended: a reward that peaks near the
+    plug-in becomes a bump near the origin of these coordinates.
+
+    ``prior > 0`` gives the network a prior mean ``m0(x, a) = -prior * |a - x|^2`` ("merges far
+    from the plug-in are worse"): the network learns the residual ``r - m0`` and predicts
+    ``m0 + f``. Without it an untrained network ranks candidates at random, and the first
+    hundreds of slots cost more than the plug-in merge would.
 
     Parameters
     ----------
@@ -357,6 +366,10 @@ class RewardModel:
     refresh_every
         Rebuild ``Z`` from the whole history with the current weights every this many updates
         (rank-one updates in between).
+    encoding
+        ``"plain"`` or ``"offset"`` network inputs (see above).
+    prior
+        Curvature of the prior mean ``-prior * |a - x|^2`` (0: none).
     **net_params
         Passed to :class:`RewardNet` (hidden, depth, lr, weight_decay, bonus, lam,
         activation).
@@ -371,6 +384,8 @@ class RewardModel:
         train_steps: int = 4,
         batch_size: int = 64,
         refresh_every: int = 32,
+        encoding: str = "plain",
+        prior: float = 0.0,
         **net_params: Any,
     ) -> None:
         self.space = space
@@ -378,32 +393,53 @@ class RewardModel:
         self.train_steps = check_int("train_steps", train_steps, minimum=0)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
-        self.net = RewardNet(input_dim=context_dim + space.dim, rng=rng, **net_params)
-        self.history = History(context_dim + space.dim)
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        self.encoding = encoding
+        self.prior = check_positive("prior", prior, allow_zero=True)
+        anchored = isinstance(space, Simplex) and space.dim == context_dim
+        if (encoding == "offset" or self.prior) and not anchored:
+            raise ValueError(
+                f"encoding={encoding!r} and prior={prior!r} need the action space Simplex(K) "
+                f"of the context's dimension K={context_dim}, got {space}"
+            )
+        width = context_dim + space.dim * (2 if encoding == "offset" else 1)
+        self.net = RewardNet(input_dim=width, rng=rng, **net_params)
+        self.history = History(width)
 
     def inputs(self, context: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """Encoded network inputs for one context and ``actions`` (N, dim): (N, D)."""
         actions = np.atleast_2d(actions)
-        xc = (context - 1.0 / self.context_dim) * self.context_dim  # (Dx,)
-        return np.concatenate(
-            [np.broadcast_to(xc, (len(actions), self.context_dim)), self.space.encode(actions)],
-            axis=1,
-        )
+        k = self.context_dim
+        xc = (context - 1.0 / k) * k  # (Dx,)
+        parts = [np.broadcast_to(xc, (len(actions), k)), self.space.encode(actions)]
+        if self.encoding == "offset":
+            parts.append((actions - context) * k)  # (N, K) the step away from the plug-in
+        return np.concatenate(parts, axis=1)
+
+    def prior_mean(self, context: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """The prior mean ``-prior * |a - x|^2`` of ``actions`` (N, dim), shape (N,)."""
+        if not self.prior:
+            return np.zeros(len(np.atleast_2d(actions)))
+        d = np.atleast_2d(actions) - context
+        return np.asarray(-self.prior * np.sum(d * d, axis=1))
 
     def predict(self, context: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted rewards and widths of ``actions`` (N, dim) for one context: (N,), (N,)."""
         with single_threaded_blas():
-            return self.net.predict(self.inputs(context, actions))
+            mean, width = self.net.predict(self.inputs(context, actions))
+        return mean + self.prior_mean(context, actions), width
 
     def mean(self, context: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """Predicted rewards of ``actions`` (N, dim) for one context, shape (N,)."""
         with single_threaded_blas():
-            return self.net.mean(self.inputs(context, actions))
+            out = self.net.mean(self.inputs(context, actions))
+        return np.asarray(out + self.prior_mean(context, actions))
 
     def learn(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
         """Record one slot's feedback and train a little (inputs already validated)."""
         z = self.inputs(context, action[None, :])[0]
-        self.history.append(z, reward)
+        self.history.append(z, reward - float(self.prior_mean(context, action[None, :])[0]))
         with single_threaded_blas():
             if len(self.history) % self.refresh_every == 0:
                 self.net.refresh(self.history.inputs)

@@ -12,7 +12,15 @@ its confidence width has fallen below its cell term (the data can no longer tell
 apart), or after ``split_visits`` visits, so candidates get finer only where the policy keeps
 playing, i.e. where the reward is high. Depth is capped at
 ``init_depth + ceil(n/2 * log2(t + 1))`` (n the intrinsic dimension), where the cells reach
-the ``1/sqrt(t)`` statistical resolution: O(log T). See docs/algorithm.md for every formula.
+the ``1/sqrt(t)`` statistical resolution: O(log T).
+
+When the action space is the task simplex of the context's dimension, the tree partitions the
+context-anchored chart (:mod:`tanbr.bandit.chart`) instead of the absolute simplex: its centre
+is the plug-in merge, so the policy starts at plug-in quality and refines the correction. The
+reward network then sees the step ``a - x`` away from the plug-in and has the prior mean
+``-prior * |a - x|^2``. Actions handed out and taken back are always absolute merges; the
+chart is recomputed from the context, so no state is kept between ``select`` and ``update``.
+See docs/algorithm.md for every formula.
 """
 
 from __future__ import annotations
@@ -31,11 +39,14 @@ from tanbr.bandit.base import (
     check_reward,
     check_setup,
 )
+from tanbr.bandit.chart import CHARTS, DEFAULT_FLOOR, anchor_weights, to_action, to_chart
 from tanbr.bandit.neural import RewardModel
 from tanbr.bandit.partition import PartitionTree, split_to_depth
-from tanbr.bandit.spaces import Space
+from tanbr.bandit.spaces import Simplex, Space
 
 REPRESENTATIVES: tuple[str, ...] = ("center", "sample")
+#: Reward-model defaults in the relative chart (see docs/algorithm.md, section 5).
+RELATIVE_MODEL: dict[str, Any] = {"encoding": "offset", "prior": 3.0, "train_steps": 8}
 
 
 class Tanbr:
@@ -48,10 +59,12 @@ class Tanbr:
     gamma
         Weight of the NeuralUCB width in the score.
     nu
-        Lipschitz constant of the cell term ``nu * diam(C)`` (reward per unit distance).
+        Lipschitz constant of the cell term ``nu * diam(C)`` (reward per unit distance in the
+        partitioned chart). Default 0.25 in the relative chart, 0.5 in the absolute one.
     init_depth
-        The tree starts split uniformly to this depth (default ``max(6, n)``: at least 64
-        candidates, and every direction cut at least once; at most ``log2(max_leaves) - 1``).
+        The tree starts split uniformly to this depth. Default in the absolute chart
+        ``max(6, n)``: at least 64 candidates, every direction cut at least once; in the
+        relative chart 4 (16 cells around the plug-in merge). At most ``log2(max_leaves) - 1``.
     split_visits
         A played leaf splits after this many visits even if its width is still large.
     max_leaves
@@ -59,10 +72,17 @@ class Tanbr:
     representative
         ``"center"`` plays the barycentre of the chosen leaf; ``"sample"`` scores and plays a
         fresh uniform point inside every leaf.
+    chart
+        ``"relative"`` partitions the context-anchored chart (default when the space is
+        ``Simplex(K)`` and the context has length K), ``"absolute"`` the space itself (the
+        only choice otherwise).
+    floor
+        The relative chart's ``w = x + floor``: keeps tasks absent from the mix reachable.
     **model_params
         Reward-model settings (:class:`~tanbr.bandit.neural.RewardModel` and
         :class:`~tanbr.bandit.neural.RewardNet`): hidden, depth, lr, weight_decay, lam, bonus,
-        train_steps, batch_size, refresh_every.
+        train_steps, batch_size, refresh_every, encoding, prior. In the relative chart the
+        defaults become ``encoding="offset"``, ``prior=3.0`` and ``train_steps=8``.
     """
 
     name = "tanbr"
@@ -74,23 +94,39 @@ class Tanbr:
         context_dim: int,
         rng: np.random.Generator,
         gamma: float = 0.1,
-        nu: float = 0.5,
+        nu: float | None = None,
         init_depth: int | None = None,
         split_visits: int = 8,
         max_leaves: int = 2048,
         representative: str = "center",
+        chart: str | None = None,
+        floor: float = DEFAULT_FLOOR,
         **model_params: Any,
     ) -> None:
         self.space = check_setup(space, context_dim, rng)
         self.context_dim = int(context_dim)
         self.rng = rng
+        anchored = isinstance(self.space, Simplex) and self.space.dim == self.context_dim
+        chart = ("relative" if anchored else "absolute") if chart is None else chart
+        if chart not in CHARTS:
+            raise ValueError(f"chart must be one of {CHARTS}, got {chart!r}")
+        if chart == "relative" and not anchored:
+            raise ValueError(
+                "chart='relative' needs the action space Simplex(K) of the context's "
+                f"dimension K={self.context_dim}, got {self.space}"
+            )
+        self.chart = chart
+        relative = chart == "relative"
+        self.floor = check_positive("floor", floor)
         self.gamma = check_positive("gamma", gamma, allow_zero=True)
+        nu = (0.25 if relative else 0.5) if nu is None else nu
         self.nu = check_positive("nu", nu, allow_zero=True)
         n = self.space.intrinsic_dim
         self.split_visits = check_int("split_visits", split_visits, minimum=1)
         self.max_leaves = check_int("max_leaves", max_leaves, minimum=2)
         room = int(math.log2(self.max_leaves)) - 1  # leave room to refine under the cap
-        depth = min(max(6, n), room) if init_depth is None else init_depth
+        start = 4 if relative else max(6, n)
+        depth = min(start, room) if init_depth is None else init_depth
         self.init_depth = check_int("init_depth", depth, minimum=0)
         if 2**self.init_depth > self.max_leaves:
             raise ValueError(
@@ -102,6 +138,8 @@ class Tanbr:
                 f"representative must be one of {REPRESENTATIVES}, got {representative!r}"
             )
         self.representative = representative
+        if relative:
+            model_params = {**RELATIVE_MODEL, **model_params}
         self.tree = PartitionTree(self.space)
         split_to_depth(self.tree, self.init_depth)
         self.model = RewardModel(
@@ -114,21 +152,30 @@ class Tanbr:
 
     def select(self, context: np.ndarray) -> np.ndarray:
         x = check_context(context, self.context_dim)
+        w = self._weights(x)
         leaves = self.tree.leaves()  # (N,)
-        points = self._representatives(leaves)  # (N, dim)
-        mean, width = self.model.predict(x, points)  # (N,), (N,)
+        points = self._representatives(leaves)  # (N, dim) in the chart
+        actions = points if w is None else to_action(w, points)  # (N, dim) in the space
+        mean, width = self.model.predict(x, actions)  # (N,), (N,)
         score = mean + self.gamma * width + self.nu * self.tree.diameters[leaves]
-        return np.array(points[argmax(score, self.rng)])
+        return np.array(actions[argmax(score, self.rng)])
 
     def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
         x = check_context(context, self.context_dim)
+        w = self._weights(x)
         a = check_action(action, self.space)
         r = check_reward(reward)
         self.model.learn(x, a, r)
         self.n_updates += 1
-        node = self._node_of(a)
+        node = self._node_of(a if w is None else to_chart(w, a))
         self.visits[node] += 1
-        self._maybe_split(node, x)
+        self._maybe_split(node, x, w)
+
+    # --- the chart ------------------------------------------------------------------------
+
+    def _weights(self, x: np.ndarray) -> np.ndarray | None:
+        """The chart's anchor ``w`` for a context, or None for the absolute chart."""
+        return None if self.chart == "absolute" else anchor_weights(x, self.floor)
 
     # --- refinement -----------------------------------------------------------------------
 
@@ -137,14 +184,15 @@ class Tanbr:
         n = self.space.intrinsic_dim
         return self.init_depth + math.ceil(n / 2 * math.log2(self.n_updates + 1))
 
-    def _maybe_split(self, node: int, x: np.ndarray) -> None:
+    def _maybe_split(self, node: int, x: np.ndarray, w: np.ndarray | None) -> None:
         tree = self.tree
         if not tree.is_leaf(node) or tree.n_leaves >= self.max_leaves:
             return
         if tree.depth(node) >= self.max_depth():
             return
         if self.visits[node] < self.split_visits:
-            _, width = self.model.predict(x, tree.centers[node][None, :])
+            center = tree.centers[node][None, :]  # (1, dim) in the chart
+            _, width = self.model.predict(x, center if w is None else to_action(w, center))
             if self.gamma * float(width[0]) > self.nu * tree.diameter(node):
                 return
         tree.split(node)
@@ -160,7 +208,7 @@ class Tanbr:
         if self.representative == "center":
             centers = self.tree.centers
             for node in path:
-                if np.max(np.abs(centers[node] - a)) <= 1e-12:
+                if np.max(np.abs(centers[node] - a)) <= 1e-9:
                     return node
         return path[-1]
 
