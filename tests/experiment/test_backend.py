@@ -81,3 +81,37 @@ def test_bad_rows_are_rejected(tiny: Any) -> None:
     backend, _, _ = tiny
     with pytest.raises(ValueError, match="rows must be in"):
         backend.predict(Requests(("x",), np.array([10**7])))
+
+
+def test_bfloat16_serving_follows_float32(tiny: Any) -> None:
+    """bfloat16 serving keeps the float32 model (and its lower-state cache) untouched, merges
+    exactly as many blocks, halves the resident bytes, and mostly predicts the same labels."""
+    from tanbr.experiment.backend import DefaultBackend, serving_dtype
+
+    backend, _, test = tiny
+    backend.restore()  # a model merged by another Merger cannot be copied into a new one
+    half = DefaultBackend(backend.dm, texts=backend.texts, dtype="bfloat16")
+    assert half.model.dtype == serving_dtype("bfloat16")
+    assert backend.model.dtype == serving_dtype("float32")  # the shared model is not cast
+    assert dict(half.blocks) == dict(backend.blocks)
+    requests = Requests(test.texts[:64], test.rows[:64])
+    plan = _plan(backend, 2)
+    agree = []
+    for b in (backend, half):
+        b.merge(plan)
+    a, h = backend.predict(requests), half.predict(requests)
+    agree.append(float((a.probs.argmax(1) == h.probs.argmax(1)).mean()))
+    assert half.memory_bytes() < 0.6 * backend.memory_bytes()
+    for b in (backend, half):
+        b.restore()
+    agree.append(
+        float(
+            (
+                backend.predict(requests).probs.argmax(1) == half.predict(requests).probs.argmax(1)
+            ).mean()
+        )
+    )
+    assert min(agree) >= 0.9
+    with pytest.raises(ValueError, match=r"model\.dtype must be one of"):
+        serving_dtype("float8")
+    assert serving_dtype("auto") in (serving_dtype("bfloat16"), serving_dtype("float32"))

@@ -59,6 +59,7 @@ def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
         threads=config.model.threads,
         memo=config.evaluation.memo,
         progress=not quiet,
+        dtype=config.model.dtype,
     )
     progress = _progress(not quiet)
     setup = prepare(config, backend, calib, test, progress=progress)
@@ -67,6 +68,7 @@ def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
         path=config.model.path,
         signature=config.estimator.signature,
         memo=config.evaluation.memo,
+        dtype=config.model.dtype,
     )
     return execute(
         setup,

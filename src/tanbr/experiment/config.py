@@ -29,6 +29,7 @@ class ModelConfig:
     variant: str = "default"
     path: str = ""
     threads: int = 2  # torch intra-op threads while serving
+    dtype: str = "float32"  # serving precision: float32, bfloat16 or auto (see backend)
 
 
 @dataclass(frozen=True)

@@ -316,7 +316,7 @@ def build_system(setup: Setup, name: str, seed: int) -> System:
         context_dim=estimator.n_types,
         plan_of=setup.plan_of,
         rng=rng,
-        params=cfg.policy.get(name, {}),
+        params=_policy_params(cfg, name),
     )
     return System(
         backend=setup.backend,
@@ -338,6 +338,16 @@ def build_system(setup: Setup, name: str, seed: int) -> System:
         head=cfg.estimator.head,
         rng=np.random.default_rng([seed, zlib.crc32(name.encode()), 1]),
     )
+
+
+def _policy_params(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
+    """``[policy.NAME]`` of the config. Under ``task-relative`` the parameterization already
+    re-weights the mix, so Tanbr's own context-anchored chart would re-weight it twice: Tanbr
+    then works on the plain simplex unless the config names a chart."""
+    params = dict(cfg.policy.get(name, {}))
+    if name == "tanbr" and cfg.parameterization.kind == "task-relative":
+        params.setdefault("chart", "absolute")
+    return params
 
 
 @dataclass(frozen=True)
