@@ -67,7 +67,7 @@ def plot_cumulative_regret(records: Sequence[SlotRecord], ax: Any = None) -> Any
             ax.fill_between(t, cum.min(0), cum.max(0), color=line.get_color(), alpha=0.12)
     ax.set_title("Cumulative regret against the slot oracle (lower is better)")
     ax.set_xlabel("slot")
-    ax.set_ylabel("cumulative regret (accuracy points x slots)")
+    ax.set_ylabel("cumulative regret (sum over slots of accuracy lost, 0-1 scale)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="upper left")
     return ax
