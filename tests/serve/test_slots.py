@@ -41,6 +41,25 @@ def test_slot_config_names_the_bad_parameter(field: str, value: float) -> None:
         SlotConfig(**{field: value})  # type: ignore[arg-type]
 
 
+def test_service_serves_in_the_configured_precision(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`model.dtype` of the experiment config reaches both replicas and the state's meta, so a
+    restart resumes in the same precision. (Runs before the module's manager merges the shared
+    float32 model.)"""
+    import torch
+
+    config = ServeConfig(
+        model=str(tiny_model),
+        state_dir=tmp_path_factory.mktemp("state-bf16"),
+        overrides=("model.dtype=bfloat16",),
+    )
+    replicas = build_replicas(config)
+    assert replicas.meta["dtype"] == "bfloat16"
+    for system in replicas.systems:
+        assert system.backend.model.dtype == torch.bfloat16
+
+
 @pytest.fixture(scope="module")
 def manager(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlotManager]:
     with pytest.MonkeyPatch.context() as patch:

@@ -154,7 +154,11 @@ def build_replicas(config: ServeConfig) -> Replicas:
                 f"state folder {config.state_dir} was built on model {meta.get('model')}, not"
                 f" {folder}; give another --state-dir"
             )
-        backend = DefaultBackend(DefaultModel.load(folder), signature=meta["signature"])
+        backend = DefaultBackend(
+            DefaultModel.load(folder),
+            signature=meta["signature"],
+            dtype=meta.get("dtype", "float32"),
+        )
         system = System(
             backend=backend,
             estimator=snapshot["estimator"],
@@ -165,13 +169,20 @@ def build_replicas(config: ServeConfig) -> Replicas:
         logger.info("resuming from %s (no refit)", config.state_dir)
     else:
         signature = cfg.estimator.signature
-        backend, calib, test = default_backend(path=str(folder), signature=signature)
+        backend, calib, test = default_backend(
+            path=str(folder), signature=signature, dtype=cfg.model.dtype
+        )
         # The slot oracle's candidate table is an offline yardstick that the service never
         # uses: keep it to the minimum candidate set on one request per task.
         cfg = dataclasses.replace(cfg, oracle=dataclasses.replace(cfg.oracle, n_candidates=0))
         setup = prepare(cfg, backend, calib, _small_pool(test, per_task=1))
         system = build_system(setup, config.policy, config.seed)
-        meta = {"policy": config.policy, "model": str(folder), "signature": signature}
+        meta = {
+            "policy": config.policy,
+            "model": str(folder),
+            "signature": signature,
+            "dtype": cfg.model.dtype,  # the serving precision (model.dtype of the config)
+        }
     backend.restore()
     twin = dataclasses.replace(system, backend=_twin(backend))
     labels = tuple(backend.dm.labels)
