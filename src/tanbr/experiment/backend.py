@@ -462,7 +462,8 @@ def default_backend(
 
 @dataclass(frozen=True)
 class BackendFactory:
-    """A picklable recipe for the same backend in another process (parallel runs)."""
+    """A picklable recipe for the backend of an experiment config: the main process loads it
+    with its pools, worker processes call it for the backend alone (parallel runs)."""
 
     variant: str = "default"
     path: str = ""
@@ -470,11 +471,30 @@ class BackendFactory:
     memo: bool = False
     dtype: str = "float32"
 
-    def __call__(self) -> DefaultBackend:
+    @classmethod
+    def from_config(cls, config: Any) -> BackendFactory:
+        """The recipe an :class:`~tanbr.experiment.config.ExperimentConfig` describes."""
+        return cls(
+            variant=config.model.variant,
+            path=config.model.path,
+            signature=config.estimator.signature,
+            memo=config.evaluation.memo,
+            dtype=config.model.dtype,
+        )
+
+    def load(
+        self, *, threads: int = 0, progress: bool = False
+    ) -> tuple[DefaultBackend, Pool, Pool]:
+        """The backend with its calibration and test pools (see :func:`default_backend`)."""
         return default_backend(
             variant=self.variant,
             path=self.path,
             signature=self.signature,
+            threads=threads,
             memo=self.memo,
+            progress=progress,
             dtype=self.dtype,
-        )[0]
+        )
+
+    def __call__(self) -> DefaultBackend:
+        return self.load()[0]

@@ -46,30 +46,16 @@ def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
     """Load the config, build the backend and setup, run everything; returns the RunResult."""
     import logging
 
-    from tanbr.experiment.backend import BackendFactory, default_backend
+    from tanbr.experiment.backend import BackendFactory
     from tanbr.experiment.config import load_config
     from tanbr.experiment.runner import execute, prepare
 
     config = load_config(args.config, preset=getattr(args, "preset", None), overrides=overrides)
     quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
-    backend, calib, test = default_backend(
-        variant=config.model.variant,
-        path=config.model.path,
-        signature=config.estimator.signature,
-        threads=config.model.threads,
-        memo=config.evaluation.memo,
-        progress=not quiet,
-        dtype=config.model.dtype,
-    )
+    factory = BackendFactory.from_config(config)
+    backend, calib, test = factory.load(threads=config.model.threads, progress=not quiet)
     progress = _progress(not quiet)
     setup = prepare(config, backend, calib, test, progress=progress)
-    factory = BackendFactory(
-        variant=config.model.variant,
-        path=config.model.path,
-        signature=config.estimator.signature,
-        memo=config.evaluation.memo,
-        dtype=config.model.dtype,
-    )
     return execute(
         setup,
         out=Path(args.out),

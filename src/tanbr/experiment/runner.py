@@ -121,7 +121,7 @@ def per_task_accuracy(predictions: np.ndarray, pool: Pool) -> np.ndarray:
     return np.asarray(hits / np.bincount(pool.tasks, minlength=n))
 
 
-def _first_per_task(pool: Pool, n: int) -> Pool:
+def first_per_task(pool: Pool, n: int) -> Pool:
     """The first ``n`` requests of every task of a pool (the whole pool when n is 0)."""
     if n <= 0:
         return pool
@@ -216,7 +216,7 @@ def prepare(
         rng=rng,
     )
     acc = np.zeros((len(candidates), n_tasks))
-    scored = _first_per_task(test, config.oracle.rows_per_task)
+    scored = first_per_task(test, config.oracle.rows_per_task)
     test_requests = _requests(scored)
     bar = progress("oracle table", len(candidates), "merge") if progress else None
     for c, action in enumerate(candidates):
@@ -382,7 +382,7 @@ def run_policy(
     evaluator = SlotEvaluator(setup.mapping, len(setup.task_names), setup.baselines.oracle)  # type: ignore[arg-type]
     records: list[SlotRecord] = []
     decisions: list[Decision] = []
-    keep = _probe_slots(setup, seed, name, len(slots))
+    keep = _probe_slots(setup, seed, len(slots))
     if bar is not None:
         bar.set_description(f"{name} (seed {seed})")
     for slot in slots:
@@ -410,7 +410,7 @@ def probe_latency(
     moe: dict[int, list[float]] = {i: [] for i in range(len(runs))}
     for seed, slots in streams.items():
         members = [i for i, run in enumerate(runs) if run.seed == seed]
-        keep = sorted(_probe_slots(setup, seed, "", len(slots)))
+        keep = sorted(_probe_slots(setup, seed, len(slots)))
         probe_slots = [s for s in slots if s.index in keep]
         systems = {i: build_system(setup, runs[i].policy, seed) for i in members}
         for j, slot in enumerate(probe_slots):
@@ -433,7 +433,7 @@ def _last_decision(system: System) -> Decision:
     return system.applied
 
 
-def _probe_slots(setup: Setup, seed: int, name: str, n_slots: int) -> set[int]:
+def _probe_slots(setup: Setup, seed: int, n_slots: int) -> set[int]:
     """Slots whose decisions are replayed for the end-to-end probe (the same for all policies
     of a seed, spread over the run). ``latency.batches`` is per policy: each seed probes its
     share, so more seeds do not multiply the probing time."""

@@ -125,7 +125,7 @@ def build_replicas(config: ServeConfig) -> Replicas:
     from tanbr.experiment.backend import DefaultBackend, default_backend
     from tanbr.experiment.config import load_config
     from tanbr.experiment.modes import MODES
-    from tanbr.experiment.runner import build_system, prepare
+    from tanbr.experiment.runner import build_system, first_per_task, prepare
     from tanbr.model.default.build import build_default_model
     from tanbr.model.default.modeling import DefaultModel
 
@@ -175,7 +175,7 @@ def build_replicas(config: ServeConfig) -> Replicas:
         # The slot oracle's candidate table is an offline yardstick that the service never
         # uses: keep it to the minimum candidate set on one request per task.
         cfg = dataclasses.replace(cfg, oracle=dataclasses.replace(cfg.oracle, n_candidates=0))
-        setup = prepare(cfg, backend, calib, _small_pool(test, per_task=1))
+        setup = prepare(cfg, backend, calib, first_per_task(test, 1))
         system = build_system(setup, config.policy, config.seed)
         meta = {
             "policy": config.policy,
@@ -223,20 +223,6 @@ def _twin(backend: Any) -> Any:
         if value is not None:
             shared[id(value)] = value
     return copy.deepcopy(backend, shared)
-
-
-def _small_pool(pool: Any, *, per_task: int) -> Any:
-    """The first ``per_task`` requests of every task of a pool (same texts, rows, labels)."""
-    from tanbr.experiment.workload import Pool
-
-    idx = np.concatenate([group[:per_task] for group in pool.by_task])  # (n,)
-    return Pool(
-        tuple(pool.texts[i] for i in idx),
-        pool.tasks[idx],
-        pool.labels[idx],
-        pool.task_names,
-        rows=None if pool.rows is None else np.asarray(pool.rows)[idx],
-    )
 
 
 class ClientError(Exception):
