@@ -33,6 +33,8 @@ import torch
 from tanbr.experiment.loop import Plan, Prediction
 from tanbr.experiment.slots import Requests
 from tanbr.experiment.workload import Pool
+from tanbr.model.precision import DTYPES as DTYPES  # re-exported: configs name them here
+from tanbr.model.precision import serving_dtype as serving_dtype
 
 log = logging.getLogger(__name__)
 
@@ -349,22 +351,6 @@ class DefaultBackend:
         for pos, block_feats in parts:
             out[pos] = block_feats
         return out
-
-
-DTYPES = ("float32", "bfloat16", "auto")
-
-
-def serving_dtype(name: str) -> torch.dtype:
-    """The torch dtype for a serving-precision name (see :class:`DefaultBackend`)."""
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {DTYPES}, got {name!r}")
-    if name == "auto":
-        try:
-            fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            fast = False
-        name = "bfloat16" if fast else "float32"
-    return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
 def _same_plan(a: Mapping[str, np.ndarray], b: Plan) -> bool:

@@ -82,3 +82,36 @@ def test_cli_prints_one_json_document(tiny_path: Path, capsys: pytest.CaptureFix
     assert set(report) == {"tasks", "mean", "cross_merge", "latency"}
     assert cli.main(["eval-model", "--variant", "nope"]) == 2
     assert "variant must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.data
+def test_routing_diagnostics_add_up(tiny_path: Path) -> None:
+    settings = EvalSettings(n_candidates=0, latency_repeats=1, routing=True)
+    report = evaluate_model(tiny_path, settings)
+    routing = report["routing"]
+    blocks = routing["task_id_accuracy"]
+    assert len(blocks) >= 1 and all(0.0 <= v <= 1.0 for v in blocks.values())
+    assert routing["share_routed_home"] == list(blocks.values())[-1]
+    share = routing["share_routed_home"]
+    home, away = routing["full_moe_routed_home"], routing["full_moe_routed_away"]
+    # the two groups partition the test requests: their weighted accuracy is the full MoE's
+    from tanbr.model.default import DefaultModel
+    from tanbr.model.default.evaluate import suite_of
+
+    counts = suite_of(DefaultModel.load(tiny_path)).counts()
+    tasks = report["tasks"]
+    weights = [counts[t]["test"] for t in tasks]
+    full = float(np.average([tasks[t]["full_moe"] for t in tasks], weights=weights))
+    mixed = share * (home or 0.0) + (1.0 - share) * (away or 0.0)
+    assert mixed == pytest.approx(full, abs=1e-3)  # per-task figures are rounded to 1e-4
+    assert 0.0 <= routing["text_task_id_probe"] <= 1.0
+
+
+@pytest.mark.data
+def test_latency_in_bfloat16_says_so(tiny_path: Path) -> None:
+    settings = EvalSettings(n_candidates=0, latency_repeats=1, latency_dtype="bfloat16")
+    latency = evaluate_model(tiny_path, settings)["latency"]
+    assert latency["dtype"] == "bfloat16"
+    assert all(v > 0 for key in ("end_to_end", "moe_layers") for v in latency[key].values())
+    with pytest.raises(ValueError, match="latency_dtype must be one of"):
+        EvalSettings(latency_dtype="float8")

@@ -25,6 +25,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per latency median")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search and latency batch")
+    parser.add_argument(
+        "--routing",
+        action="store_true",
+        help="also report how often the gates recognise each request's task (explains the "
+        "gap between the full MoE and the task-tag oracle)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "auto"),
+        help="serving precision of the latency runs (auto: bfloat16 where the CPU has fast "
+        "kernels, as the demo serves); accuracies are always measured in float32",
+    )
+
+
+def _routing_table(routing: dict[str, Any]) -> list[str]:
+    rows = [["gate of block", "routes home (test)"]]
+    rows += [[name, f"{acc:.3f}"] for name, acc in routing["task_id_accuracy"].items()]
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    return [
+        "routing: how often the tag-free gate picks the home expert of the request's task",
+        _table(rows),
+        f"full MoE accuracy on requests the last gate routes home: "
+        f"{fmt(routing['full_moe_routed_home'])} ({routing['share_routed_home']:.1%} of them), "
+        f"elsewhere: {fmt(routing['full_moe_routed_away'])}",
+        f"task told from the text alone (linear probe on the frozen encoder): "
+        f"{routing['text_task_id_probe']:.3f}",
+        "",
+    ]
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -54,11 +86,14 @@ def format_report(report: dict[str, Any]) -> str:
     for a in tasks:
         cross.append([a, *(f"{report['cross_merge'][a][b]:.3f}" for b in tasks)])
     out += ["cross-merge accuracy (row: whose merge; column: evaluated task)", _table(cross), ""]
-    lat = [["latency, batch 32 (median ms)", "full MoE", "merged", "ratio"]]
+    dtype = report["latency"].get("dtype", "float32")
+    lat = [[f"latency, batch 32, {dtype} (median ms)", "full MoE", "merged", "ratio"]]
     for key in ("end_to_end", "moe_layers"):
         full, merged = report["latency"][key]["full_ms"], report["latency"][key]["merged_ms"]
         lat.append([key, f"{full:.1f}", f"{merged:.1f}", f"{merged / full:.2f}"])
     out += [_table(lat)]
+    if "routing" in report:
+        out += ["", *_routing_table(report["routing"])]
     return "\n".join(out)
 
 
@@ -75,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     settings = EvalSettings(
-        n_candidates=args.candidates, latency_repeats=args.repeats, seed=args.seed
+        n_candidates=args.candidates,
+        latency_repeats=args.repeats,
+        seed=args.seed,
+        latency_dtype=args.dtype,
+        routing=args.routing,
     )
     path = build_default_model(args.variant, progress=True)
     report = evaluate_model(path, settings, progress=True)

@@ -14,8 +14,12 @@ On the test split of every task it reports:
 
 ``cross_merge[a][b]`` is the accuracy on task b of the merge of task a. ``latency`` holds medians
 at batch 32, full MoE vs the merged model, end to end (token ids to logits) and for the MoE
-layers alone. Merging uses the engine's public API (:class:`tanbr.model.Merger`,
-:class:`tanbr.model.GateRecorder`).
+layers alone. With ``routing`` set, ``routing`` explains the gap between the full MoE and the
+task-tag oracle: how often each block's gate picks the home expert of a request's task
+(the task the tag-free model recognises), the full MoE's accuracy on the requests the last
+block routes home and on the others, and how well a linear probe on the frozen sentence
+embedding tells the task from the text alone. Merging uses the engine's public API
+(:class:`tanbr.model.Merger`, :class:`tanbr.model.GateRecorder`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from tanbr.model.default.build import encoder_path, suite_texts
 from tanbr.model.default.data import TaskSuite, load_tasks
 from tanbr.model.default.modeling import DefaultModel, StateBank
+from tanbr.model.precision import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,8 @@ class EvalSettings:
     n_candidates: int = 24
     latency_repeats: int = 15
     seed: int = 0
+    latency_dtype: str = "float32"  # serving precision of the latency runs (model.precision)
+    routing: bool = False  # add the "routing" diagnostics to the report
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "latency_repeats"):
@@ -57,6 +64,8 @@ class EvalSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_candidates < 0:
             raise ValueError(f"n_candidates must be >= 0, got {self.n_candidates}")
+        if self.latency_dtype not in DTYPES:
+            raise ValueError(f"latency_dtype must be one of {DTYPES}, got {self.latency_dtype!r}")
 
 
 def suite_of(dm: DefaultModel) -> TaskSuite:
@@ -147,6 +156,48 @@ class _Evaluator:
             c = shares @ stacked  # (E,)
             frequency[name] = c / c.sum()
         return per_task, frequency
+
+
+@torch.inference_mode()
+def routing_report(
+    ev: _Evaluator, homes: Mapping[str, int], task_id_probe: float
+) -> dict[str, Any]:
+    """How well the tag-free gates recognise a test request's task, and what that costs.
+
+    A request is *routed home* in a block when the top expert of its mean gate probabilities
+    (over its real tokens) is its task's home expert.
+    """
+    from tanbr.model import GateRecorder
+
+    index = ev.where["test"]
+    tasks = ev.task_ids["test"]
+    home = np.array([homes[t] for t in ev.suite.tasks])[tasks]  # (N,)
+    pred = np.zeros(len(index), dtype=np.int64)
+    with GateRecorder(ev.dm.model) as rec:
+        order = []
+        for pos, states in ev.bank.batches(index, 64):
+            rec.set_mask(states.attention_mask)
+            pred[pos] = ev.dm.model.forward_upper(states).argmax(-1).numpy()
+            order.append(pos)
+        positions = np.concatenate(order)
+        top: dict[str, np.ndarray] = {}
+        for name in rec.block_names:
+            top_expert = np.zeros(len(index), dtype=np.int64)
+            top_expert[positions] = rec.sequence_probs(name).argmax(-1).numpy()
+            top[name] = top_expert
+    right = pred == ev.targets["test"]
+    home_last = top[list(top)[-1]] == home
+    return {
+        "task_id_accuracy": {name: round(float((t == home).mean()), 4) for name, t in top.items()},
+        "share_routed_home": round(float(home_last.mean()), 4),
+        "full_moe_routed_home": round(float(right[home_last].mean()), 4)
+        if home_last.any()
+        else None,
+        "full_moe_routed_away": round(float(right[~home_last].mean()), 4)
+        if (~home_last).any()
+        else None,
+        "text_task_id_probe": round(task_id_probe, 4),
+    }
 
 
 def _mix_plan(mix: np.ndarray, profiles: Sequence[Plan]) -> Plan:
@@ -275,17 +326,26 @@ def measure_latency(
     plan: Plan,
     *,
     repeats: int = 15,
-) -> dict[str, dict[str, float]]:
+    dtype: str = "float32",
+) -> dict[str, Any]:
     """Median latency of one batch, full MoE (real top-k dispatch) vs merged with ``plan``.
 
     ``end_to_end``: token ids to logits (tokenisation excluded). ``moe_layers``: only the MoE
     blocks, on the hidden states that reach them. Full and merged runs alternate so that load
-    from other processes hits both alike.
+    from other processes hits both alike. Both run in the serving precision ``dtype`` (a copy
+    of the model when it is not float32; merges are summed in float32 and rounded once).
     """
+    import copy
+
     from tanbr.model import Merger, find_moe_blocks
     from tanbr.model.discovery import get_module
+    from tanbr.model.precision import serving_dtype
 
-    model = dm.model
+    torch_dtype = serving_dtype(dtype)
+    model: Any = dm.model
+    if torch_dtype != torch.float32:
+        model = copy.deepcopy(dm.model)
+        model.to(torch_dtype)
     if model.config._experts_implementation == "batched_mm":
         raise ValueError("latency of the full MoE must use real top-k dispatch, not batched_mm")
     enc = dm.tokenizer(
@@ -333,6 +393,7 @@ def measure_latency(
         if merger.mode != "full":
             merger.restore()
     return {
+        "dtype": str(torch_dtype).removeprefix("torch."),
         "end_to_end": {
             "full_ms": _median_ms(samples["e2e_full"]),
             "merged_ms": _median_ms(samples["e2e_merged"]),
@@ -416,7 +477,13 @@ def evaluate_model(
         suite.test[i].text
         for i in rng_batch.choice(len(suite.test), size=settings.batch_size, replace=False)
     ]
-    latency = measure_latency(dm, batch_texts, frequency, repeats=settings.latency_repeats)
+    latency = measure_latency(
+        dm,
+        batch_texts,
+        frequency,
+        repeats=settings.latency_repeats,
+        dtype=settings.latency_dtype,
+    )
     steps.update()
     steps.close()
 
@@ -426,4 +493,23 @@ def evaluate_model(
         "cross_merge": {a: {b: round(v, 4) for b, v in row.items()} for a, row in cross.items()},
         "latency": latency,
     }
+    if settings.routing:
+        task_probe = fit_probe(
+            emb[where["train"]],
+            ev.task_ids["train"],
+            emb[where["calib"]],
+            ev.task_ids["calib"],
+            len(tasks),
+        )
+        probe_id = float((task_probe(emb[where["test"]]) == ev.task_ids["test"]).mean())
+        report["routing"] = routing_report(ev, _home_experts(dm), probe_id)
     return report
+
+
+def _home_experts(dm: DefaultModel) -> dict[str, int]:
+    """Each task's home expert, as recorded at build time (task index mod E if absent)."""
+    homes = dm.info.get("home_experts")
+    n_experts = int(dm.model.config.num_experts)
+    if isinstance(homes, Mapping) and set(homes) >= set(dm.tasks):
+        return {t: int(homes[t]) for t in dm.tasks}
+    return {t: i % n_experts for i, t in enumerate(dm.tasks)}
