@@ -67,3 +67,24 @@ def test_profiles_from_assignments() -> None:
         cluster_profiles(np.array([0, 1]), gates, 2)
     with pytest.raises(ValueError, match="all-zero"):
         TaskSimplex({"b0": np.array([[0.0, 0.0], [1.0, 0.0]])})
+
+
+@pytest.mark.parametrize("dim", [1, 2, 6, 9])
+def test_oracle_candidates_cover_vertices_edges_and_centre(dim: int) -> None:
+    from tanbr.experiment.modes import DENSE_ORACLE_DIM, candidate_actions
+
+    cands = candidate_actions(dim, n_random=5, concentration=1.0, rng=np.random.default_rng(0))
+    assert cands.shape[1] == dim
+    assert np.all(cands >= 0) and np.allclose(cands.sum(1), 1.0)
+
+    def has(point: np.ndarray) -> bool:
+        return bool(np.isclose(cands, point).all(1).any())
+
+    eye = np.eye(dim)
+    assert all(has(v) for v in eye) and has(np.full(dim, 1.0 / dim))
+    pairs = [(i, j) for i in range(dim) for j in range(i + 1, dim)]
+    assert all(has((eye[i] + eye[j]) / 2) for i, j in pairs)
+    dense = len(pairs) > 0 and dim <= DENSE_ORACLE_DIM
+    assert all(has(0.25 * eye[i] + 0.75 * eye[j]) == dense for i, j in pairs)
+    n_dense = (2 * len(pairs) + dim + len(pairs)) if dense else 0
+    assert len(cands) == dim + 1 + len(pairs) + n_dense + 5

@@ -86,10 +86,11 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class OracleConfig:
-    """Candidate merges searched by the slot oracle: the task-type vertices, their pairwise
-    midpoints, the centre, and ``n_candidates`` Dirichlet(``concentration``) samples, each
-    scored per task on the test split (on its first ``rows_per_task`` requests of each task
-    when set; 0: all of them)."""
+    """Candidate merges searched by the slot oracle: the task-type vertices, the centre, the
+    edges at 1/2 (and 1/4, 3/4 plus points pulled towards the centre for up to 8 types; see
+    :func:`tanbr.experiment.modes.candidate_actions`) and ``n_candidates``
+    Dirichlet(``concentration``) samples, each scored per task on the test split (on its first
+    ``rows_per_task`` requests of each task when set; 0: all of them)."""
 
     n_candidates: int = 64
     concentration: float = 1.0

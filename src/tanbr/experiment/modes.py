@@ -249,16 +249,36 @@ def make_mode(
     return BanditMode(name, policy, plan_of)
 
 
+DENSE_ORACLE_DIM = 8  # beyond it the edge quarters alone would be thousands of candidates
+
+
 def candidate_actions(
     dim: int, *, n_random: int, concentration: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """Slot-oracle candidates on Simplex(dim): vertices, pairwise midpoints, the centre and
-    ``n_random`` Dirichlet samples. (C, dim)."""
+    """Slot-oracle candidates on Simplex(dim), (C, dim): the vertices, the centre, every edge's
+    midpoint and, up to ``DENSE_ORACLE_DIM`` dimensions, its points at 1/4 and 3/4 and the
+    vertices and midpoints moved 30% of the way to the centre; then ``n_random`` Dirichlet
+    samples.
+
+    Slots are usually dominated by one to three tasks, so the best single merge lies near a
+    vertex or an edge; the points pulled towards the centre are there because merges that keep
+    some weight on every expert often serve a mix better than the mix itself does.
+    """
     eye = np.eye(dim)
-    pairs = [(eye[i] + eye[j]) / 2 for i in range(dim) for j in range(i + 1, dim)]
-    parts: list[np.ndarray] = [eye, np.full((1, dim), 1.0 / dim)]
-    if pairs:
-        parts.append(np.asarray(pairs))
+    centre = np.full((1, dim), 1.0 / dim)
+    parts: list[np.ndarray] = [eye, centre]
+    midpoints = [(eye[i] + eye[j]) / 2 for i in range(dim) for j in range(i + 1, dim)]
+    if midpoints:
+        parts.append(np.asarray(midpoints))
+    if midpoints and dim <= DENSE_ORACLE_DIM:
+        quarters = [
+            f * eye[i] + (1.0 - f) * eye[j]
+            for i in range(dim)
+            for j in range(i + 1, dim)
+            for f in (0.25, 0.75)
+        ]
+        parts.append(np.asarray(quarters))
+        parts.append(0.7 * np.vstack([eye, np.asarray(midpoints)]) + 0.3 * centre)
     if n_random > 0:
         parts.append(rng.dirichlet(np.full(dim, concentration), size=n_random))
     return np.vstack(parts)
