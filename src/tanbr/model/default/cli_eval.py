@@ -51,7 +51,8 @@ def _routing_table(routing: dict[str, Any]) -> list[str]:
         "routing: how often the tag-free gate picks the home expert of the request's task",
         _table(rows),
         f"full MoE accuracy on requests the last gate routes home: "
-        f"{fmt(routing['full_moe_routed_home'])} ({routing['share_routed_home']:.1%} of them), "
+        f"{fmt(routing['full_moe_routed_home'])} "
+        f"({routing['share_routed_home']:.1%} of the requests), "
         f"elsewhere: {fmt(routing['full_moe_routed_away'])}",
         f"task told from the text alone (linear probe on the frozen encoder): "
         f"{routing['text_task_id_probe']:.3f}",
