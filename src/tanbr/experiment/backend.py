@@ -34,6 +34,7 @@ from tanbr.experiment.loop import Plan, Prediction
 from tanbr.experiment.slots import Requests
 from tanbr.experiment.workload import Pool
 from tanbr.model.precision import DTYPES as DTYPES  # re-exported: configs name them here
+from tanbr.model.precision import in_dtype
 from tanbr.model.precision import serving_dtype as serving_dtype
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class DefaultBackend:
         self.bank = model.lower_states(self.texts, progress=progress) if self.texts else None
         if torch_dtype != model.model.dtype:
             model = copy.copy(model)
-            model.model = copy.deepcopy(model.model).to(torch_dtype)
+            model.model = in_dtype(model.model, torch_dtype)
         self.dtype = torch_dtype
         self.dm = model
         self.model = model.model.eval()

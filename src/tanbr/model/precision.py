@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+from typing import TypeVar
+
 import torch
+from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 DTYPES = ("float32", "bfloat16", "auto")
 
@@ -23,3 +29,14 @@ def serving_dtype(name: str) -> torch.dtype:
             fast = False
         name = "bfloat16" if fast else "float32"
     return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
+def in_dtype(module: M, dtype: torch.dtype) -> M:
+    """``module`` itself when its parameters are already ``dtype``, else a cast deep copy (the
+    original keeps serving in its own precision, e.g. for the float32 lower-state cache)."""
+    current = next(module.parameters(), None)
+    if current is None or current.dtype == dtype:
+        return module
+    cast = copy.deepcopy(module)
+    cast.to(dtype)
+    return cast

@@ -335,17 +335,12 @@ def measure_latency(
     from other processes hits both alike. Both run in the serving precision ``dtype`` (a copy
     of the model when it is not float32; merges are summed in float32 and rounded once).
     """
-    import copy
-
     from tanbr.model import Merger, find_moe_blocks
     from tanbr.model.discovery import get_module
-    from tanbr.model.precision import serving_dtype
+    from tanbr.model.precision import in_dtype, serving_dtype
 
     torch_dtype = serving_dtype(dtype)
-    model: Any = dm.model
-    if torch_dtype != torch.float32:
-        model = copy.deepcopy(dm.model)
-        model.to(torch_dtype)
+    model = in_dtype(dm.model, torch_dtype)
     if model.config._experts_implementation == "batched_mm":
         raise ValueError("latency of the full MoE must use real top-k dispatch, not batched_mm")
     enc = dm.tokenizer(
