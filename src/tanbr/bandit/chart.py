@@ -19,9 +19,16 @@ from __future__ import annotations
 import numpy as np
 
 from tanbr.bandit.base import check_positive
+from tanbr.bandit.spaces import Simplex, Space
 
 CHARTS: tuple[str, ...] = ("relative", "absolute")
 DEFAULT_FLOOR = 0.02
+
+
+def is_anchored(space: Space, context_dim: int) -> bool:
+    """Whether actions live on the task simplex of the context (``Simplex(K)``, K-mix context):
+    the only case where the context is itself an action, the plug-in merge."""
+    return isinstance(space, Simplex) and space.dim == context_dim
 
 
 def anchor_weights(context: np.ndarray, floor: float) -> np.ndarray:

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from tanbr.bandit.base import check_int, check_positive
-from tanbr.bandit.spaces import Simplex, Space
+from tanbr.bandit.chart import is_anchored
+from tanbr.bandit.spaces import Space
 
 BONUSES: tuple[str, ...] = ("last-layer", "diagonal")
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh")
@@ -397,8 +398,7 @@ class RewardModel:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
         self.encoding = encoding
         self.prior = check_positive("prior", prior, allow_zero=True)
-        anchored = isinstance(space, Simplex) and space.dim == context_dim
-        if (encoding == "offset" or self.prior) and not anchored:
+        if (encoding == "offset" or self.prior) and not is_anchored(space, context_dim):
             raise ValueError(
                 f"encoding={encoding!r} and prior={prior!r} need the action space Simplex(K) "
                 f"of the context's dimension K={context_dim}, got {space}"

@@ -39,10 +39,17 @@ from tanbr.bandit.base import (
     check_reward,
     check_setup,
 )
-from tanbr.bandit.chart import CHARTS, DEFAULT_FLOOR, anchor_weights, to_action, to_chart
+from tanbr.bandit.chart import (
+    CHARTS,
+    DEFAULT_FLOOR,
+    anchor_weights,
+    is_anchored,
+    to_action,
+    to_chart,
+)
 from tanbr.bandit.neural import RewardModel
 from tanbr.bandit.partition import PartitionTree, split_to_depth
-from tanbr.bandit.spaces import Simplex, Space
+from tanbr.bandit.spaces import Space
 
 REPRESENTATIVES: tuple[str, ...] = ("center", "sample")
 #: Reward-model defaults in the relative chart (see docs/algorithm.md, section 5).
@@ -106,7 +113,7 @@ class Tanbr:
         self.space = check_setup(space, context_dim, rng)
         self.context_dim = int(context_dim)
         self.rng = rng
-        anchored = isinstance(self.space, Simplex) and self.space.dim == self.context_dim
+        anchored = is_anchored(self.space, self.context_dim)
         chart = ("relative" if anchored else "absolute") if chart is None else chart
         if chart not in CHARTS:
             raise ValueError(f"chart must be one of {CHARTS}, got {chart!r}")
