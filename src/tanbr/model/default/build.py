@@ -465,6 +465,7 @@ def train(
     by_task = [train_index[task_ids[train_index] == t] for t in range(n_tasks)]
     n_layers = len(model.moe_layers())
     # running task profiles U (K, L, E): mean gate probabilities per task, as eval measures them
+    # (tracked for merge-aware training only)
     profiles = torch.full((n_tasks, n_layers, spec.num_experts), 1.0 / spec.num_experts)
     tap = GateTap(model)
     model.train()
@@ -494,12 +495,12 @@ def train(
                 route = torch.stack(
                     [routing_loss(g, states.attention_mask, homes[task]) for g in gates]
                 ).mean()
-                s_add, c_add = task_gate_means(gates, states.attention_mask, task, n_tasks)
-                sums += s_add
-                counts += c_add
                 share = len(rows) / len(batch)
                 loss = ce + spec.route_weight * route
-                if spec.merge_weight > 0.0:
+                if spec.merge_weight > 0.0:  # the profiles only feed the simulated merges
+                    s_add, c_add = task_gate_means(gates, states.attention_mask, task, n_tasks)
+                    sums += s_add
+                    counts += c_add
                     coeffs = sample_merge_coeffs(
                         task,
                         profiles,
