@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default="float32",
-        choices=("float32", "bfloat16", "auto"),
+        choices=("float32", "bfloat16", "auto"),  # model.precision.DTYPES, without importing torch
         help="serving precision of the latency runs (auto: bfloat16 where the CPU has fast "
         "kernels, as the demo serves); accuracies are always measured in float32",
     )
