@@ -69,7 +69,7 @@ def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
 def print_result(result: Any, *, as_json: bool) -> None:
     """The comparison table and the run folder, or exactly the public JSON on stdout."""
     from tanbr.experiment.report import format_table, format_targets
-    from tanbr.experiment.runner import public_summary
+    from tanbr.experiment.summary import public_summary
 
     if as_json:
         print(json.dumps(public_summary(result.summary), indent=2))

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tanbr.experiment.report import format_table, format_targets, load_summary, write_report
-    from tanbr.experiment.runner import public_summary
+    from tanbr.experiment.summary import public_summary
 
     summaries = {str(Path(d)): load_summary(d) for d in args.run_dirs}
     if args.plots:

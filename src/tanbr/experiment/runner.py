@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from tanbr.experiment.parameterization import (
 from tanbr.experiment.records import SlotRecord, write_json, write_trace
 from tanbr.experiment.reward import RewardFn
 from tanbr.experiment.slots import Requests, Slot, Truth
+from tanbr.experiment.summary import summarize
 from tanbr.experiment.workload import (
     SCHEDULES,
     Pool,
@@ -474,76 +475,6 @@ def _probe_latency(
     return e2e, moe
 
 
-# --- summaries ----------------------------------------------------------------------------------
-
-
-def _pct(values: Iterable[float], q: float) -> float | None:
-    arr = np.asarray([v for v in values if v is not None], dtype=float)
-    return float(np.percentile(arr, q)) if arr.size else None
-
-
-def summarize(runs: Sequence[PolicyRun]) -> dict[str, Any]:
-    """Per policy (mean over seeds): accuracy, final cumulative regret, latency, memory, merge.
-
-    ``latency_p50_ms``/``latency_p95_ms`` are end-to-end (tokenize + encoder + MoE layers +
-    head) and ``moe_latency_*`` the MoE layers + head alone (cached lower states), both per
-    probe batch of ``latency.batch_size`` requests.
-    """
-    by_policy: dict[str, list[PolicyRun]] = {}
-    for run in runs:
-        by_policy.setdefault(run.policy, []).append(run)
-    policies: dict[str, dict[str, Any]] = {}
-    detail: dict[str, dict[str, Any]] = {}
-    tvs: list[float] = []
-    for name, group in by_policy.items():
-        accs, regrets = [], []
-        for run in group:
-            acc = [r.accuracy for r in run.records if r.accuracy is not None]
-            reg = [r.regret for r in run.records if r.regret is not None]
-            accs.append(float(np.mean(acc)) if acc else float("nan"))
-            regrets.append(float(np.sum(reg)) if reg else float("nan"))
-        records = [r for run in group for r in run.records]
-        e2e = [ms for run in group for ms in run.e2e_ms]
-        policies[name] = {
-            "accuracy": float(np.mean(accs)),
-            "regret": float(np.mean(regrets)),
-            "latency_p50_ms": _pct(e2e, 50),
-            "latency_p95_ms": _pct(e2e, 95),
-            "memory_bytes": int(np.median([r.memory_bytes for r in records])),
-            "merge_ms": float(np.mean([r.merge_ms for r in records])),
-        }
-        detail[name] = {
-            "accuracy_std": float(np.std(accs)),
-            "regret_std": float(np.std(regrets)),
-            "moe_latency_p50_ms": _pct((ms for run in group for ms in run.moe_ms), 50),
-            "moe_latency_p95_ms": _pct((ms for run in group for ms in run.moe_ms), 95),
-            "select_ms_p50": _pct((r.select_ms for r in records), 50),
-            "update_ms_p50": _pct((r.update_ms for r in records), 50),
-            "oracle_accuracy": float(
-                np.mean([r.oracle_accuracy for r in records if r.oracle_accuracy is not None])
-            )
-            if any(r.oracle_accuracy is not None for r in records)
-            else None,
-            "seconds": float(sum(run.seconds for run in group)),
-            "seeds": [run.seed for run in group],
-        }
-        tvs += [r.tv for r in records if r.tv is not None]
-    return {
-        "policies": policies,
-        "estimator_tv": float(np.mean(tvs)) if tvs else None,
-        "detail": detail,
-    }
-
-
-def public_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """Exactly the JSON of ``tanbr compare --json``: per-policy headline figures and the TV."""
-    keys = ("accuracy", "regret", "latency_p50_ms", "latency_p95_ms", "memory_bytes", "merge_ms")
-    return {
-        "policies": {name: {k: row[k] for k in keys} for name, row in summary["policies"].items()},
-        "estimator_tv": summary["estimator_tv"],
-    }
-
-
 # --- the whole experiment -----------------------------------------------------------------------
 
 
@@ -598,7 +529,9 @@ def execute(
     try:
         if workers > 1:
             assert backend_factory is not None
-            runs = _run_parallel(setup, streams, workers, backend_factory, bar)
+            from tanbr.experiment.parallel import run_parallel
+
+            runs = run_parallel(setup, streams, workers, backend_factory, bar)
         else:
             runs = [
                 run_policy(setup, name, seed, slots, bar=bar, probe=False)
@@ -626,81 +559,6 @@ def execute(
 
     write_report([folder], folder / "report.md")
     return RunResult(folder, summary, runs)
-
-
-# --- parallel runs ------------------------------------------------------------------------------
-
-_WORKER: dict[str, Any] = {}
-
-
-def _run_parallel(
-    setup: Setup,
-    streams: Mapping[int, Sequence[Slot]],
-    workers: int,
-    backend_factory: Callable[[], Backend],
-    bar: Any,
-) -> list[PolicyRun]:
-    """Run the (policy, seed) jobs in ``workers`` spawned processes.
-
-    The setup travels without its backend; each process builds its own from the factory and
-    receives the parent's request-signature caches, which are filled here first so that no
-    process recomputes them. Threads per process: the parent's count split evenly."""
-    import concurrent.futures
-    import multiprocessing
-
-    import torch
-
-    backend = setup.backend
-    rows = sorted(
-        {int(r) for slots in streams.values() for s in slots if s.requests.rows is not None
-         for r in s.requests.rows}
-    )  # fmt: skip
-    if rows and hasattr(backend, "texts"):
-        texts = backend.texts
-        backend.signatures(Requests(tuple(texts[r] for r in rows), np.asarray(rows)))
-    caches = backend.export_caches() if hasattr(backend, "export_caches") else None
-    shared = {f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)}
-    shared.pop("backend")
-    threads = max(1, torch.get_num_threads() // workers)
-    jobs = [(seed, name) for seed in streams for name in setup.config.policies]
-    results: dict[tuple[int, str], PolicyRun] = {}
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(backend_factory, shared, caches, threads),
-    ) as pool:
-        futures = {
-            pool.submit(_worker_run, name, seed, list(streams[seed])): (seed, name)
-            for seed, name in jobs
-        }
-        for future in concurrent.futures.as_completed(futures):
-            seed, name = futures[future]
-            results[(seed, name)] = future.result()
-            if bar is not None:
-                bar.set_description(f"{name} (seed {seed}) done")
-                bar.update(len(streams[seed]))
-    return [results[job] for job in jobs]
-
-
-def _init_worker(
-    backend_factory: Callable[[], Backend],
-    shared: dict[str, Any],
-    caches: Any,
-    threads: int,
-) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    backend = backend_factory()
-    if caches is not None and hasattr(backend, "import_caches"):
-        backend.import_caches(caches)
-    _WORKER["setup"] = Setup(backend=backend, **shared)
-
-
-def _worker_run(name: str, seed: int, slots: list[Slot]) -> PolicyRun:
-    return run_policy(_WORKER["setup"], name, seed, slots, probe=False)
 
 
 def _is_bandit(name: str) -> bool:

@@ -1,0 +1,85 @@
+"""(policy, seed) runs spread over spawned processes, each serving with its own model copy."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from tanbr.experiment.loop import Backend
+from tanbr.experiment.runner import PolicyRun, Setup, run_policy
+from tanbr.experiment.slots import Requests, Slot
+
+_WORKER: dict[str, Any] = {}
+
+
+def run_parallel(
+    setup: Setup,
+    streams: Mapping[int, Sequence[Slot]],
+    workers: int,
+    backend_factory: Callable[[], Backend],
+    bar: Any,
+) -> list[PolicyRun]:
+    """Run the (policy, seed) jobs in ``workers`` spawned processes.
+
+    The setup travels without its backend; each process builds its own from the factory and
+    receives the parent's request-signature caches, which are filled here first so that no
+    process recomputes them. Threads per process: the parent's count split evenly."""
+    import concurrent.futures
+    import multiprocessing
+
+    import torch
+
+    backend = setup.backend
+    rows = sorted(
+        {int(r) for slots in streams.values() for s in slots if s.requests.rows is not None
+         for r in s.requests.rows}
+    )  # fmt: skip
+    if rows and hasattr(backend, "texts"):
+        texts = backend.texts
+        backend.signatures(Requests(tuple(texts[r] for r in rows), np.asarray(rows)))
+    caches = backend.export_caches() if hasattr(backend, "export_caches") else None
+    shared = {f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)}
+    shared.pop("backend")
+    threads = max(1, torch.get_num_threads() // workers)
+    jobs = [(seed, name) for seed in streams for name in setup.config.policies]
+    results: dict[tuple[int, str], PolicyRun] = {}
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(backend_factory, shared, caches, threads),
+    ) as pool:
+        futures = {
+            pool.submit(_worker_run, name, seed, list(streams[seed])): (seed, name)
+            for seed, name in jobs
+        }
+        for future in concurrent.futures.as_completed(futures):
+            seed, name = futures[future]
+            results[(seed, name)] = future.result()
+            if bar is not None:
+                bar.set_description(f"{name} (seed {seed}) done")
+                bar.update(len(streams[seed]))
+    return [results[job] for job in jobs]
+
+
+def _init_worker(
+    backend_factory: Callable[[], Backend],
+    shared: dict[str, Any],
+    caches: Any,
+    threads: int,
+) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    backend = backend_factory()
+    if caches is not None and hasattr(backend, "import_caches"):
+        backend.import_caches(caches)
+    _WORKER["setup"] = Setup(backend=backend, **shared)
+
+
+def _worker_run(name: str, seed: int, slots: list[Slot]) -> PolicyRun:
+    return run_policy(_WORKER["setup"], name, seed, slots, probe=False)
