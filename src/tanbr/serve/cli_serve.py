@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        help="default-model variant (default, tiny) or a local checkpoint folder "
+        help="default-model variant (default, task-routed, tiny) or a local checkpoint folder "
         "(default: the config's model)",
     )
     parser.add_argument("--policy", default="tanbr", help="policy serving the slots (tanbr)")

@@ -1,4 +1,5 @@
-"""Merge-aware training: the differentiable merged forward is the merge the engine serves."""
+"""Merge-aware and task-routed training: the differentiable merged forward is the merge the
+engine serves, and task-routed passes train each expert on its own task alone."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from tanbr.model.default import BuildSpec, DefaultModel
 from tanbr.model.default.build import (
     forward_upper_merged,
+    home_coeffs,
     sample_merge_coeffs,
     task_gate_means,
 )
@@ -74,3 +76,37 @@ def test_merge_settings_are_validated() -> None:
         BuildSpec(merge_min_home=1.5)
     with pytest.raises(ValueError, match="merge_alpha must be > 0"):
         BuildSpec(merge_alpha=0.0)
+
+
+def test_task_routed_pass_trains_only_the_home_experts(tiny_path: Path) -> None:
+    dm = DefaultModel.load(tiny_path)
+    model = dm.model
+    for p in model.parameters():
+        p.requires_grad_(True)
+    texts = ["a short review of a film", "another review, a long and dull one", "a third"]
+    states = dm.lower_states(texts, cache=False).batch([0, 1, 2])
+    layers = model.moe_layers()
+    home = torch.tensor([2, 2, 4])
+    coeffs = home_coeffs(home, len(layers), model.config.num_experts)
+    assert coeffs.shape == (3, len(layers), model.config.num_experts)
+    torch.testing.assert_close(coeffs.sum(-1), torch.ones(3, len(layers)))
+    logits = forward_upper_merged(model, states, coeffs)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+    for layer in layers:
+        grad = layer.mlp.experts.up_proj.grad  # (E, I, H)
+        assert grad is not None
+        moved = grad.abs().flatten(1).sum(1)  # (E,)
+        assert float(moved[2]) > 0.0 and float(moved[4]) > 0.0
+        assert float(moved[[0, 1, 3, 5]].sum()) == 0.0  # experts of absent tasks untouched
+        assert (
+            layer.mlp.gate.weight.grad is None
+            or float(layer.mlp.gate.weight.grad.abs().sum()) == 0.0
+        )
+
+
+def test_task_routed_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="home_weight must be >= 0"):
+        BuildSpec(home_weight=-0.5)
+    with pytest.raises(ValueError, match="cannot both be 0"):
+        BuildSpec(full_weight=0.0)
+    assert BuildSpec(full_weight=0.0, home_weight=1.0).home_weight == 1.0

@@ -16,7 +16,11 @@ Recipe (the numbers behind each choice are in docs/default-model.md):
    in training, never at inference. Optionally (``merge_weight > 0``) each chunk also runs
    through the merges the online loop will serve: every example through the plug-in merge of
    a simulated slot mix dominated by its own task (:func:`sample_merge_coeffs`), with the
-   merged experts' cross-entropy added to the loss (merge-aware training).
+   merged experts' cross-entropy added to the loss (merge-aware training). Optionally
+   (``home_weight > 0``) each chunk also runs with every MoE block replaced by the example's
+   home expert, and that cross-entropy is added with weight ``home_weight`` (task-routed
+   training: each expert learns from its own task's texts alone, as with Task-MoE's
+   task-level routing); ``full_weight`` scales the gate-routed pass's cross-entropy.
 5. Save config + safetensors + tokenizer + ``tasks.json`` into a temporary folder and rename it
    into ``cache_dir("default-model", <every input>)``.
 """
@@ -97,6 +101,10 @@ class BuildSpec:
     merge_weight: float = 0.0
     merge_min_home: float = 0.3
     merge_alpha: float = 0.3
+    # task-routed training: weight of the cross-entropy of a pass in which every MoE block is
+    # the example's home expert (0: off), and of the gate-routed pass's cross-entropy
+    home_weight: float = 0.0
+    full_weight: float = 1.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -118,9 +126,13 @@ class BuildSpec:
             "noise": self.noise,
             "route_weight": self.route_weight,
             "merge_weight": self.merge_weight,
+            "home_weight": self.home_weight,
+            "full_weight": self.full_weight,
         }.items():
             if not rate >= 0.0:
                 raise ValueError(f"{name} must be >= 0, got {rate}")
+        if self.full_weight == 0.0 and self.home_weight == 0.0:
+            raise ValueError("full_weight and home_weight cannot both be 0: nothing would train")
         if not 0.0 <= self.merge_min_home <= 1.0:
             raise ValueError(f"merge_min_home must be in [0, 1], got {self.merge_min_home}")
         if not self.merge_alpha > 0.0:
@@ -135,6 +147,9 @@ class BuildSpec:
 
 VARIANTS: dict[str, BuildSpec] = {
     "default": BuildSpec(),
+    # Task-routed training (docs/default-model.md, run 15): experts that specialise further
+    # (uniform >= 15 points below oracle) at ~3x the training compute of the default.
+    "task-routed": BuildSpec(home_weight=1.0),
     # For tests: every task, few texts, short sequences, few steps (builds in seconds).
     "tiny": BuildSpec(per_task=60, min_per_label=5, max_length=24, steps=20, per_task_batch=4),
 }
@@ -378,6 +393,16 @@ def forward_upper_merged(
     return logits
 
 
+def home_coeffs(home: torch.Tensor, n_layers: int, n_experts: int) -> torch.Tensor:
+    """Merging coefficients (B, L, E) that make every block the example's home expert.
+
+    home (B,) expert per example. Through :func:`forward_upper_merged` these route every token
+    of an example to its task's expert, the task-level routing of Task-MoE training.
+    """
+    onehot = F.one_hot(home, n_experts).to(torch.float32)  # (B, E)
+    return onehot[:, None, :].expand(len(home), n_layers, n_experts)
+
+
 def task_gate_means(
     gate_logits: Sequence[torch.Tensor],
     attention_mask: torch.Tensor,
@@ -469,7 +494,7 @@ def train(
     profiles = torch.full((n_tasks, n_layers, spec.num_experts), 1.0 / spec.num_experts)
     tap = GateTap(model)
     model.train()
-    ce_ema = route_ema = merge_ema = float("nan")
+    ce_ema = route_ema = merge_ema = home_ema = float("nan")
     bar = tqdm(range(spec.steps), desc="train", unit="step", disable=not progress)
     try:
         for _ in bar:
@@ -481,7 +506,7 @@ def train(
                 ]
             )
             optimizer.zero_grad(set_to_none=True)
-            ce_sum = route_sum = merge_sum = 0.0
+            ce_sum = route_sum = merge_sum = home_sum = 0.0
             sums = torch.zeros_like(profiles)
             counts = torch.zeros(n_tasks)
             # Length-sorted chunks with gradient accumulation: far less padding than one batch.
@@ -496,7 +521,12 @@ def train(
                     [routing_loss(g, states.attention_mask, homes[task]) for g in gates]
                 ).mean()
                 share = len(rows) / len(batch)
-                loss = ce + spec.route_weight * route
+                loss = spec.full_weight * ce + spec.route_weight * route
+                if spec.home_weight > 0.0:
+                    routed = home_coeffs(homes[task], n_layers, spec.num_experts)
+                    home_ce = F.cross_entropy(forward_upper_merged(model, states, routed), target)
+                    loss = loss + spec.home_weight * home_ce
+                    home_sum += home_ce.item() * share
                 if spec.merge_weight > 0.0:  # the profiles only feed the simulated merges
                     s_add, c_add = task_gate_means(gates, states.attention_mask, task, n_tasks)
                     sums += s_add
@@ -521,12 +551,18 @@ def train(
             ce_ema = ce_sum if np.isnan(ce_ema) else 0.9 * ce_ema + 0.1 * ce_sum
             route_ema = route_sum if np.isnan(route_ema) else 0.9 * route_ema + 0.1 * route_sum
             merge_ema = merge_sum if np.isnan(merge_ema) else 0.9 * merge_ema + 0.1 * merge_sum
-            bar.set_postfix(ce=f"{ce_ema:.3f}", route=f"{route_ema:.3f}", merge=f"{merge_ema:.3f}")
+            home_ema = home_sum if np.isnan(home_ema) else 0.9 * home_ema + 0.1 * home_sum
+            bar.set_postfix(
+                ce=f"{ce_ema:.3f}",
+                route=f"{route_ema:.3f}",
+                merge=f"{merge_ema:.3f}",
+                home=f"{home_ema:.3f}",
+            )
     finally:
         tap.close()
         bar.close()
     model.train(False)
-    return {"ce": ce_ema, "route": route_ema, "merge": merge_ema}
+    return {"ce": ce_ema, "route": route_ema, "merge": merge_ema, "home": home_ema}
 
 
 @torch.inference_mode()
@@ -610,6 +646,7 @@ def _build_into(folder: Path, spec: BuildSpec, *, variant: str, progress: bool) 
             "final_ce": round(losses["ce"], 4),
             "final_route": round(losses["route"], 4),
             "final_merge": round(losses["merge"], 4),
+            "final_home": round(losses["home"], 4),
         },
     }
     (folder / TASKS_FILE).write_text(json.dumps(info, indent=2) + "\n")
