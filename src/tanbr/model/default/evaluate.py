@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from tanbr.model.default.build import encoder_path, suite_texts
 from tanbr.model.default.data import TaskSuite, load_tasks
-from tanbr.model.default.modeling import DefaultModel, StateBank
+from tanbr.model.default.modeling import DefaultModel, LowerStates, StateBank
 from tanbr.model.precision import DTYPES
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,16 @@ class _Evaluator:
         self.merger = Merger(dm.model)
 
     @torch.inference_mode()
-    def predict(self, split: str) -> np.ndarray:
+    def predict(
+        self, split: str, *, on_batch: Callable[[np.ndarray, LowerStates], None] | None = None
+    ) -> np.ndarray:
+        """Joint-label predictions (N,) of a split; ``on_batch(positions, states)`` runs before
+        each batch's forward (a gate recorder sets its mask there)."""
         index = self.where[split]
         pred = np.zeros(len(index), dtype=np.int64)
         for pos, states in self.bank.batches(index, 64):
+            if on_batch is not None:
+                on_batch(pos, states)
             pred[pos] = self.dm.model.forward_upper(states).argmax(-1).numpy()
         return pred
 
@@ -172,13 +178,14 @@ def routing_report(
     index = ev.where["test"]
     tasks = ev.task_ids["test"]
     home = np.array([homes[t] for t in ev.suite.tasks])[tasks]  # (N,)
-    pred = np.zeros(len(index), dtype=np.int64)
     with GateRecorder(ev.dm.model) as rec:
-        order = []
-        for pos, states in ev.bank.batches(index, 64):
+        order: list[np.ndarray] = []
+
+        def note(pos: np.ndarray, states: LowerStates) -> None:
             rec.set_mask(states.attention_mask)
-            pred[pos] = ev.dm.model.forward_upper(states).argmax(-1).numpy()
             order.append(pos)
+
+        pred = ev.predict("test", on_batch=note)
         positions = np.concatenate(order)
         top: dict[str, np.ndarray] = {}
         for name in rec.block_names:
