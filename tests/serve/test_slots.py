@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from tanbr.serve import slots as slots_module
-from tanbr.serve.app import ServeConfig, build_replicas
 from tanbr.serve.metrics import ServiceMetrics
+from tanbr.serve.replicas import ServeConfig, build_replicas
 from tanbr.serve.slots import SlotConfig, SlotManager
 from tanbr.serve.state import StateStore
 

@@ -12,9 +12,9 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
-    "ServeConfig": "tanbr.serve.app",
-    "Replicas": "tanbr.serve.app",
-    "build_replicas": "tanbr.serve.app",
+    "ServeConfig": "tanbr.serve.replicas",
+    "Replicas": "tanbr.serve.replicas",
+    "build_replicas": "tanbr.serve.replicas",
     "create_app": "tanbr.serve.app",
     "SlotConfig": "tanbr.serve.slots",
     "SlotManager": "tanbr.serve.slots",

@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tanbr.serve.app import ServeConfig, build_replicas, create_app
+    from tanbr.serve.app import create_app
+    from tanbr.serve.replicas import ServeConfig, build_replicas
     from tanbr.serve.slots import SlotConfig
 
     if args.port < 0 or args.port > 65535:
