@@ -11,11 +11,10 @@ batches, and writes ``config.toml``, ``trace.jsonl``, ``summary.json`` and the p
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,7 @@ from tanbr.experiment.loop import (
     Decision,
     Labelling,
     System,
-    apply_decision,
     run_slot,
-    serve,
 )
 from tanbr.experiment.modes import (
     MODES,
@@ -53,6 +50,7 @@ from tanbr.experiment.parameterization import (
     cluster_profiles,
     make_space,
 )
+from tanbr.experiment.probes import last_decision, probe_latency, probe_slots, time_probes
 from tanbr.experiment.records import SlotRecord, write_json, write_trace
 from tanbr.experiment.reward import RewardFn
 from tanbr.experiment.slots import Requests, Slot, Truth
@@ -383,96 +381,22 @@ def run_policy(
     evaluator = SlotEvaluator(setup.mapping, len(setup.task_names), setup.baselines.oracle)  # type: ignore[arg-type]
     records: list[SlotRecord] = []
     decisions: list[Decision] = []
-    keep = _probe_slots(setup, seed, len(slots))
+    keep = probe_slots(setup, seed, len(slots))
     if bar is not None:
         bar.set_description(f"{name} (seed {seed})")
     for slot in slots:
         record = run_slot(system, slot, evaluator=evaluator, seed=seed)
         records.append(record)
         if slot.index in keep:
-            decisions.append(_last_decision(system))
+            decisions.append(last_decision(system))
         if bar is not None:
             bar.update(1)
     e2e: list[float] = []
     moe: list[float] = []
     if probe:
-        e2e, moe = _probe_latency(setup, system, [s for s in slots if s.index in keep], decisions)
+        e2e, moe = time_probes(setup, system, [s for s in slots if s.index in keep], decisions)
     setup.backend.restore()
     return PolicyRun(name, seed, records, e2e, moe, time.perf_counter() - t0, tuple(decisions))
-
-
-def probe_latency(
-    setup: Setup, runs: Sequence[PolicyRun], streams: Mapping[int, Sequence[Slot]]
-) -> list[PolicyRun]:
-    """Time every run's probe slots, interleaved: probe j of every policy of a seed runs before
-    probe j + 1 of any, in an order rotated with j, so load changes on a shared machine hit
-    every policy alike and the latency ratios stay comparable."""
-    e2e: dict[int, list[float]] = {i: [] for i in range(len(runs))}
-    moe: dict[int, list[float]] = {i: [] for i in range(len(runs))}
-    for seed, slots in streams.items():
-        members = [i for i, run in enumerate(runs) if run.seed == seed]
-        keep = sorted(_probe_slots(setup, seed, len(slots)))
-        probe_slots = [s for s in slots if s.index in keep]
-        systems = {i: build_system(setup, runs[i].policy, seed) for i in members}
-        for j, slot in enumerate(probe_slots):
-            order = members[j % len(members) :] + members[: j % len(members)] if members else []
-            for i in order:
-                if j >= len(runs[i].probes):
-                    continue
-                a, b = _probe_latency(setup, systems[i], [slot], [runs[i].probes[j]])
-                e2e[i] += a
-                moe[i] += b
-    setup.backend.restore()
-    return [
-        dataclasses.replace(run, e2e_ms=run.e2e_ms + e2e[i], moe_ms=run.moe_ms + moe[i])
-        for i, run in enumerate(runs)
-    ]
-
-
-def _last_decision(system: System) -> Decision:
-    assert system.applied is not None
-    return system.applied
-
-
-def _probe_slots(setup: Setup, seed: int, n_slots: int) -> set[int]:
-    """Slots whose decisions are replayed for the end-to-end probe (the same for all policies
-    of a seed, spread over the run). ``latency.batches`` is per policy: each seed probes its
-    share, so more seeds do not multiply the probing time."""
-    cfg = setup.config
-    share = -(-cfg.latency.batches // max(1, len(cfg.seeds)))  # ceil
-    n = min(share, n_slots)
-    rng = np.random.default_rng([seed, zlib.crc32(b"probe")])
-    return {int(i) for i in rng.choice(n_slots, size=n, replace=False)}
-
-
-def _probe_latency(
-    setup: Setup, system: System, slots: Sequence[Slot], decisions: Sequence[Decision]
-) -> tuple[list[float], list[float]]:
-    """Latency of a real batch of each probe slot's requests with that slot's decision applied
-    (merge time excluded, except the per-task merges the task oracle pays while serving):
-    wall time end to end (tokenize + lower layers + MoE layers + head, from the texts), and
-    the time of the MoE layers + head alone (cached lower states, never from the memo)."""
-    size = setup.config.latency.batch_size
-    backend = setup.backend
-    memo = getattr(backend, "memo", False)
-    e2e, moe = [], []
-    try:
-        if memo:
-            backend.memo = False  # type: ignore[attr-defined]
-        for slot, decision in zip(slots, decisions, strict=True):
-            n = min(size, len(slot.requests))
-            truth = slot.truth.take(slice(0, n)) if slot.truth is not None else None
-            apply_decision(system, decision)
-            cached = slot.requests.take(slice(0, n))
-            moe.append(serve(system, cached, decision=decision, truth=truth).latency_ms)
-            live = Requests(cached.texts)  # no rows: encoded from the texts
-            t0 = time.perf_counter()
-            serve(system, live, decision=decision, truth=truth)
-            e2e.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        if memo:
-            backend.memo = True  # type: ignore[attr-defined]
-    return e2e, moe
 
 
 # --- the whole experiment -----------------------------------------------------------------------
