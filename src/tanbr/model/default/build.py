@@ -549,10 +549,10 @@ def train(
             scheduler.step()
             seen = counts > 0
             profiles[seen] = sums[seen] / counts[seen, None, None]
-            ce_ema = ce_sum if np.isnan(ce_ema) else 0.9 * ce_ema + 0.1 * ce_sum
-            route_ema = route_sum if np.isnan(route_ema) else 0.9 * route_ema + 0.1 * route_sum
-            merge_ema = merge_sum if np.isnan(merge_ema) else 0.9 * merge_ema + 0.1 * merge_sum
-            home_ema = home_sum if np.isnan(home_ema) else 0.9 * home_ema + 0.1 * home_sum
+            ce_ema = _ema(ce_ema, ce_sum)
+            route_ema = _ema(route_ema, route_sum)
+            merge_ema = _ema(merge_ema, merge_sum)
+            home_ema = _ema(home_ema, home_sum)
             bar.set_postfix(
                 ce=f"{ce_ema:.3f}",
                 route=f"{route_ema:.3f}",
@@ -564,6 +564,11 @@ def train(
         bar.close()
     model.train(False)
     return {"ce": ce_ema, "route": route_ema, "merge": merge_ema, "home": home_ema}
+
+
+def _ema(previous: float, value: float) -> float:
+    """The losses shown and returned by :func:`train`: smoothed over steps (0.9), NaN at start."""
+    return value if np.isnan(previous) else 0.9 * previous + 0.1 * value
 
 
 @torch.inference_mode()
