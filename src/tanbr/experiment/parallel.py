@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from tanbr.experiment.config import STATIC_POLICIES
 from tanbr.experiment.loop import Backend
 from tanbr.experiment.runner import PolicyRun, Setup, run_policy
 from tanbr.experiment.slots import Requests, Slot
@@ -55,7 +56,7 @@ def run_parallel(
     ) as pool:
         futures = {
             pool.submit(_worker_run, name, seed, list(streams[seed])): (seed, name)
-            for seed, name in jobs
+            for seed, name in submission_order(jobs)
         }
         for future in concurrent.futures.as_completed(futures):
             seed, name = futures[future]
@@ -64,6 +65,15 @@ def run_parallel(
                 bar.set_description(f"{name} (seed {seed}) done")
                 bar.update(len(streams[seed]))
     return [results[job] for job in jobs]
+
+
+def submission_order(jobs: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Longest jobs first, so that no worker starts a long run while the other idles at the end.
+
+    A policy that merges anew every slot (bandits, plug-in) costs several times a static one,
+    whose merges are prepared once and whose predictions are memoised; within each group the
+    configured order is kept."""
+    return sorted(jobs, key=lambda job: job[1] in STATIC_POLICIES)
 
 
 def _init_worker(

@@ -11,6 +11,7 @@ import torch
 
 from tanbr.model.default import BuildSpec, DefaultModel
 from tanbr.model.default.build import (
+    forward_upper_home,
     forward_upper_merged,
     home_coeffs,
     sample_merge_coeffs,
@@ -90,7 +91,7 @@ def test_task_routed_pass_trains_only_the_home_experts(tiny_path: Path) -> None:
     coeffs = home_coeffs(home, len(layers), model.config.num_experts)
     assert coeffs.shape == (3, len(layers), model.config.num_experts)
     torch.testing.assert_close(coeffs.sum(-1), torch.ones(3, len(layers)))
-    logits = forward_upper_merged(model, states, coeffs)
+    logits = forward_upper_home(model, states, home)  # what training runs
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
     for layer in layers:
         grad = layer.mlp.experts.up_proj.grad  # (E, I, H)
@@ -102,6 +103,38 @@ def test_task_routed_pass_trains_only_the_home_experts(tiny_path: Path) -> None:
             layer.mlp.gate.weight.grad is None
             or float(layer.mlp.gate.weight.grad.abs().sum()) == 0.0
         )
+
+
+def test_grouped_home_pass_is_the_onehot_merge(tiny_path: Path) -> None:
+    """The grouped pass training runs equals the differentiable merge with one-hot
+    coefficients, in values and in the experts' gradients, whatever the order of the homes."""
+    texts = ["a short review of a film", "Herr Präsident, meine Damen", "hi there", "a tweet"]
+    home = torch.tensor([4, 1, 4, 0])
+    grads = []
+    outs = []
+    for grouped in (True, False):
+        dm = DefaultModel.load(tiny_path)
+        model = dm.model
+        model.train(False)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        states = dm.lower_states(texts, cache=False).batch([0, 1, 2, 3])
+        if grouped:
+            logits = forward_upper_home(model, states, home)
+        else:
+            coeffs = home_coeffs(home, len(model.moe_layers()), model.config.num_experts)
+            logits = forward_upper_merged(model, states, coeffs)
+        torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+        outs.append(logits.detach())
+        grads.append(
+            torch.stack([layer.mlp.experts.down_proj.grad for layer in model.moe_layers()])
+        )
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="home must be"):
+        forward_upper_home(model, states, home[:2])
+    with pytest.raises(ValueError, match="home experts must be in"):
+        forward_upper_home(model, states, torch.tensor([0, 1, 2, 99]))
 
 
 def test_task_routed_settings_are_validated() -> None:

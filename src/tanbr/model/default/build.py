@@ -394,6 +394,45 @@ def forward_upper_merged(
     return logits
 
 
+def forward_upper_home(
+    model: TanbrMoEClassifier, states: LowerStates, home: torch.Tensor
+) -> torch.Tensor:
+    """Logits (B, n_labels) with every MoE block replaced, per example, by its home expert.
+
+    The same function as :func:`forward_upper_merged` with :func:`home_coeffs`, computed by
+    grouping the examples by home expert and running each group through that expert's dense
+    FFN: one FFN's work per token instead of a per-example copy of the merged weights, which
+    makes the task-routed pass of training about as cheap as a dense layer.
+    """
+    b = len(states)
+    if home.shape != (b,):
+        raise ValueError(f"home must be (B,) = ({b},), got {tuple(home.shape)}")
+    n_experts = int(model.config.num_experts)
+    if b and (int(home.min()) < 0 or int(home.max()) >= n_experts):
+        raise ValueError(f"home experts must be in [0, {n_experts}), got {home.tolist()}")
+    dtype = model.classifier.weight.dtype
+    hidden = states.hidden.to(dtype)  # (B, T, H)
+    keep = states.attention_mask.to(dtype)  # (B, T)
+    mask = model._mask(hidden, states.attention_mask)
+    order = torch.argsort(home, stable=True)  # examples grouped by home expert
+    inverse = torch.argsort(order)
+    experts, sizes = torch.unique_consecutive(home[order], return_counts=True)
+    for layer in model.moe_layers():
+        attended, _ = layer.attention(hidden, mask)  # (B, T, H)
+        ex = layer.mlp.experts
+        outs = []
+        for e, part in zip(
+            experts.tolist(), torch.split(attended[order], sizes.tolist()), strict=True
+        ):
+            x = F.linear(part, ex.up_proj[e], ex.up_proj_bias[e])  # (b_e, T, I)
+            outs.append(F.linear(ex.act_fn(x), ex.down_proj[e], ex.down_proj_bias[e]))
+        y = torch.cat(outs)[inverse]  # (B, T, H), back in the examples' order
+        hidden = layer.LayerNorm(layer.dropout(y) + attended)  # (B, T, H)
+    pooled = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
+    logits: torch.Tensor = model.classifier(model.dropout(pooled))  # (B, n_labels)
+    return logits
+
+
 def home_coeffs(home: torch.Tensor, n_layers: int, n_experts: int) -> torch.Tensor:
     """Merging coefficients (B, L, E) that make every block the example's home expert.
 
@@ -524,8 +563,8 @@ def train(
                 share = len(rows) / len(batch)
                 loss = spec.full_weight * ce + spec.route_weight * route
                 if spec.home_weight > 0.0:
-                    routed = home_coeffs(homes[task], n_layers, spec.num_experts)
-                    home_ce = F.cross_entropy(forward_upper_merged(model, states, routed), target)
+                    routed = forward_upper_home(model, states, homes[task])  # (b, n_labels)
+                    home_ce = F.cross_entropy(routed, target)
                     loss = loss + spec.home_weight * home_ce
                     home_sum += home_ce.item() * share
                 if spec.merge_weight > 0.0:  # the profiles only feed the simulated merges
