@@ -63,6 +63,11 @@ class DefaultBackend:
         Reuse the class probabilities of a (served model, cached request) pair computed before.
         Exact (the model is deterministic in inference mode); the time reported for a slot is
         then only the time of the requests actually computed. Live texts are never memoised.
+    memo_batch_size
+        Requests per forward pass when the memo computes what it lacks. Cached requests are run
+        in length-sorted batches, so smaller batches carry less padding: a slot's 32 scored
+        requests (half of a random batch of 32 is padding) take 220 ms in two batches of 16
+        against 333 ms in one (float32, one thread). Timed serving keeps ``batch_size``.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class DefaultBackend:
         signature: str = "gate0",
         batch_size: int = 64,
         memo: bool = False,
+        memo_batch_size: int = 16,
         progress: bool = False,
         dtype: str = "float32",
     ) -> None:
@@ -82,6 +88,8 @@ class DefaultBackend:
             raise ValueError(f"estimator.signature must be one of {SIGNATURES}, got {signature!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if memo_batch_size < 1:
+            raise ValueError(f"memo_batch_size must be >= 1, got {memo_batch_size}")
         torch_dtype = serving_dtype(dtype)
         self.texts = tuple(texts)
         # the lower-state cache belongs to the float32 encoder the model was built with
@@ -94,6 +102,7 @@ class DefaultBackend:
         self.model = model.model.eval()
         self.signature = signature
         self.batch_size = batch_size
+        self.memo_batch_size = memo_batch_size
         self.merger = Merger(self.model)
         self._blocks = {b.name: b.n_experts for b in self.merger.blocks}
         self._first = self.merger.blocks[0]
@@ -140,7 +149,7 @@ class DefaultBackend:
         if self.signature == "gates":  # every block's gate under the full MoE
             probs = self.gate_probs(requests)
             return np.concatenate([probs[name] for name in self._blocks], axis=1)
-        return self._signatures_of(self._batches(requests))
+        return self._signatures_of(self._batches(requests, self.batch_size))
 
     def gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
         if requests.rows is None or self.bank is None:
@@ -165,7 +174,7 @@ class DefaultBackend:
 
         out = {name: np.zeros((len(requests), e)) for name, e in self._blocks.items()}
         with torch.inference_mode(), GateRecorder(self.model, blocks=self.merger.blocks) as rec:
-            for pos, states in self._batches(requests):
+            for pos, states in self._batches(requests, self.batch_size):
                 rec.clear()
                 rec.set_mask(states.attention_mask)
                 self.model.forward_upper(states)
@@ -202,7 +211,7 @@ class DefaultBackend:
         spent = merge_ms = 0.0
         if len(todo):
             merge_ms = self._sync()
-            fresh, spent = self._predict(requests.take(todo))
+            fresh, spent = self._predict(requests.take(todo), self.memo_batch_size)
             for i, p in zip(todo.tolist(), fresh, strict=True):
                 cache[rows[i]] = p
         if not rows:
@@ -275,11 +284,13 @@ class DefaultBackend:
             return mode.encode()
         return b"merged" + b"".join(plan[name].tobytes() for name in sorted(plan))
 
-    def _predict(self, requests: Requests) -> tuple[np.ndarray, float]:
+    def _predict(
+        self, requests: Requests, batch_size: int | None = None
+    ) -> tuple[np.ndarray, float]:
         probs = np.zeros((len(requests), self.n_labels), dtype=np.float32)
         spent = 0.0
         soft = self.merger.mode == "soft"
-        for pos, states in self._batches(requests):
+        for pos, states in self._batches(requests, batch_size or self.batch_size):
             if soft:
                 self.merger.set_token_mask(states.attention_mask)
             t0 = time.perf_counter()
@@ -299,22 +310,22 @@ class DefaultBackend:
             if not self.memo:
                 self._sync()
 
-    def _batches(self, requests: Requests) -> Any:
+    def _batches(self, requests: Requests, batch_size: int) -> Any:
         if requests.rows is not None and self.bank is not None:
-            return self._row_batches(requests.rows)
-        return self._live_batches(requests.texts)
+            return self._row_batches(requests.rows, batch_size)
+        return self._live_batches(requests.texts, batch_size)
 
-    def _row_batches(self, rows: np.ndarray) -> Any:
+    def _row_batches(self, rows: np.ndarray, batch_size: int) -> Any:
         if self.bank is None:
             raise ValueError("requests carry rows but the backend has no cached lower states")
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self.bank)):
             raise ValueError(f"request rows must be in [0, {len(self.bank)}), got {rows.max()}")
-        return self.bank.batches(rows, self.batch_size)
+        return self.bank.batches(rows, batch_size)
 
-    def _live_batches(self, texts: Sequence[str]) -> Any:
+    def _live_batches(self, texts: Sequence[str], batch_size: int) -> Any:
         """Tokenise and run the lower layers (end to end), batch by batch."""
-        for start in range(0, len(texts), self.batch_size):
-            chunk = list(texts[start : start + self.batch_size])
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start : start + batch_size])
             enc = self.dm.tokenizer(
                 chunk,
                 padding=True,

@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from tanbr.model.default.modeling import (
     TASKS_FILE,
     LowerStates,
     StateBank,
+    TanbrExperts,
     TanbrMoEClassifier,
     TanbrMoEConfig,
     TanbrMoELayer,
@@ -149,7 +150,7 @@ VARIANTS: dict[str, BuildSpec] = {
     "default": BuildSpec(),
     # Task-routed training (docs/default-model.md, run 15): experts that specialise further
     # (uniform 14-18 points below oracle on the builds measured, 12-13 for the default) at
-    # ~3x the training compute of the default.
+    # ~1.8x the training compute of the default (~3.5 minutes from an empty cache).
     "task-routed": BuildSpec(home_weight=1.0),
     # For tests: every task, few texts, short sequences, few steps (builds in seconds).
     "tiny": BuildSpec(per_task=60, min_per_label=5, max_length=24, steps=20, per_task_batch=4),
@@ -358,6 +359,26 @@ def routing_loss(
     return (nll * keep).sum() / keep.sum().clamp(min=1.0)
 
 
+def _forward_upper_with(
+    model: TanbrMoEClassifier,
+    states: LowerStates,
+    ffn: Callable[[int, TanbrExperts, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Logits (B, n_labels) of the upper layers with each MoE block's feed-forward replaced by
+    ``ffn(layer index, experts module, attended (B, T, H)) -> (B, T, H)``."""
+    dtype = model.classifier.weight.dtype
+    hidden = states.hidden.to(dtype)  # (B, T, H)
+    keep = states.attention_mask.to(dtype)  # (B, T)
+    mask = model._mask(hidden, states.attention_mask)
+    for i, layer in enumerate(model.moe_layers()):
+        attended, _ = layer.attention(hidden, mask)  # (B, T, H)
+        y = ffn(i, layer.mlp.experts, attended)
+        hidden = layer.LayerNorm(layer.dropout(y) + attended)  # (B, T, H)
+    pooled = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
+    logits: torch.Tensor = model.classifier(model.dropout(pooled))  # (B, n_labels)
+    return logits
+
+
 def forward_upper_merged(
     model: TanbrMoEClassifier, states: LowerStates, coeffs: torch.Tensor
 ) -> torch.Tensor:
@@ -369,29 +390,22 @@ def forward_upper_merged(
     the online loop will use.
     """
     b = len(states)
-    layers = model.moe_layers()
-    if coeffs.shape != (b, len(layers), model.config.num_experts):
+    n_layers = len(model.moe_layers())
+    if coeffs.shape != (b, n_layers, model.config.num_experts):
         raise ValueError(
-            f"coeffs must be (B, L, E) = {(b, len(layers), model.config.num_experts)}, "
+            f"coeffs must be (B, L, E) = {(b, n_layers, model.config.num_experts)}, "
             f"got {tuple(coeffs.shape)}"
         )
-    dtype = model.classifier.weight.dtype
-    hidden = states.hidden.to(dtype)  # (B, T, H)
-    keep = states.attention_mask.to(dtype)  # (B, T)
-    mask = model._mask(hidden, states.attention_mask)
-    c_all = coeffs.to(dtype)
-    for i, layer in enumerate(layers):
-        attended, _ = layer.attention(hidden, mask)  # (B, T, H)
-        ex = layer.mlp.experts
+    c_all = coeffs.to(model.classifier.weight.dtype)
+
+    def merged(i: int, ex: TanbrExperts, attended: torch.Tensor) -> torch.Tensor:
         c = c_all[:, i]  # (B, E)
         up = torch.einsum("be,eih->bih", c, ex.up_proj)  # (B, I, H)
         down = torch.einsum("be,ehi->bhi", c, ex.down_proj)  # (B, H, I)
         x = torch.baddbmm((c @ ex.up_proj_bias)[:, None], attended, up.transpose(1, 2))  # (B, T, I)
-        y = torch.baddbmm((c @ ex.down_proj_bias)[:, None], ex.act_fn(x), down.transpose(1, 2))
-        hidden = layer.LayerNorm(layer.dropout(y) + attended)  # (B, T, H)
-    pooled = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
-    logits: torch.Tensor = model.classifier(model.dropout(pooled))  # (B, n_labels)
-    return logits
+        return torch.baddbmm((c @ ex.down_proj_bias)[:, None], ex.act_fn(x), down.transpose(1, 2))
+
+    return _forward_upper_with(model, states, merged)
 
 
 def forward_upper_home(
@@ -410,27 +424,19 @@ def forward_upper_home(
     n_experts = int(model.config.num_experts)
     if b and (int(home.min()) < 0 or int(home.max()) >= n_experts):
         raise ValueError(f"home experts must be in [0, {n_experts}), got {home.tolist()}")
-    dtype = model.classifier.weight.dtype
-    hidden = states.hidden.to(dtype)  # (B, T, H)
-    keep = states.attention_mask.to(dtype)  # (B, T)
-    mask = model._mask(hidden, states.attention_mask)
     order = torch.argsort(home, stable=True)  # examples grouped by home expert
     inverse = torch.argsort(order)
     experts, sizes = torch.unique_consecutive(home[order], return_counts=True)
-    for layer in model.moe_layers():
-        attended, _ = layer.attention(hidden, mask)  # (B, T, H)
-        ex = layer.mlp.experts
+
+    def routed(i: int, ex: TanbrExperts, attended: torch.Tensor) -> torch.Tensor:
         outs = []
-        for e, part in zip(
-            experts.tolist(), torch.split(attended[order], sizes.tolist()), strict=True
-        ):
+        groups = torch.split(attended[order], sizes.tolist())
+        for e, part in zip(experts.tolist(), groups, strict=True):
             x = F.linear(part, ex.up_proj[e], ex.up_proj_bias[e])  # (b_e, T, I)
             outs.append(F.linear(ex.act_fn(x), ex.down_proj[e], ex.down_proj_bias[e]))
-        y = torch.cat(outs)[inverse]  # (B, T, H), back in the examples' order
-        hidden = layer.LayerNorm(layer.dropout(y) + attended)  # (B, T, H)
-    pooled = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
-    logits: torch.Tensor = model.classifier(model.dropout(pooled))  # (B, n_labels)
-    return logits
+        return torch.cat(outs)[inverse]  # (B, T, H), back in the examples' order
+
+    return _forward_upper_with(model, states, routed)
 
 
 def home_coeffs(home: torch.Tensor, n_layers: int, n_experts: int) -> torch.Tensor:

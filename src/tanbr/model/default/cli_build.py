@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--variant",
         default="default",
         help="which build: 'default' (the real model), 'task-routed' (its experts also learn"
-        " from their own task alone; ~3x the training) or 'tiny' (seconds, for tests)",
+        " from their own task alone; ~1.8x the training) or 'tiny' (seconds, for tests)",
     )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
