@@ -3,6 +3,7 @@ engine serves, and task-routed passes train each expert on its own task alone.""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +165,6 @@ def _shared_direction(model: torch.nn.Module) -> float:
 
 
 def test_task_routed_build_trains_the_experts_apart(tiny_path: Path) -> None:
-    import dataclasses
-
     from tanbr.model.default.build import VARIANTS, build_from_spec
 
     spec = dataclasses.replace(VARIANTS["tiny"], home_weight=1.0, full_weight=0.0)
@@ -178,3 +177,35 @@ def test_task_routed_build_trains_the_experts_apart(tiny_path: Path) -> None:
     shared_plain = _shared_direction(plain.model)
     assert shared_plain > 0.1
     assert _shared_direction(routed.model) < 0.5 * shared_plain
+
+
+def test_one_spec_trains_the_same_weights_twice_on_two_threads(require_data: None) -> None:
+    """Two threads may sum a backward in either order; the build must not depend on it."""
+    from tanbr.model.default.build import VARIANTS, suite_texts, train, upcycle
+    from tanbr.model.default.data import load_tasks
+    from tanbr.model.default.modeling import cached_lower_states, lower_fingerprint
+
+    spec = VARIANTS["tiny"]
+    suite = load_tasks(
+        spec.tasks, per_task=spec.per_task, min_per_label=spec.min_per_label, seed=spec.seed
+    )
+    texts, where = suite_texts(suite)
+    targets = np.concatenate([suite.targets(s) for s in ("train", "calib", "test")])
+    task_ids = np.concatenate([suite.task_ids(s) for s in ("train", "calib", "test")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        states = []
+        for _ in range(2):
+            model, tokenizer = upcycle(spec, suite, generator=torch.Generator().manual_seed(0))
+            bank = cached_lower_states(
+                model, tokenizer, texts, max_length=spec.max_length,
+                fingerprint=lower_fingerprint(model),
+            )  # fmt: skip
+            train(model, bank, where["train"], targets, task_ids, spec)
+            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    finally:
+        torch.set_num_threads(threads)
+    assert states[0].keys() == states[1].keys()
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name

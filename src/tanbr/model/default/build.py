@@ -60,7 +60,7 @@ from tanbr.model.default.modeling import (
 log = logging.getLogger(__name__)
 
 # Bump when the training code changes in a way that changes the result for the same inputs.
-RECIPE_VERSION = 5
+RECIPE_VERSION = 6
 
 _BERT_FIELDS = (
     "vocab_size",
@@ -267,7 +267,10 @@ def upcycle_bert(
 ) -> TanbrMoEClassifier:
     """Sparse-upcycle a ``BertModel``: its top ``num_moe_layers`` feed-forward networks become
     ``num_experts`` copies each, scaled elementwise by ``1 + noise * N(0, 1)``; the gates start
-    at zero. Only the MoE blocks, the MoE layers' LayerNorms and the head stay trainable."""
+    at zero. Only the MoE blocks, the MoE layers' LayerNorms and the head stay trainable.
+
+    Every random draw comes from ``generator`` (the head's initialisation too, which would
+    otherwise take torch's global state), so one spec always builds the same weights."""
     bert_config = bert.config
     if not 1 <= num_moe_layers <= bert_config.num_hidden_layers:
         raise ValueError(
@@ -282,7 +285,9 @@ def upcycle_bert(
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
-    model = TanbrMoEClassifier(config)
+    with torch.random.fork_rng(devices=[]):  # the global state is left as it was
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        model = TanbrMoEClassifier(config)
     state = bert.state_dict()
 
     def sub(prefix: str) -> dict[str, torch.Tensor]:
@@ -542,6 +547,10 @@ def train(
     model.train()
     ce_ema = route_ema = merge_ema = home_ema = float("nan")
     bar = tqdm(range(spec.steps), desc="train", unit="step", disable=not progress)
+    # Multi-threaded CPU kernels may accumulate a backward (the gradient of the expert dispatch's
+    # gather) in any order; the deterministic ones make a spec build the same weights every time.
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
     try:
         for _ in bar:
             batch = np.concatenate(
@@ -605,6 +614,7 @@ def train(
                 home=f"{home_ema:.3f}",
             )
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)
         tap.close()
         bar.close()
     model.train(False)
