@@ -61,7 +61,8 @@ class DefaultBackend:
         where oneDNN has fast bfloat16 kernels).
     memo
         Reuse the class probabilities of a (served model, cached request) pair computed before.
-        Exact (the model is deterministic in inference mode); the time reported for a slot is
+        Exact up to float rounding (the model is deterministic in inference mode; only the
+        grouping of requests into batches can differ); the time reported for a slot is
         then only the time of the requests actually computed. Live texts are never memoised.
     memo_batch_size
         Requests per forward pass when the memo computes what it lacks. Cached requests are run
