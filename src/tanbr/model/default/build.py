@@ -150,7 +150,7 @@ VARIANTS: dict[str, BuildSpec] = {
     "default": BuildSpec(),
     # Task-routed training (docs/default-model.md, run 15): experts that specialise further
     # (uniform 14-18 points below oracle on the builds measured, 12-13 for the default) at
-    # ~1.8x the training compute of the default (~3.5 minutes from an empty cache).
+    # ~1.8x the training compute of the default (~3 minutes from an empty cache).
     "task-routed": BuildSpec(home_weight=1.0),
     # For tests: every task, few texts, short sequences, few steps (builds in seconds).
     "tiny": BuildSpec(per_task=60, min_per_label=5, max_length=24, steps=20, per_task_batch=4),
