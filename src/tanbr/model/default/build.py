@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -364,26 +364,6 @@ def routing_loss(
     return (nll * keep).sum() / keep.sum().clamp(min=1.0)
 
 
-def _forward_upper_with(
-    model: TanbrMoEClassifier,
-    states: LowerStates,
-    ffn: Callable[[int, TanbrExperts, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """Logits (B, n_labels) of the upper layers with each MoE block's feed-forward replaced by
-    ``ffn(layer index, experts module, attended (B, T, H)) -> (B, T, H)``."""
-    dtype = model.classifier.weight.dtype
-    hidden = states.hidden.to(dtype)  # (B, T, H)
-    keep = states.attention_mask.to(dtype)  # (B, T)
-    mask = model._mask(hidden, states.attention_mask)
-    for i, layer in enumerate(model.moe_layers()):
-        attended, _ = layer.attention(hidden, mask)  # (B, T, H)
-        y = ffn(i, layer.mlp.experts, attended)
-        hidden = layer.LayerNorm(layer.dropout(y) + attended)  # (B, T, H)
-    pooled = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
-    logits: torch.Tensor = model.classifier(model.dropout(pooled))  # (B, n_labels)
-    return logits
-
-
 def forward_upper_merged(
     model: TanbrMoEClassifier, states: LowerStates, coeffs: torch.Tensor
 ) -> torch.Tensor:
@@ -410,7 +390,7 @@ def forward_upper_merged(
         x = torch.baddbmm((c @ ex.up_proj_bias)[:, None], attended, up.transpose(1, 2))  # (B, T, I)
         return torch.baddbmm((c @ ex.down_proj_bias)[:, None], ex.act_fn(x), down.transpose(1, 2))
 
-    return _forward_upper_with(model, states, merged)
+    return model.forward_upper(states, ffn=merged)
 
 
 def forward_upper_home(
@@ -441,7 +421,7 @@ def forward_upper_home(
             outs.append(F.linear(ex.act_fn(x), ex.down_proj[e], ex.down_proj_bias[e]))
         return torch.cat(outs)[inverse]  # (B, T, H), back in the examples' order
 
-    return _forward_upper_with(model, states, routed)
+    return model.forward_upper(states, ffn=routed)
 
 
 def home_coeffs(home: torch.Tensor, n_layers: int, n_experts: int) -> torch.Tensor:

@@ -16,10 +16,11 @@ only :meth:`TanbrMoEClassifier.forward_upper`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,10 +154,15 @@ class TanbrMoELayer(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        ffn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
+        """``ffn`` (training only) stands in for the MoE block, (B, T, H) -> (B, T, H)."""
         attended, _ = self.attention(hidden_states, attention_mask)
-        return self.LayerNorm(self.dropout(self.mlp(attended)) + attended)  # type: ignore[no-any-return]
+        y = self.mlp(attended) if ffn is None else ffn(attended)
+        return self.LayerNorm(self.dropout(y) + attended)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -242,14 +248,26 @@ class TanbrMoEClassifier(PreTrainedModel):  # type: ignore[misc]
             hidden = layer(hidden, mask)
         return LowerStates(hidden=hidden, attention_mask=attention_mask)
 
-    def forward_upper(self, states: LowerStates) -> torch.Tensor:
-        """MoE layers, masked mean pooling and the joint head: logits (B, n_labels)."""
+    def forward_upper(
+        self,
+        states: LowerStates,
+        *,
+        ffn: Callable[[int, TanbrExperts, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """MoE layers, masked mean pooling and the joint head: logits (B, n_labels).
+
+        ``ffn(i, experts, attended)``, if given, replaces the MoE block of the i-th MoE layer
+        (the upper layers are all MoE layers): training's differentiable merges use it."""
         dtype = self.classifier.weight.dtype
         hidden = states.hidden.to(dtype)  # (B, T, H)
         keep = states.attention_mask.to(dtype)  # (B, T)
         mask = self._mask(hidden, states.attention_mask)
-        for layer in self.layers[self.n_lower :]:
-            hidden = layer(hidden, mask)
+        if ffn is None:
+            for layer in self.layers[self.n_lower :]:
+                hidden = layer(hidden, mask)
+        else:
+            for i, moe in enumerate(self.moe_layers()):
+                hidden = moe(hidden, mask, ffn=functools.partial(ffn, i, moe.mlp.experts))
         pooled = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
         logits: torch.Tensor = self.classifier(self.dropout(pooled))  # (B, n_labels)
         return logits
