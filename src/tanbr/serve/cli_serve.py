@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        help="default-model variant (default, task-routed, tiny) or a local checkpoint folder "
-        "(default: the config's model)",
+        help="default-model variant (default, task-routed, gate-routed, tiny) or a local"
+        " checkpoint folder (default: the config's model)",
     )
     parser.add_argument("--policy", default="tanbr", help="policy serving the slots (tanbr)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the policy and estimator")

@@ -144,6 +144,8 @@ def test_task_routed_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="cannot both be 0"):
         BuildSpec(full_weight=0.0)
     assert BuildSpec(full_weight=0.0, home_weight=1.0).home_weight == 1.0
+    with pytest.raises(ValueError, match="alternate needs home_weight > 0"):
+        BuildSpec(alternate=True)
 
 
 def _shared_direction(model: torch.nn.Module) -> float:
@@ -164,19 +166,23 @@ def _shared_direction(model: torch.nn.Module) -> float:
     return float(np.mean(cosines))
 
 
-def test_task_routed_build_trains_the_experts_apart(tiny_path: Path) -> None:
+def test_task_routed_steps_train_the_experts_apart(tiny_path: Path) -> None:
+    """The default recipe (tiny: gate- and task-routed steps in turn) moves the experts in
+    directions they share less than gate-routed training alone does."""
     from tanbr.model.default.build import VARIANTS, build_from_spec
 
-    spec = dataclasses.replace(VARIANTS["tiny"], home_weight=1.0, full_weight=0.0)
-    routed = DefaultModel.load(build_from_spec(spec, variant="tiny-task-routed"))
-    plain = DefaultModel.load(tiny_path)
-    assert routed.info["spec"]["home_weight"] == 1.0
-    assert routed.info["build"]["final_home"] > 0.0
-    # gate-routed training moves every expert partly the same way (measured: cosine ~0.2);
-    # with each expert learning from its own task alone the moves are near orthogonal (~0.01)
+    spec = dataclasses.replace(VARIANTS["tiny"], home_weight=0.0, alternate=False)
+    plain = DefaultModel.load(build_from_spec(spec, variant="tiny-gate-routed"))
+    alternating = DefaultModel.load(tiny_path)
+    assert alternating.info["spec"]["alternate"] and alternating.info["spec"]["home_weight"] == 1.0
+    assert alternating.info["build"]["final_home"] > 0.0
+    assert plain.info["spec"]["home_weight"] == 0.0
+    # gate-routed training moves every expert partly the same way (measured: cosine 0.20);
+    # with every other step routed by task the shared part halves (0.10), and with task-routed
+    # steps alone the moves are near orthogonal (0.01)
     shared_plain = _shared_direction(plain.model)
     assert shared_plain > 0.1
-    assert _shared_direction(routed.model) < 0.5 * shared_plain
+    assert _shared_direction(alternating.model) < 0.6 * shared_plain
 
 
 def test_one_spec_trains_the_same_weights_twice_on_two_threads(require_data: None) -> None:

@@ -11,8 +11,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variant",
         default="default",
-        help="which build: 'default' (the real model), 'task-routed' (its experts also learn"
-        " from their own task alone; ~1.8x the training) or 'tiny' (seconds, for tests)",
+        help="which build: 'default' (the real model: gate-routed and task-routed training"
+        " steps in turn), 'task-routed' (both passes every step; ~1.8x the training),"
+        " 'gate-routed' (the routing loss alone; experts that share more) or 'tiny'"
+        " (seconds, for tests)",
     )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
