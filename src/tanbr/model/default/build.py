@@ -22,7 +22,8 @@ Recipe (the numbers behind each choice are in docs/default-model.md):
    training: each expert learns from its own task's texts alone, as with Task-MoE's
    task-level routing); ``full_weight`` scales the gate-routed pass's cross-entropy. With
    ``alternate`` the two passes take turns, one per step, instead of both running on every
-   chunk: the default does this, which specialises the experts as much at half the compute.
+   chunk: the default does this, which specialises the experts as much as both passes do at
+   half the compute.
 5. Save config + safetensors + tokenizer + ``tasks.json`` into a temporary folder and rename it
    into ``cache_dir("default-model", <every input>)``.
 """
@@ -159,7 +160,7 @@ VARIANTS: dict[str, BuildSpec] = {
     "default": BuildSpec(home_weight=1.0, alternate=True),
     # Both passes on every step (run 15): as specialised, ~1.8x the training compute.
     "task-routed": BuildSpec(home_weight=1.0),
-    # Gate-routed training with the routing loss only (the default up to recipe 6): experts
+    # Gate-routed training with the routing loss only (the default before alternating): experts
     # that share more (uniform 12.5 points below the oracle).
     "gate-routed": BuildSpec(),
     # For tests: the default's recipe on few texts, short sequences, few steps (seconds).
