@@ -15,6 +15,7 @@ from tanbr.model.default.evaluate import (
     candidate_plans,
     evaluate_model,
     fit_probe,
+    paired_ratio,
     per_task_accuracy,
 )
 
@@ -67,8 +68,21 @@ def test_report_is_complete_and_consistent(tiny_path: Path) -> None:
     for t in tasks:
         assert report["cross_merge"][t][t] == report["tasks"][t]["oracle"]
     for key in ("end_to_end", "moe_layers"):
-        assert set(report["latency"][key]) == {"full_ms", "merged_ms"}
+        assert set(report["latency"][key]) == {"full_ms", "merged_ms", "paired_ratio"}
         assert all(v > 0 for v in report["latency"][key].values())
+
+
+def test_paired_ratio_cancels_load_that_hits_one_repeat() -> None:
+    # the merged model takes 0.6 of the full one; load (3x) slowed both runs of repeat 2 and the
+    # full run of repeat 3: the ratio of medians pairs a loaded full run with a quiet merged one
+    full = [100.0, 300.0, 300.0]
+    merged = [60.0, 180.0, 70.0]
+    assert np.median(merged) / np.median(full) == pytest.approx(0.7 / 3.0)
+    assert paired_ratio(full, merged) == 0.6
+    with pytest.raises(ValueError, match="same number"):
+        paired_ratio(full, merged[:2])
+    with pytest.raises(ValueError, match="same number"):
+        paired_ratio([], [])
 
 
 @pytest.mark.data

@@ -88,10 +88,28 @@ def format_report(report: dict[str, Any]) -> str:
         cross.append([a, *(f"{report['cross_merge'][a][b]:.3f}" for b in tasks)])
     out += ["cross-merge accuracy (row: whose merge; column: evaluated task)", _table(cross), ""]
     dtype = report["latency"].get("dtype", "float32")
-    lat = [[f"latency, batch 32, {dtype} (median ms)", "full MoE", "merged", "ratio"]]
+    lat = [
+        [
+            f"latency, batch 32, {dtype} (median ms)",
+            "full MoE",
+            "merged",
+            "ratio",
+            "paired ratio",
+        ]
+    ]
     for key in ("end_to_end", "moe_layers"):
-        full, merged = report["latency"][key]["full_ms"], report["latency"][key]["merged_ms"]
-        lat.append([key, f"{full:.1f}", f"{merged:.1f}", f"{merged / full:.2f}"])
+        row = report["latency"][key]
+        full, merged = row["full_ms"], row["merged_ms"]
+        paired = row.get("paired_ratio")
+        lat.append(
+            [
+                key,
+                f"{full:.1f}",
+                f"{merged:.1f}",
+                f"{merged / full:.2f}",
+                "-" if paired is None else f"{paired:.2f}",
+            ]
+        )
     out += [_table(lat)]
     if "routing" in report:
         out += ["", *_routing_table(report["routing"])]

@@ -14,12 +14,13 @@ On the test split of every task it reports:
 
 ``cross_merge[a][b]`` is the accuracy on task b of the merge of task a. ``latency`` holds medians
 at batch 32, full MoE vs the merged model, end to end (token ids to logits) and for the MoE
-layers alone. With ``routing`` set, ``routing`` explains the gap between the full MoE and the
-task-tag oracle: how often each block's gate picks the home expert of a request's task
-(the task the tag-free model recognises), the full MoE's accuracy on the requests the last
-block routes home and on the others, and how well a linear probe on the frozen sentence
-embedding tells the task from the text alone. Merging uses the engine's public API
-(:class:`tanbr.model.Merger`, :class:`tanbr.model.GateRecorder`).
+layers alone, and ``paired_ratio``, the median of merged / full within each repeat (steadier
+on a loaded machine than the ratio of the two medians). With ``routing`` set, ``routing``
+explains the gap between the full MoE and the task-tag oracle: how often each block's gate
+picks the home expert of a request's task (the task the tag-free model recognises), the full
+MoE's accuracy on the requests the last block routes home and on the others, and how well a
+linear probe on the frozen sentence embedding tells the task from the text alone. Merging uses
+the engine's public API (:class:`tanbr.model.Merger`, :class:`tanbr.model.GateRecorder`).
 """
 
 from __future__ import annotations
@@ -326,6 +327,21 @@ def _median_ms(samples: Sequence[float]) -> float:
     return round(float(np.median(samples)) * 1e3, 3)
 
 
+def paired_ratio(full: Sequence[float], merged: Sequence[float]) -> float:
+    """Median over repeats of merged / full within each repeat.
+
+    A repeat runs the full and the merged model back to back, so a burst of load from other
+    processes slows both; the ratio of one repeat cancels it, where a ratio of two medians can
+    pair a quiet full run with a loaded merged one.
+    """
+    if len(full) != len(merged) or not len(full):
+        raise ValueError(
+            f"need the same number (>= 1) of full and merged samples, got {len(full)} and "
+            f"{len(merged)}"
+        )
+    return round(float(np.median(np.asarray(merged) / np.asarray(full))), 4)
+
+
 @torch.inference_mode()
 def measure_latency(
     dm: DefaultModel,
@@ -399,10 +415,12 @@ def measure_latency(
         "end_to_end": {
             "full_ms": _median_ms(samples["e2e_full"]),
             "merged_ms": _median_ms(samples["e2e_merged"]),
+            "paired_ratio": paired_ratio(samples["e2e_full"], samples["e2e_merged"]),
         },
         "moe_layers": {
             "full_ms": _median_ms(samples["moe_full"]),
             "merged_ms": _median_ms(samples["moe_merged"]),
+            "paired_ratio": paired_ratio(samples["moe_full"], samples["moe_merged"]),
         },
     }
 
