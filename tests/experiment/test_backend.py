@@ -39,6 +39,30 @@ def test_signatures_do_not_depend_on_the_merge(tiny: Any) -> None:
     np.testing.assert_allclose(before.sum(1), 1.0, atol=1e-6)  # gate probabilities
 
 
+def test_task_probs_sum_the_heads_labels_per_task(tiny: Any) -> None:
+    from tanbr.experiment.backend import DefaultBackend
+
+    backend, _, test = tiny
+    requests = Requests(test.texts[:10], test.rows[:10])
+    backend.merge(_plan(backend, 3))  # the signature is the full MoE's, whatever is served
+    tasks = backend.task_probs(requests)
+    backend.restore()
+    probs = backend.predict(requests).probs  # (n, n_labels), the full MoE
+    owner = backend.dm.task_of_label()
+    assert tasks.shape == (10, len(backend.dm.tasks))
+    for k in range(len(backend.dm.tasks)):
+        np.testing.assert_allclose(tasks[:, k], probs[:, owner == k].sum(1), atol=1e-6)
+    np.testing.assert_allclose(tasks.sum(1), 1.0, atol=1e-5)
+    signed = DefaultBackend(backend.dm, texts=backend.texts, signature="gates+head", memo=True)
+    sig = signed.signatures(requests)
+    n_gates = sum(backend.blocks.values())
+    assert sig.shape == (10, n_gates + len(backend.dm.tasks))
+    np.testing.assert_allclose(sig[:, n_gates:], tasks, atol=1e-5)
+    gates = backend.gate_probs(requests)
+    joined = np.concatenate([gates[name] for name in backend.blocks], axis=1)
+    np.testing.assert_allclose(sig[:, :n_gates], joined, atol=1e-6)
+
+
 def test_memo_is_exact_and_merges_lazily(tiny: Any) -> None:
     backend, _, test = tiny
     requests = Requests(test.texts[:20], test.rows[:20])

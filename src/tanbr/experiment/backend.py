@@ -12,8 +12,11 @@ the default model's experts specialise by task, these probabilities are a compac
 task fingerprint, and they cost one attention layer. ``gates`` is every block's gate
 probabilities under the full MoE: a sharper fingerprint (the later blocks specialise more) that
 costs a full-MoE pass over the requests it signs (cached per request offline; for live texts the
-full MoE runs on them, then the served merge is put back). ``embedding`` is the mean-pooled
-lower states (the frozen encoder's view); ``gate0+embedding`` concatenates gate0 and embedding.
+full MoE runs on them, then the served merge is put back). ``gates+head`` adds the full MoE's
+probability of each task (the joint head predicts ``task:label``; a task's probability is the
+sum over its labels): the model's own, tag-free guess of the task, from the same full-MoE
+pass the reference labels use. ``embedding`` is the mean-pooled lower states (the frozen
+encoder's view); ``gate0+embedding`` concatenates gate0 and embedding.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from tanbr.model.precision import serving_dtype as serving_dtype
 
 log = logging.getLogger(__name__)
 
-SIGNATURES = ("gate0", "gates", "embedding", "gate0+embedding")
+SIGNATURES = ("gate0", "gates", "gates+head", "embedding", "gate0+embedding")
 
 
 class DefaultBackend:
@@ -114,6 +117,8 @@ class DefaultBackend:
         self.memo = memo
         self._memo: dict[bytes, dict[int, np.ndarray]] = {}
         self._target: tuple[str, dict[str, np.ndarray] | None] = ("full", None)
+        # (n_labels, K): which task each joint label "task:label" belongs to
+        self._label_task = np.eye(len(model.tasks))[model.task_of_label()]
 
     def export_caches(self) -> dict[str, dict[int, Any]]:
         """The per-request caches (signatures, gate probabilities, full-MoE labels), for another
@@ -147,9 +152,12 @@ class DefaultBackend:
         return self._signatures(requests)
 
     def _signatures(self, requests: Requests) -> np.ndarray:
-        if self.signature == "gates":  # every block's gate under the full MoE
+        if self.signature in ("gates", "gates+head"):  # every block's gate under the full MoE
             probs = self.gate_probs(requests)
-            return np.concatenate([probs[name] for name in self._blocks], axis=1)
+            gates = np.concatenate([probs[name] for name in self._blocks], axis=1)
+            if self.signature == "gates":
+                return gates
+            return np.concatenate([gates, self.task_probs(requests)], axis=1)
         return self._signatures_of(self._batches(requests, self.batch_size))
 
     def gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
@@ -182,6 +190,12 @@ class DefaultBackend:
                 for name in self._blocks:
                     out[name][pos] = rec.sequence_probs(name).double().numpy()  # (b, E)
         return out
+
+    def task_probs(self, requests: Requests) -> np.ndarray:
+        """(n, K) the full MoE's probability of each task: its joint labels' probabilities
+        summed (memoised like any full-MoE prediction of a cached request)."""
+        probs = np.asarray(self._with_full(lambda: self.predict(requests).probs), np.float64)
+        return np.asarray(probs @ self._label_task)  # (n, n_labels) @ (n_labels, K)
 
     def merge(self, plan: Plan) -> float:
         """Merge now, or (with the memo) when a forward pass first needs it: a slot whose
