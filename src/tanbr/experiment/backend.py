@@ -15,7 +15,7 @@ costs a full-MoE pass over the requests it signs (cached per request offline; fo
 full MoE runs on them, then the served merge is put back). ``gates+head`` adds the full MoE's
 probability of each task (the joint head predicts ``task:label``; a task's probability is the
 sum over its labels): the model's own, tag-free guess of the task, from the same full-MoE
-pass the reference labels use. ``embedding`` is the mean-pooled lower states (the frozen
+pass as the gates. ``embedding`` is the mean-pooled lower states (the frozen
 encoder's view); ``gate0+embedding`` concatenates gate0 and embedding.
 """
 
@@ -109,11 +109,13 @@ class DefaultBackend:
         self.memo_batch_size = memo_batch_size
         self.merger = Merger(self.model)
         self._blocks = {b.name: b.n_experts for b in self.merger.blocks}
+        self._n_gates = sum(self._blocks.values())  # width of the joined gate probabilities
         self._first = self.merger.blocks[0]
         self._plan: dict[str, np.ndarray] | None = None
         self._sig_cache: dict[int, np.ndarray] = {}  # row -> signature
         self._ref_cache: dict[int, int] = {}  # row -> the full MoE's predicted label
-        self._gate_cache: dict[int, np.ndarray] = {}  # row -> every block's gate probs, joined
+        # row -> every block's gate probs and the head's task probs under the full MoE, joined
+        self._gate_cache: dict[int, np.ndarray] = {}
         self.memo = memo
         self._memo: dict[bytes, dict[int, np.ndarray]] = {}
         self._target: tuple[str, dict[str, np.ndarray] | None] = ("full", None)
@@ -152,50 +154,52 @@ class DefaultBackend:
         return self._signatures(requests)
 
     def _signatures(self, requests: Requests) -> np.ndarray:
-        if self.signature in ("gates", "gates+head"):  # every block's gate under the full MoE
-            probs = self.gate_probs(requests)
-            gates = np.concatenate([probs[name] for name in self._blocks], axis=1)
-            if self.signature == "gates":
-                return gates
-            return np.concatenate([gates, self.task_probs(requests)], axis=1)
+        if self.signature == "gates":  # every block's gate under the full MoE
+            return self._full_features(requests)[:, : self._n_gates]
+        if self.signature == "gates+head":  # and the head's probability of each task
+            return self._full_features(requests)
         return self._signatures_of(self._batches(requests, self.batch_size))
 
     def gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
-        if requests.rows is None or self.bank is None:
-            live: dict[str, np.ndarray] = self._with_full(lambda: self._gate_probs(requests))
-            return live
-        rows = requests.rows.tolist()
-        todo = np.array(sorted({r for r in rows if r not in self._gate_cache}), dtype=np.int64)
-        if len(todo):
-            missing = Requests(tuple(self.texts[r] for r in todo), todo)
-            probs = self._with_full(lambda: self._gate_probs(missing))
-            joined = np.concatenate([probs[name] for name in self._blocks], axis=1)  # (m, sum E)
-            self._gate_cache.update(zip(todo.tolist(), joined, strict=True))
-        joined = np.stack([self._gate_cache[r] for r in rows])  # (n, sum E)
+        joined = self._full_features(requests)  # (n, sum E + K)
         bounds = np.cumsum([0, *self._blocks.values()])
         return {
             name: joined[:, a:b]
             for name, a, b in zip(self._blocks, bounds[:-1], bounds[1:], strict=True)
         }
 
-    def _gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
+    def task_probs(self, requests: Requests) -> np.ndarray:
+        """(n, K) the full MoE's probability of each task: its joint labels' probabilities
+        summed."""
+        return self._full_features(requests)[:, self._n_gates :]
+
+    def _full_features(self, requests: Requests) -> np.ndarray:
+        """(n, sum E + K): every block's gate probabilities and the head's task probabilities
+        under the full MoE, from one pass (cached per request row)."""
+        if requests.rows is None or self.bank is None:
+            live: np.ndarray = self._with_full(lambda: self._full_pass(requests))
+            return live
+        rows = requests.rows.tolist()
+        todo = np.array(sorted({r for r in rows if r not in self._gate_cache}), dtype=np.int64)
+        if len(todo):
+            missing = Requests(tuple(self.texts[r] for r in todo), todo)
+            fresh = self._with_full(lambda: self._full_pass(missing))
+            self._gate_cache.update(zip(todo.tolist(), fresh, strict=True))
+        return np.stack([self._gate_cache[r] for r in rows])
+
+    def _full_pass(self, requests: Requests) -> np.ndarray:
         from tanbr.model import GateRecorder
 
-        out = {name: np.zeros((len(requests), e)) for name, e in self._blocks.items()}
+        out = np.zeros((len(requests), self._n_gates + self._label_task.shape[1]))
         with torch.inference_mode(), GateRecorder(self.model, blocks=self.merger.blocks) as rec:
             for pos, states in self._batches(requests, self.batch_size):
                 rec.clear()
                 rec.set_mask(states.attention_mask)
-                self.model.forward_upper(states)
-                for name in self._blocks:
-                    out[name][pos] = rec.sequence_probs(name).double().numpy()  # (b, E)
+                logits = self.model.forward_upper(states)  # (b, n_labels)
+                gates = [rec.sequence_probs(name).double().numpy() for name in self._blocks]
+                probs = torch.softmax(logits.float(), dim=-1).double().numpy()  # as predict
+                out[pos] = np.concatenate([*gates, probs @ self._label_task], axis=1)
         return out
-
-    def task_probs(self, requests: Requests) -> np.ndarray:
-        """(n, K) the full MoE's probability of each task: its joint labels' probabilities
-        summed (memoised like any full-MoE prediction of a cached request)."""
-        probs = np.asarray(self._with_full(lambda: self.predict(requests).probs), np.float64)
-        return np.asarray(probs @ self._label_task)  # (n, n_labels) @ (n_labels, K)
 
     def merge(self, plan: Plan) -> float:
         """Merge now, or (with the memo) when a forward pass first needs it: a slot whose

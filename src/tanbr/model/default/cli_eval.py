@@ -100,16 +100,8 @@ def format_report(report: dict[str, Any]) -> str:
     for key in ("end_to_end", "moe_layers"):
         row = report["latency"][key]
         full, merged = row["full_ms"], row["merged_ms"]
-        paired = row.get("paired_ratio")
-        lat.append(
-            [
-                key,
-                f"{full:.1f}",
-                f"{merged:.1f}",
-                f"{merged / full:.2f}",
-                "-" if paired is None else f"{paired:.2f}",
-            ]
-        )
+        ratios = [f"{merged / full:.2f}", f"{row['paired_ratio']:.2f}"]
+        lat.append([key, f"{full:.1f}", f"{merged:.1f}", *ratios])
     out += [_table(lat)]
     if "routing" in report:
         out += ["", *_routing_table(report["routing"])]
