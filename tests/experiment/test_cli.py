@@ -9,11 +9,13 @@ import pytest
 
 from tanbr import cli
 from tanbr.experiment.records import read_trace
+from tanbr.experiment.summary import PUBLIC_KEYS
 
 pytestmark = pytest.mark.data
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.toml"
 FAST = [
+    "--set", "evaluation.memory=false",
     "--set", "n_slots=4",
     "--set", "workload.slot_size=16",
     "--set", "oracle.n_candidates=2",
@@ -34,7 +36,8 @@ def test_run_writes_a_complete_run_folder(
         "--policy", "tanbr", "--policy", "full-moe", "--policy", "slot-oracle",
         "--policy", "task-oracle",
     ]  # fmt: skip
-    code = cli.main(["-q", "run", str(CONFIG), *FAST, *policies, "--out", str(tmp_path)])
+    memory = ["--set", "evaluation.memory=true"]
+    code = cli.main(["-q", "run", str(CONFIG), *FAST, *memory, *policies, "--out", str(tmp_path)])
     assert code == 0
     folder = _folder(tmp_path)
     names = {p.name for p in folder.iterdir()}
@@ -49,12 +52,15 @@ def test_run_writes_a_complete_run_folder(
     # the report command reads the folder back
     assert cli.main(["-q", "report", str(folder), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert set(summary) == {"policies", "estimator_tv"}
-    assert set(summary["policies"]["tanbr"]) == {
-        "accuracy", "regret", "latency_p50_ms", "latency_p95_ms", "memory_bytes", "merge_ms",
-    }  # fmt: skip
+    assert set(summary) == {"policies", "estimator_tv", "signature", "dtype", "wall_s"}
+    assert set(summary["policies"]["tanbr"]) == set(PUBLIC_KEYS)
     merged, full = summary["policies"]["tanbr"], summary["policies"]["full-moe"]
-    assert merged["memory_bytes"] < full["memory_bytes"]
+    assert merged["param_bytes"] < full["param_bytes"]
+    # measured in serving processes: the lean merged model holds less than the full MoE
+    assert 0 < merged["model_rss_bytes"] < full["model_rss_bytes"]
+    assert merged["rss_peak_bytes"] >= merged["rss_steady_bytes"] > merged["model_rss_bytes"]
+    assert summary["policies"]["slot-oracle"]["regret"] == 0.0
+    assert merged["estimator_ms_per_request"] > 0 and full["estimator_ms_per_request"] == 0
 
 
 def test_compare_json_is_exactly_the_summary(
@@ -63,7 +69,7 @@ def test_compare_json_is_exactly_the_summary(
     args = ["-q", "compare", str(CONFIG), *FAST, "--set", "policies=['uniform', 'slot-oracle']"]
     assert cli.main([*args, "--json", "--no-plots", "--out", str(tmp_path)]) == 0
     summary = json.loads(capsys.readouterr().out)  # exactly one JSON document
-    assert set(summary) == {"policies", "estimator_tv"}
+    assert set(summary) == {"policies", "estimator_tv", "signature", "dtype", "wall_s"}
     assert set(summary["policies"]) == {"uniform", "slot-oracle"}
 
 

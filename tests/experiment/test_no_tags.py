@@ -14,7 +14,8 @@ import numpy as np
 
 from tanbr.experiment.config import load_config
 from tanbr.experiment.loop import run_slot
-from tanbr.experiment.runner import build_system, make_slots, prepare
+from tanbr.experiment.runner import build_system, make_slots
+from tanbr.experiment.setup import prepare
 from tanbr.experiment.slots import Requests, Slot, Truth
 from tanbr.experiment.workload import Pool
 

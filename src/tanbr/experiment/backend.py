@@ -5,18 +5,22 @@ carry ``rows`` are served from a bank of cached lower states and only the MoE la
 head run per slot (the experiment does this; live texts are tokenised and encoded end to end).
 
 Request signatures (the estimator's input) must not depend on the merge being served, or the
-estimator would see its own decisions. ``gate0`` uses the first MoE block's own gate: its input
-is the output of the first upper layer's attention over the lower states, which no merge
-touches; the signature is the gate's probabilities averaged over the request's tokens. Because
-the default model's experts specialise by task, these probabilities are a compact, label-free
-task fingerprint, and they cost one attention layer. ``gates`` is every block's gate
-probabilities under the full MoE: a sharper fingerprint (the later blocks specialise more) that
-costs a full-MoE pass over the requests it signs (cached per request offline; for live texts the
-full MoE runs on them, then the served merge is put back). ``gates+head`` adds the full MoE's
-probability of each task (the joint head predicts ``task:label``; a task's probability is the
-sum over its labels): the model's own, tag-free guess of the task, from the same full-MoE
-pass as the gates. ``embedding`` is the mean-pooled lower states (the frozen
-encoder's view); ``gate0+embedding`` concatenates gate0 and embedding.
+estimator would see its own decisions. Two families exist, and their costs differ:
+
+* **On the served path** (:data:`SERVED_SIGNATURES`; no expert runs). ``input0`` is the input of
+  the first MoE block (the output of the first upper layer's attention over the lower states)
+  mean-pooled over the request's tokens; ``gate0`` is the first block's own gate probabilities on
+  that input, averaged over the tokens. The served forward computes both anyway, before any
+  expert, whatever merge is served. ``embedding`` is the mean-pooled lower states (the frozen
+  encoder's view); ``gate0+embedding`` concatenates gate0 and embedding.
+* **Full MoE** (``gates``: every block's gate probabilities under the full MoE; ``gates+head``:
+  those and the full MoE's probability of each task, its joint labels' probabilities summed).
+  They cost a full-MoE pass over every request they sign, a cost charged to the policies that
+  use them; their place is the one-off clustering of calibration requests into task types
+  (:class:`~tanbr.experiment.estimator.ReadoutEstimator`), not the served path.
+
+The time spent computing the configured signature is counted
+(:attr:`DefaultBackend.signature_cost`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ from tanbr.model.precision import serving_dtype as serving_dtype
 
 log = logging.getLogger(__name__)
 
-SIGNATURES = ("gate0", "gates", "gates+head", "embedding", "gate0+embedding")
+SIGNATURES = ("input0", "gate0", "gates", "gates+head", "embedding", "gate0+embedding")
+#: Signatures made of what the served forward computes anyway, before any expert runs.
+SERVED_SIGNATURES = ("input0", "gate0", "embedding", "gate0+embedding")
 
 
 class DefaultBackend:
@@ -87,6 +93,7 @@ class DefaultBackend:
         dtype: str = "float32",
     ) -> None:
         from tanbr.model import Merger
+        from tanbr.model.checkpoint import expert_store
 
         if signature not in SIGNATURES:
             raise ValueError(f"estimator.signature must be one of {SIGNATURES}, got {signature!r}")
@@ -107,12 +114,23 @@ class DefaultBackend:
         self.signature = signature
         self.batch_size = batch_size
         self.memo_batch_size = memo_batch_size
-        self.merger = Merger(self.model)
+        lean = bool(getattr(model, "lean", False))
+        store = expert_store(model.path, self.model) if lean else None
+        self.merger = Merger(self.model, store=store)
+        # parameter bytes: everything but the routed experts, and one expert per block
+        expert_bytes = sum(b.expert_bytes * b.n_experts for b in self.merger.blocks)
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        self._shared_bytes = int(total - expert_bytes)
+        self._all_experts_bytes = int(expert_bytes)
+        self._merged_bytes = int(sum(b.expert_bytes for b in self.merger.blocks))
         self._blocks = {b.name: b.n_experts for b in self.merger.blocks}
         self._n_gates = sum(self._blocks.values())  # width of the joined gate probabilities
         self._first = self.merger.blocks[0]
         self._plan: dict[str, np.ndarray] | None = None
-        self._sig_cache: dict[int, np.ndarray] = {}  # row -> signature
+        self._sig_cache: dict[str, dict[int, np.ndarray]] = {}  # kind -> row -> signature
+        self._sig_ms = 0.0  # time spent computing the configured signature, and for how many
+        self._sig_n = 0
         self._ref_cache: dict[int, int] = {}  # row -> the full MoE's predicted label
         # row -> every block's gate probs and the head's task probs under the full MoE, joined
         self._gate_cache: dict[int, np.ndarray] = {}
@@ -122,13 +140,22 @@ class DefaultBackend:
         # (n_labels, K): which task each joint label "task:label" belongs to
         self._label_task = np.eye(len(model.tasks))[model.task_of_label()]
 
-    def export_caches(self) -> dict[str, dict[int, Any]]:
+    def export_caches(self) -> dict[str, dict[Any, Any]]:
         """The per-request caches (signatures, gate probabilities, full-MoE labels), for another
         process serving the same texts (parallel experiment runs)."""
-        return {"sig": self._sig_cache, "gate": self._gate_cache, "ref": self._ref_cache}
+        return {
+            "sig": self._sig_cache,
+            "gate": self._gate_cache,
+            "ref": self._ref_cache,
+            "sig_cost": {0: (self._sig_ms, self._sig_n)},
+        }
 
-    def import_caches(self, caches: Mapping[str, Mapping[int, Any]]) -> None:
-        self._sig_cache.update(caches.get("sig", {}))
+    def import_caches(self, caches: Mapping[str, Mapping[Any, Any]]) -> None:
+        for kind, cache in caches.get("sig", {}).items():
+            self._sig_cache.setdefault(str(kind), {}).update(cache)
+        cost = caches.get("sig_cost", {}).get(0)
+        if cost is not None:
+            self._sig_ms, self._sig_n = float(cost[0]), int(cost[1])
         self._gate_cache.update(caches.get("gate", {}))
         self._ref_cache.update(caches.get("ref", {}))
 
@@ -143,22 +170,43 @@ class DefaultBackend:
         return len(self.dm.labels)
 
     def signatures(self, requests: Requests) -> np.ndarray:
-        if requests.rows is not None and self.bank is not None:
-            rows = requests.rows.tolist()
-            todo = np.array(sorted({r for r in rows if r not in self._sig_cache}), dtype=np.int64)
-            if len(todo):
-                missing = Requests(tuple(self.texts[r] for r in todo), todo)
-                fresh = self._signatures(missing)
-                self._sig_cache.update(zip(todo.tolist(), fresh, strict=True))
-            return np.stack([self._sig_cache[r] for r in rows])
-        return self._signatures(requests)
+        """The configured signature of each request (the estimator's input on the served path)."""
+        return self.features(requests, self.signature)
 
-    def _signatures(self, requests: Requests) -> np.ndarray:
-        if self.signature == "gates":  # every block's gate under the full MoE
-            return self._full_features(requests)[:, : self._n_gates]
-        if self.signature == "gates+head":  # and the head's probability of each task
-            return self._full_features(requests)
-        return self._signatures_of(self._batches(requests, self.batch_size))
+    @property
+    def signature_cost(self) -> float:
+        """Milliseconds per request spent computing the configured signature so far (cached
+        requests counted once): what the estimator adds to each served request."""
+        return self._sig_ms / self._sig_n if self._sig_n else 0.0
+
+    def features(self, requests: Requests, kind: str) -> np.ndarray:
+        """(n, d) signatures of any kind in :data:`SIGNATURES` (cached per request row)."""
+        if kind not in SIGNATURES:
+            raise ValueError(f"signature must be one of {SIGNATURES}, got {kind!r}")
+        if requests.rows is None or self.bank is None:
+            return self._timed(kind, requests)
+        cache = self._sig_cache.setdefault(kind, {})
+        rows = requests.rows.tolist()
+        todo = np.array(sorted({r for r in rows if r not in cache}), dtype=np.int64)
+        if len(todo):
+            missing = Requests(tuple(self.texts[r] for r in todo), todo)
+            cache.update(zip(todo.tolist(), self._timed(kind, missing), strict=True))
+        if not rows:
+            return np.zeros((0, 0))
+        return np.stack([cache[r] for r in rows])
+
+    def _timed(self, kind: str, requests: Requests) -> np.ndarray:
+        t0 = time.perf_counter()
+        if kind == "gates":  # every block's gate under the full MoE
+            out = self._full_features(requests)[:, : self._n_gates]
+        elif kind == "gates+head":  # and the head's probability of each task
+            out = self._full_features(requests)
+        else:
+            out = self._signatures_of(self._batches(requests, self.batch_size), kind)
+        if kind == self.signature:
+            self._sig_ms += (time.perf_counter() - t0) * 1e3
+            self._sig_n += len(requests)
+        return out
 
     def gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
         joined = self._full_features(requests)  # (n, sum E + K)
@@ -251,29 +299,14 @@ class DefaultBackend:
     def memory_bytes(self) -> int:
         """Parameter bytes the model as set needs resident to serve end to end.
 
-        Merged: the shared layers, gates and one merged expert per block (the originals stay on
-        disk in memory-lean serving). Full MoE and soft merging need every expert.
+        Merged: everything but the routed experts, and one merged expert per block (the
+        originals stay on disk in memory-lean serving). Full MoE and soft merging need every
+        expert. The process's measured resident set is another figure (see
+        :mod:`tanbr.experiment.memory`).
         """
-        mode, _ = self._target
-        if mode == "full":
-            tensors = [*self.model.parameters(), *self.model.buffers()]
-            if self.merger.mode != "full":  # a deferred restore: count the originals
-                tensors += [t for m in self.merger._originals.values() for t in m.parameters()]
-        else:
-            self._sync()
-            tensors = [*self.model.parameters(), *self.model.buffers()]
-            if mode == "soft":
-                tensors += [t for m in self.merger._originals.values() for t in m.parameters()]
-        seen: set[int] = set()
-        total = 0
-        for t in tensors:
-            if t.is_meta:
-                continue
-            key = t.untyped_storage().data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-        return total
+        if self._target[0] == "merged":
+            return self._shared_bytes + self._merged_bytes
+        return self._shared_bytes + self._all_experts_bytes
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -286,8 +319,8 @@ class DefaultBackend:
             stats = self.merger.apply(plan)
             self._plan = plan
             return float(stats.merge_ms)
-        if self.merger.mode == mode:
-            return 0.0
+        if self.merger.mode == mode and not (mode == "full" and self.merger.lean):
+            return 0.0  # (a lean model may not have read its experts yet: restore does)
         t0 = time.perf_counter()
         if mode == "soft":
             self.merger.apply_soft()
@@ -357,7 +390,7 @@ class DefaultBackend:
             yield np.arange(start, start + len(chunk)), states
 
     @torch.inference_mode()
-    def _signatures_of(self, batches: Any) -> np.ndarray:
+    def _signatures_of(self, batches: Any, kind: str) -> np.ndarray:
         from tanbr.model import gate_probs as block_gate_probs
         from tanbr.model.discovery import get_module
         from tanbr.model.gates import masked_mean
@@ -369,11 +402,14 @@ class DefaultBackend:
             feats: list[np.ndarray] = []
             hidden = states.hidden.to(self.model.classifier.weight.dtype)  # (b, T, H)
             mask = states.attention_mask  # (b, T)
-            if self.signature in ("gate0", "gate0+embedding"):
+            if kind in ("input0", "gate0", "gate0+embedding"):
                 attended, _ = layer.attention(hidden, self.model._mask(hidden, mask))  # (b, T, H)
-                probs = block_gate_probs(self._first, gate, attended)  # (b, T, E)
-                feats.append(masked_mean(probs, mask).double().numpy())  # (b, E)
-            if self.signature in ("embedding", "gate0+embedding"):
+                if kind == "input0":
+                    feats.append(masked_mean(attended.float(), mask).double().numpy())  # (b, H)
+                else:
+                    probs = block_gate_probs(self._first, gate, attended)  # (b, T, E)
+                    feats.append(masked_mean(probs, mask).double().numpy())  # (b, E)
+            if kind in ("embedding", "gate0+embedding"):
                 pooled = masked_mean(hidden.float(), mask).double()  # (b, H)
                 feats.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
             parts.append((np.asarray(pos), np.concatenate(feats, axis=1)))
@@ -392,24 +428,25 @@ def _same_plan(a: Mapping[str, np.ndarray], b: Plan) -> bool:
 
 
 def load_default(
-    *, variant: str = "default", path: str = "", progress: bool = False
+    *, variant: str = "default", path: str = "", progress: bool = False, lean: bool = False
 ) -> tuple[Any, Any]:
     """The default model (built on first use) and its task suite (the same seeded splits).
 
     Loaded once per process and folder: commands run in one process (tests, notebooks) share
-    it; whoever merges it must restore it (see :meth:`DefaultBackend.restore`).
+    it; whoever merges it must restore it (see :meth:`DefaultBackend.restore`). ``lean``: the
+    routed experts stay on disk until a merge or a restore reads them.
     """
-    return _load_default(variant, str(path), progress)
+    return _load_default(variant, str(path), progress, lean)
 
 
 @functools.lru_cache(maxsize=2)
-def _load_default(variant: str, path: str, progress: bool) -> tuple[Any, Any]:
+def _load_default(variant: str, path: str, progress: bool, lean: bool) -> tuple[Any, Any]:
     from tanbr.model.default.build import build_default_model
     from tanbr.model.default.data import load_tasks
     from tanbr.model.default.modeling import DefaultModel
 
     folder = Path(path) if path else build_default_model(variant, progress=progress)
-    model = DefaultModel.load(folder)
+    model = DefaultModel.load(folder, lean=lean)
     data = model.info.get("data", {})
     spec = model.info.get("spec", {})
     if not model.tasks or not data:
@@ -464,12 +501,13 @@ def default_backend(
     memo: bool = False,
     progress: bool = False,
     dtype: str = "float32",
+    lean: bool = False,
 ) -> tuple[DefaultBackend, Pool, Pool]:
     """Load (or build) the default model, cache the lower states of its calibration and test
     splits, and return the backend with the two pools."""
     if threads > 0:
         torch.set_num_threads(threads)
-    model, suite = load_default(variant=variant, path=path, progress=progress)
+    model, suite = load_default(variant=variant, path=path, progress=progress, lean=lean)
     texts, calib, test = make_pools(model, suite)
     backend = DefaultBackend(
         model, texts=texts, signature=signature, memo=memo, progress=progress, dtype=dtype
@@ -487,6 +525,7 @@ class BackendFactory:
     signature: str = "gate0"
     memo: bool = False
     dtype: str = "float32"
+    lean: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> BackendFactory:
@@ -497,6 +536,7 @@ class BackendFactory:
             signature=config.estimator.signature,
             memo=config.evaluation.memo,
             dtype=config.model.dtype,
+            lean=config.model.lean,
         )
 
     def load(
@@ -511,6 +551,7 @@ class BackendFactory:
             memo=self.memo,
             progress=progress,
             dtype=self.dtype,
+            lean=self.lean,
         )
 
     def __call__(self) -> DefaultBackend:

@@ -45,10 +45,13 @@ def _progress(enabled: bool) -> Any:
 def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
     """Load the config, build the backend and setup, run everything; returns the RunResult."""
     import logging
+    import time
 
+    started = time.perf_counter()
     from tanbr.experiment.backend import BackendFactory
     from tanbr.experiment.config import load_config
-    from tanbr.experiment.runner import execute, prepare
+    from tanbr.experiment.runner import execute
+    from tanbr.experiment.setup import prepare
 
     config = load_config(args.config, preset=getattr(args, "preset", None), overrides=overrides)
     quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
@@ -63,6 +66,7 @@ def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
         plots=not args.no_plots,
         workers=config.evaluation.workers,
         backend_factory=factory,
+        started=started,
     )
 
 

@@ -24,12 +24,15 @@ STATIC_POLICIES = ("full-moe", "uniform", "frequency", "smear", "task-oracle", "
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model serves: a default-model variant (built and cached on first use) or a local
-    checkpoint folder written by ``tanbr build-model``."""
+    checkpoint folder written by ``tanbr build-model``. ``lean``: memory-lean serving, the
+    routed experts are read from the checkpoint's safetensors when a merge is built and never
+    kept resident (the full MoE and soft merging read them back)."""
 
     variant: str = "default"
     path: str = ""
     threads: int = 2  # torch intra-op threads while serving
     dtype: str = "float32"  # serving precision: float32, bfloat16 or auto (see backend)
+    lean: bool = True
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,17 @@ class WorkloadConfig:
 
 @dataclass(frozen=True)
 class EstimatorConfig:
-    """The task-mix estimator (see :mod:`tanbr.experiment.estimator`)."""
+    """The task-mix estimator (see :mod:`tanbr.experiment.estimator`).
+
+    ``signature`` is what the estimator reads on the served path; with ``kind = "readout"``
+    the task types are found once on calibration requests with the ``types`` signature (which
+    may need the full MoE: paid once, offline) and read out from ``signature``."""
 
     kind: str = "cluster"
     n_types: int = 0  # 0: discover K from unlabeled history
     signature: str = "gate0"
+    types: str = "gates+head"
+    readout_c: float = 0.01
     head: int = 32
     forecast: str = "ema"
     alpha: float = 0.5
@@ -105,11 +114,14 @@ class EvaluationConfig:
     model is deterministic), which makes static baselines and repeated actions cheap.
     ``workers``: processes that run the (policy, seed) runs side by side, each with its own copy
     of the model (results are the same as with one; latency probes run afterwards in the main
-    process)."""
+    process). ``memory``: after the runs, serve a slot in fresh processes (one per serving kind
+    and one with no model) and report their resident sets (:mod:`tanbr.experiment.memory`)."""
 
     sample: int = 0
     memo: bool = True
     workers: int = 1
+    memory: bool = True  # measure the resident set of serving processes (one per kind)
+    budget_s: float = 0.0  # wall-time budget of the whole command, checked in the report
 
     def __post_init__(self) -> None:
         if self.workers < 1:

@@ -21,6 +21,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -298,6 +299,146 @@ class ClusterEstimator:
             centers[j] += rate * (x[assign == j].mean(0) - centers[j])
 
 
+class ReadoutEstimator:
+    """Label-free: task types found once with the full MoE, read out on the served path.
+
+    At set-up the calibration requests (tags dropped) are clustered on a rich signature that
+    needs the full MoE (every block's gates and the head's task probabilities), which is paid
+    once, offline. A multinomial logistic read-out then learns those types from a cheap
+    signature that the served path computes anyway (the pooled input of the first MoE block:
+    no expert runs). A slot's mix is the maximum a posteriori mixture weight of the head's
+    read-out posteriors, by the EM prior correction of Saerens et al. (2002), with the forecast
+    as a Dirichlet prior of strength ``s``:
+
+        w_ik = p(k | x_i) pi_k / pi0_k  (normalised over k),
+        pi   <- (sum_i w_ik + s * forecast_k) / (|head| + s),
+
+    where p(k | x) is the read-out's posterior under the calibration prior pi0. Counting hard
+    assignments would carry the read-out's confusions straight into the mix; re-weighting the
+    posteriors by the slot's own prior moves ambiguous requests towards the types the slot is
+    made of.
+
+    Parameters
+    ----------
+    forecast, alpha, beta
+        How past slots' type frequencies forecast the next slot (see :class:`Forecaster`).
+    prior_strength
+        Weight (in requests) of the forecast against the head of the current slot.
+    readout_c
+        Inverse L2 strength of the logistic read-out (scikit-learn's ``C``).
+    em_iters
+        Cap on the EM iterations (it converges in a handful).
+    """
+
+    name = "readout"
+    reads_tags = False
+
+    def __init__(
+        self,
+        *,
+        rng: np.random.Generator | None = None,
+        forecast: str = "ema",
+        alpha: float = 0.5,
+        beta: float = 0.2,
+        prior_strength: float = 16.0,
+        readout_c: float = 0.01,
+        em_iters: int = 50,
+    ) -> None:
+        if not (math.isfinite(prior_strength) and prior_strength >= 0):
+            raise ValueError(f"prior_strength must be >= 0, got {prior_strength}")
+        if not (math.isfinite(readout_c) and readout_c > 0):
+            raise ValueError(f"readout_c must be > 0, got {readout_c}")
+        if em_iters < 1:
+            raise ValueError(f"em_iters must be >= 1, got {em_iters}")
+        self._forecast_args = (forecast, alpha, beta)
+        Forecaster(2, forecast, alpha, beta)  # validates early
+        self.prior_strength = prior_strength
+        self.readout_c = readout_c
+        self.em_iters = em_iters
+        self.n_types = 0
+        self.readout: Any = None  # scikit-learn pipeline: scaler + logistic regression
+        self.prior0: np.ndarray | None = None  # (K,) calibration prior of the types
+        self.forecaster: Forecaster | None = None
+        self._dim = 0
+
+    def fit(self, signatures: np.ndarray, types: np.ndarray) -> ReadoutEstimator:
+        """Learn the read-out of the task ``types`` (n,) from the cheap ``signatures`` (n, d)."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        x = _check_signatures(signatures)
+        types = np.asarray(types, dtype=np.int64)
+        if types.shape != (x.shape[0],):
+            raise ValueError(f"types must be ({x.shape[0]},), one per signature, got {types.shape}")
+        k = int(types.max()) + 1 if types.size else 0
+        present = np.unique(types)
+        if types.min(initial=0) < 0 or len(present) < 2 or len(present) != k:
+            raise ValueError(
+                f"types must number the task types 0..K-1 with K >= 2, each with a member; "
+                f"got {present.tolist()}"
+            )
+        self.readout = make_pipeline(
+            StandardScaler(), LogisticRegression(C=self.readout_c, max_iter=5000)
+        ).fit(x, types)
+        self.n_types = k
+        self._dim = x.shape[1]
+        self.prior0 = np.bincount(types, minlength=k) / len(types)
+        self.forecaster = Forecaster(k, *self._forecast_args)
+        return self
+
+    def _require_fit(self) -> tuple[Any, np.ndarray, Forecaster]:
+        if self.readout is None or self.prior0 is None or self.forecaster is None:
+            raise ValueError("the read-out estimator is not fitted: call fit() on calibration data")
+        return self.readout, self.prior0, self.forecaster
+
+    def posteriors(self, signatures: np.ndarray) -> np.ndarray:
+        """(n, K) each request's type posterior under the calibration prior."""
+        readout, _, _ = self._require_fit()
+        x = _check_signatures(signatures, self._dim)
+        if x.shape[0] == 0:
+            return np.zeros((0, self.n_types))
+        return np.asarray(readout.predict_proba(x), dtype=np.float64)
+
+    def assign(self, signatures: np.ndarray) -> np.ndarray:
+        """(n,) the most likely task type of each request."""
+        return np.asarray(self.posteriors(signatures).argmax(1), dtype=np.int64)
+
+    def _em(self, posteriors: np.ndarray, prior: np.ndarray, strength: float) -> np.ndarray:
+        """The MAP mixture weights of ``posteriors`` (n, K) under Dirichlet(strength * prior)."""
+        _, prior0, _ = self._require_fit()
+        ratio = 1.0 / np.maximum(prior0, 1e-12)
+        pi = prior.copy()
+        n = posteriors.shape[0]
+        for _ in range(self.em_iters):
+            w = posteriors * (pi * ratio)  # (n, K)
+            w /= np.maximum(w.sum(1, keepdims=True), 1e-300)
+            new = (w.sum(0) + strength * prior) / (n + strength)
+            done = np.abs(new - pi).max() < 1e-7
+            pi = new
+            if done:
+                break
+        return np.asarray(pi / pi.sum())
+
+    def estimate(self, head: np.ndarray | None, *, tasks: np.ndarray | None = None) -> np.ndarray:
+        if tasks is not None:
+            raise ValueError("the read-out estimator is label-free: it never takes task tags")
+        _, _, forecaster = self._require_fit()
+        forecast = forecaster.forecast()
+        if head is None or len(head) == 0:
+            return forecast
+        return self._em(self.posteriors(head), forecast, self.prior_strength)
+
+    def observe(self, signatures: np.ndarray, *, tasks: np.ndarray | None = None) -> None:
+        if tasks is not None:
+            raise ValueError("the read-out estimator is label-free: it never takes task tags")
+        _, _, forecaster = self._require_fit()
+        post = self.posteriors(signatures)
+        if post.shape[0] == 0:
+            return
+        forecaster.update(self._em(post, forecaster.forecast(), 0.0))
+
+
 class TagEstimator:
     """The oracle estimator (a baseline only): counts the true task tags of the head."""
 
@@ -343,10 +484,11 @@ class TagEstimator:
             self.forecaster.update(counts / counts.sum())
 
 
-EstimatorFactory = Callable[..., "ClusterEstimator | TagEstimator"]
+EstimatorFactory = Callable[..., "ClusterEstimator | ReadoutEstimator | TagEstimator"]
 
 ESTIMATORS: dict[str, EstimatorFactory] = {
     "cluster": ClusterEstimator,
+    "readout": ReadoutEstimator,
     "oracle": TagEstimator,
 }
 

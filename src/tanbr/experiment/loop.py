@@ -67,6 +67,11 @@ class Backend(Protocol):
         """(n, d) label-free signatures of the requests (the estimator's input)."""
         ...
 
+    def features(self, requests: Requests, kind: str) -> np.ndarray:
+        """(n, d) signatures of another kind than the configured one (e.g. a full-MoE
+        signature used once, offline, to find the task types of calibration requests)."""
+        ...
+
     def gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
         """Per block (n, E): each request's mean gate probabilities under the full MoE (the
         raw material of profiles and of the usage-frequency merge; label-free)."""
@@ -134,12 +139,14 @@ class Mode(Protocol):
     """How a policy name is served: a bandit policy plus a parameterization, or a baseline.
 
     ``learns`` modes receive rewards through :meth:`learn`; ``needs_truth`` modes (the oracle
-    baselines only) receive the slot's :class:`Truth` in :meth:`choose`.
+    baselines only) receive the slot's :class:`Truth` in :meth:`choose`; ``reads_mix`` modes
+    decide from the estimated mix, so the estimator's cost is part of their served path.
     """
 
     name: str
     learns: bool
     needs_truth: bool
+    reads_mix: bool
 
     def choose(self, mix: np.ndarray, *, truth: Truth | None = None) -> Choice: ...
 
@@ -205,6 +212,7 @@ class Decision:
     plan: Plan | None = None
     task_plans: tuple[Plan, ...] = ()
     select_ms: float = 0.0
+    estimate_ms: float = 0.0  # the estimator's estimate (its signatures are counted apart)
 
     def __post_init__(self) -> None:
         if self.kind not in DECISION_KINDS:
@@ -247,7 +255,9 @@ def decide(
             if truth is None:
                 raise ValueError(f"estimator {system.estimator.name!r} reads tags: pass truth")
             tasks = np.asarray(truth.tasks[:n], dtype=np.int64)
+    t0 = time.perf_counter()
     mix = system.estimator.estimate(head_sig, tasks=tasks)
+    estimate_ms = (time.perf_counter() - t0) * 1e3
     t0 = time.perf_counter()
     if system.mode.needs_truth and truth is None:
         raise ValueError(f"mode {system.mode.name!r} is an oracle: it needs the slot's truth")
@@ -261,6 +271,7 @@ def decide(
         plan=choice.plan,
         task_plans=choice.task_plans,
         select_ms=select_ms,
+        estimate_ms=estimate_ms,
     )
 
 
@@ -364,14 +375,12 @@ def score(
 
 
 class Evaluator(Protocol):
-    """Offline yardsticks that read the truth (never shown to the system)."""
+    """Offline yardsticks that read the truth (never shown to the system). Regret is not one
+    of them: it compares accuracies on the very requests a slot scored, so it is joined after
+    the runs (:func:`tanbr.experiment.runner.attach_regret`)."""
 
     def tasks_mix(self, est_mix: np.ndarray) -> np.ndarray:
         """The estimated mix over task types mapped onto the true tasks (Hungarian matching)."""
-        ...
-
-    def oracle_accuracy(self, truth: Truth) -> float:
-        """The slot oracle: best single merge's expected accuracy for the slot's true mix."""
         ...
 
 
@@ -446,7 +455,7 @@ def _record(
     served_truth: Truth | None,
 ) -> SlotRecord:
     truth = slot.truth
-    accuracy = oracle = regret = tv = None
+    accuracy = tv = None
     est_tasks = true_mix = None
     if truth is not None and served_truth is not None:
         true_mix = truth.mix.tolist()
@@ -456,9 +465,6 @@ def _record(
             mapped = evaluator.tasks_mix(decision.mix)
             est_tasks = mapped.tolist()
             tv = float(0.5 * np.abs(mapped - truth.mix).sum())
-            oracle = evaluator.oracle_accuracy(truth)
-            if accuracy is not None:
-                regret = oracle - accuracy
     coeffs = None
     if decision.plan is not None:
         coeffs = {
@@ -478,13 +484,12 @@ def _record(
         est_mix_tasks=est_tasks,
         tv=tv,
         accuracy=accuracy,
-        oracle_accuracy=oracle,
-        regret=regret,
         reward=reward,
         n_scored=n_scored,
         latency_ms=served.latency_ms,
         merge_ms=merge_ms,
         memory_bytes=memory,
         select_ms=decision.select_ms,
+        estimate_ms=decision.estimate_ms,
         update_ms=update_ms,
     )

@@ -77,6 +77,7 @@ class BanditMode:
 
     learns = True
     needs_truth = False
+    reads_mix = True
 
     def __init__(self, name: str, policy: Any, plan_of: PlanOf) -> None:
         self.name = name
@@ -94,6 +95,7 @@ class BanditMode:
 class _Fixed:
     learns = False
     needs_truth = False
+    reads_mix = False
     name = "fixed"
 
     def learn(self, mix: np.ndarray, action: np.ndarray, reward: float) -> None:
@@ -149,6 +151,7 @@ class PlugIn(_Fixed):
     parameterization the bandit policies use, so the baseline means the same in every run."""
 
     name = "plug-in"
+    reads_mix = True
 
     def __init__(self, baselines: Baselines) -> None:
         if baselines.plan_of is None or not baselines.task_simplex:

@@ -10,8 +10,9 @@ import numpy as np
 
 from tanbr.experiment.config import STATIC_POLICIES
 from tanbr.experiment.loop import Backend
-from tanbr.experiment.runner import PolicyRun, Setup, run_policy
+from tanbr.experiment.runner import run_policy
 from tanbr.experiment.slots import Requests, Slot
+from tanbr.experiment.values import PolicyRun, Setup
 
 _WORKER: dict[str, Any] = {}
 
@@ -19,11 +20,12 @@ _WORKER: dict[str, Any] = {}
 def run_parallel(
     setup: Setup,
     streams: Mapping[int, Sequence[Slot]],
+    names: Sequence[str],
     workers: int,
     backend_factory: Callable[[], Backend],
     bar: Any,
 ) -> list[PolicyRun]:
-    """Run the (policy, seed) jobs in ``workers`` spawned processes.
+    """Run the (policy, seed) jobs of ``names`` in ``workers`` spawned processes.
 
     The setup travels without its backend; each process builds its own from the factory and
     receives the parent's request-signature caches, which are filled here first so that no
@@ -45,7 +47,7 @@ def run_parallel(
     shared = {f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)}
     shared.pop("backend")
     threads = max(1, torch.get_num_threads() // workers)
-    jobs = [(seed, name) for seed in streams for name in setup.config.policies]
+    jobs = [(seed, name) for seed in streams for name in names]
     results: dict[tuple[int, str], PolicyRun] = {}
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(

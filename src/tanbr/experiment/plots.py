@@ -177,7 +177,9 @@ def plot_coeffs(records: Sequence[SlotRecord], policy: str = "tanbr", axes: Any 
 
 
 def plot_costs(summary: dict[str, Any], axes: Any = None) -> Any:
-    """Latency (end to end and MoE layers, p50) and resident parameter memory per policy."""
+    """Latency p50 per batch (the whole served path, the served batch alone, the MoE layers)
+    and memory per policy (the measured model share of a serving process's resident set beside
+    the parameter bytes)."""
     plt = _plt()
     policies = summary["policies"]
     detail = summary.get("detail", {})
@@ -185,21 +187,26 @@ def plot_costs(summary: dict[str, Any], axes: Any = None) -> Any:
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     y = np.arange(len(names))
-    e2e = [policies[n]["latency_p50_ms"] or 0.0 for n in names]
-    moe = [detail.get(n, {}).get("moe_latency_p50_ms") or 0.0 for n in names]
-    axes[0].barh(y - 0.2, e2e, height=0.4, label="end to end (tokenize + encoder + MoE + head)")
-    axes[0].barh(y + 0.2, moe, height=0.4, label="MoE layers + head (cached lower states)")
+    whole = [policies[n].get("latency_p50_ms") or 0.0 for n in names]
+    served = [detail.get(n, {}).get("serve_p50_ms") or 0.0 for n in names]
+    moe = [policies[n].get("moe_latency_p50_ms") or 0.0 for n in names]
+    axes[0].barh(y - 0.27, whole, height=0.27, label="whole served path")
+    axes[0].barh(y, served, height=0.27, label="served batch (tokenize to head)")
+    axes[0].barh(y + 0.27, moe, height=0.27, label="MoE layers + head")
     axes[0].set_yticks(y, names)
     axes[0].invert_yaxis()
     axes[0].set_xlabel("latency p50 per batch (ms)")
     axes[0].set_title("Latency per policy")
     axes[0].legend(fontsize=8, loc="lower right")
-    mem = [policies[n]["memory_bytes"] / 2**20 for n in names]
-    axes[1].barh(y, mem, color="tab:green")
+    measured = [(policies[n].get("model_rss_bytes") or 0) / 2**20 for n in names]
+    params = [(policies[n].get("param_bytes") or 0) / 2**20 for n in names]
+    axes[1].barh(y - 0.2, measured, height=0.4, color="tab:green", label="model RSS (measured)")
+    axes[1].barh(y + 0.2, params, height=0.4, color="tab:olive", label="parameter bytes")
     axes[1].set_yticks(y, names)
     axes[1].invert_yaxis()
-    axes[1].set_xlabel("resident parameters (MiB)")
+    axes[1].set_xlabel("MiB")
     axes[1].set_title("Memory per policy")
+    axes[1].legend(fontsize=8, loc="lower right")
     for ax in axes:
         ax.grid(axis="x", alpha=0.3)
     return axes

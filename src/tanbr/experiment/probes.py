@@ -1,7 +1,10 @@
 """Latency probes: real batches of a run's probe slots, replayed with the decisions taken there.
 
 The slot loop scores requests from a memo and cached lower states; these probes time what a
-user would wait for (tokenize, encoder, MoE layers, head) on the merged model a policy chose.
+user would wait for (tokenize, encoder, MoE layers, head) on the merged model a policy chose,
+and what building that merge costs at a slot boundary (an in-place re-merge from another plan,
+read from the checkpoint in memory-lean mode). The summary adds the estimator's and the
+policy's per-slot costs to make the whole served path (:mod:`tanbr.experiment.summary`).
 """
 
 from __future__ import annotations
@@ -9,44 +12,61 @@ from __future__ import annotations
 import dataclasses
 import time
 import zlib
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from tanbr.experiment.loop import Decision, System, apply_decision, serve
+from tanbr.experiment.loop import Decision, Plan, System, apply_decision, serve
 from tanbr.experiment.slots import Requests, Slot
+from tanbr.experiment.values import PolicyRun, Setup
 
-if TYPE_CHECKING:
-    from tanbr.experiment.runner import PolicyRun, Setup
+
+@dataclass(frozen=True)
+class Timed:
+    """What the probes of one run measured, per probe (ms)."""
+
+    e2e_ms: list[float]
+    moe_ms: list[float]
+    merge_ms: tuple[float, ...]  # merge decisions only
 
 
 def probe_latency(
-    setup: Setup, runs: Sequence[PolicyRun], streams: Mapping[int, Sequence[Slot]]
+    setup: Setup,
+    runs: Sequence[PolicyRun],
+    streams: Mapping[int, Sequence[Slot]],
+    *,
+    build: Callable[[Setup, str, int], System],
 ) -> list[PolicyRun]:
     """Time every run's probe slots, interleaved: probe j of every policy of a seed runs before
     probe j + 1 of any, in an order rotated with j, so load changes on a shared machine hit
-    every policy alike and the latency ratios stay comparable."""
-    from tanbr.experiment.runner import build_system
-
+    every policy alike and the latency ratios stay comparable. ``build`` makes a fresh system
+    for a (policy, seed) (the runner's ``build_system``)."""
     e2e: dict[int, list[float]] = {i: [] for i in range(len(runs))}
     moe: dict[int, list[float]] = {i: [] for i in range(len(runs))}
+    merge: dict[int, list[float]] = {i: [] for i in range(len(runs))}
     for seed, slots in streams.items():
         members = [i for i, run in enumerate(runs) if run.seed == seed]
         keep = sorted(probe_slots(setup, seed, len(slots)))
         chosen = [s for s in slots if s.index in keep]
-        systems = {i: build_system(setup, runs[i].policy, seed) for i in members}
+        systems = {i: build(setup, runs[i].policy, seed) for i in members}
         for j, slot in enumerate(chosen):
             order = members[j % len(members) :] + members[: j % len(members)] if members else []
             for i in order:
                 if j >= len(runs[i].probes):
                     continue
-                a, b = time_probes(setup, systems[i], [slot], [runs[i].probes[j]])
-                e2e[i] += a
-                moe[i] += b
+                timed = time_probes(setup, systems[i], [slot], [runs[i].probes[j]])
+                e2e[i] += timed.e2e_ms
+                moe[i] += timed.moe_ms
+                merge[i] += timed.merge_ms
     setup.backend.restore()
     return [
-        dataclasses.replace(run, e2e_ms=run.e2e_ms + e2e[i], moe_ms=run.moe_ms + moe[i])
+        dataclasses.replace(
+            run,
+            e2e_ms=run.e2e_ms + e2e[i],
+            moe_ms=run.moe_ms + moe[i],
+            merge_probe_ms=run.merge_probe_ms + tuple(merge[i]),
+        )
         for i, run in enumerate(runs)
     ]
 
@@ -70,21 +90,26 @@ def probe_slots(setup: Setup, seed: int, n_slots: int) -> set[int]:
 
 def time_probes(
     setup: Setup, system: System, slots: Sequence[Slot], decisions: Sequence[Decision]
-) -> tuple[list[float], list[float]]:
-    """Latency of a real batch of each probe slot's requests with that slot's decision applied
-    (merge time excluded, except the per-task merges the task oracle pays while serving):
-    wall time end to end (tokenize + lower layers + MoE layers + head, from the texts), and
-    the time of the MoE layers + head alone (cached lower states, never from the memo)."""
+) -> Timed:
+    """Latency of a real batch of each probe slot's requests with that slot's decision applied:
+    wall time end to end (tokenize + lower layers + MoE layers + head, from the texts) and the
+    time of the MoE layers + head alone (cached lower states, never from the memo); for a merge
+    decision also the time of building its merge in place over another plan, as the service
+    does at a slot boundary (the per-task merges of the task oracle happen while serving and
+    are inside its end-to-end time)."""
     size = setup.config.latency.batch_size
     backend = setup.backend
     memo = getattr(backend, "memo", False)
-    e2e, moe = [], []
+    e2e, moe, merges = [], [], []
     try:
         if memo:
             backend.memo = False  # type: ignore[attr-defined]
         for slot, decision in zip(slots, decisions, strict=True):
             n = min(size, len(slot.requests))
             truth = slot.truth.take(slice(0, n)) if slot.truth is not None else None
+            if decision.kind == "merge" and decision.plan is not None:
+                backend.merge(_other_plan(decision.plan))
+                merges.append(backend.merge(decision.plan))
             apply_decision(system, decision)
             cached = slot.requests.take(slice(0, n))
             moe.append(serve(system, cached, decision=decision, truth=truth).latency_ms)
@@ -95,4 +120,14 @@ def time_probes(
     finally:
         if memo:
             backend.memo = True  # type: ignore[attr-defined]
-    return e2e, moe
+    return Timed(e2e, moe, tuple(merges))
+
+
+def _other_plan(plan: Plan) -> dict[str, np.ndarray]:
+    """A plan that differs from ``plan`` in every block (all weight on an expert it weighs
+    least), so that merging ``plan`` after it does the whole work of a re-merge."""
+    out = {}
+    for name, coeffs in plan.items():
+        c = np.asarray(coeffs, dtype=np.float64)
+        out[name] = np.eye(len(c))[int(np.argmin(c))]
+    return out

@@ -23,7 +23,9 @@ class SlotRecord:
     over the true tasks. ``n_served`` requests of the slot's ``n_requests`` ran through the model
     (all, unless an evaluation sample is set). ``latency_ms`` is the time the MoE layers and the
     head spent on them (lower layers cached; 0 when the predictions came from the backend's
-    memo); end-to-end latency is measured separately on real batches.
+    memo); end-to-end latency is measured separately on real batches. ``oracle_accuracy`` is
+    the slot oracle's accuracy on the same scored requests and ``regret`` the difference
+    (joined after the runs).
     """
 
     policy: str
@@ -45,8 +47,9 @@ class SlotRecord:
     n_scored: int = 0
     latency_ms: float = 0.0
     merge_ms: float = 0.0
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # parameter bytes the served model keeps resident
     select_ms: float = 0.0
+    estimate_ms: float = 0.0
     update_ms: float = 0.0
 
     def to_json(self) -> dict[str, Any]:

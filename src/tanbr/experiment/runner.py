@@ -1,260 +1,44 @@
 """Run policies x seeds through the slot loop and write a run folder.
 
-:func:`prepare` computes, once per model and config, everything the policies share: the
-estimator fitted on unlabeled calibration requests, the task-type profiles and the
-parameterization, the static baselines' plans and the slot oracle's candidate table.
+:func:`~tanbr.experiment.setup.prepare` computes once what the policies share;
 :func:`execute` then draws one stream per seed (the same for every policy of that seed), runs
-each policy with :func:`~tanbr.experiment.loop.run_slot`, measures end-to-end latency on real
-batches, and writes ``config.toml``, ``trace.jsonl``, ``summary.json`` and the plots.
+each policy with :func:`~tanbr.experiment.loop.run_slot`, joins each slot's regret against the
+slot oracle on the very requests the slot scored, times the whole served path on real batches,
+measures the resident set of serving processes, and writes ``config.toml``, ``trace.jsonl``,
+``summary.json``, ``report.md`` and the plots.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tanbr.experiment.config import ExperimentConfig, write_config
-from tanbr.experiment.estimator import (
-    ClusterEstimator,
-    TagEstimator,
-    match_clusters,
-    to_tasks,
-)
-from tanbr.experiment.loop import (
-    Backend,
-    Decision,
-    Labelling,
-    System,
-    run_slot,
-)
-from tanbr.experiment.modes import (
-    MODES,
-    Baselines,
-    OracleTable,
-    PlanOf,
-    candidate_actions,
-    make_mode,
-)
-from tanbr.experiment.parameterization import (
-    Direct,
-    TaskRelative,
-    TaskSimplex,
-    cluster_profiles,
-    make_space,
-)
+from tanbr.experiment.estimator import ClusterEstimator
+from tanbr.experiment.loop import Backend, Decision, Labelling, System, run_slot
+from tanbr.experiment.memory import measure_run_memory
+from tanbr.experiment.modes import MODES, make_mode
+from tanbr.experiment.parameterization import make_space
 from tanbr.experiment.probes import last_decision, probe_latency, probe_slots, time_probes
 from tanbr.experiment.records import SlotRecord, write_json, write_trace
 from tanbr.experiment.reward import RewardFn
-from tanbr.experiment.slots import Requests, Slot, Truth
-from tanbr.experiment.summary import summarize
-from tanbr.experiment.workload import (
-    SCHEDULES,
-    Pool,
-    draw_slots,
-    read_mix_trace,
-    read_request_trace,
-)
+from tanbr.experiment.slots import Slot
+from tanbr.experiment.summary import Costs, summarize
+from tanbr.experiment.values import PolicyRun, Progress, RunResult, Setup, SlotEvaluator
+from tanbr.experiment.workload import SCHEDULES, draw_slots, read_mix_trace, read_request_trace
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Any]  # (description, total, unit) -> a bar with update(n) / close()
-
-
-@dataclass(eq=False)
-class Setup:
-    """What every policy and seed of an experiment shares (built by :func:`prepare`)."""
-
-    config: ExperimentConfig
-    backend: Backend
-    calib: Pool
-    test: Pool
-    estimator: ClusterEstimator | TagEstimator  # fitted template, copied per run
-    mapping: np.ndarray  # (K,) task type -> true task (evaluation only)
-    plan_of: PlanOf  # the bandit policies' parameterization: (action, context) -> plan
-    dim: int  # action-space dimension
-    baselines: Baselines
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        return self.test.task_names
-
-
-@dataclass(frozen=True, eq=False)
-class SlotEvaluator:
-    """TV distance through the cluster-to-task matching, and the slot oracle's value."""
-
-    mapping: np.ndarray
-    n_tasks: int
-    oracle: OracleTable
-
-    def tasks_mix(self, est_mix: np.ndarray) -> np.ndarray:
-        return to_tasks(est_mix, self.mapping, self.n_tasks)
-
-    def oracle_accuracy(self, truth: Truth) -> float:
-        return self.oracle.best(truth.mix)[1]
-
-
-def _requests(pool: Pool) -> Requests:
-    return Requests(pool.texts, pool.rows)
-
-
-def _mean_rows(probs: np.ndarray) -> np.ndarray:
-    c = np.asarray(probs, dtype=np.float64).mean(0)
-    return np.asarray(c / c.sum())
-
-
-def per_task_accuracy(predictions: np.ndarray, pool: Pool) -> np.ndarray:
-    """(n_tasks,) accuracy of predictions on each task of the pool."""
-    correct = (np.asarray(predictions) == pool.labels).astype(float)
-    n = len(pool.task_names)
-    hits = np.bincount(pool.tasks, weights=correct, minlength=n)
-    return np.asarray(hits / np.bincount(pool.tasks, minlength=n))
-
-
-def first_per_task(pool: Pool, n: int) -> Pool:
-    """The first ``n`` requests of every task of a pool (the whole pool when n is 0)."""
-    if n <= 0:
-        return pool
-    idx = np.sort(np.concatenate([group[:n] for group in pool.by_task]))
-    return Pool(
-        tuple(pool.texts[i] for i in idx),
-        pool.tasks[idx],
-        pool.labels[idx],
-        pool.task_names,
-        rows=None if pool.rows is None else np.asarray(pool.rows)[idx],
-    )
-
-
-def prepare(
-    config: ExperimentConfig,
-    backend: Backend,
-    calib: Pool,
-    test: Pool,
-    *,
-    progress: Progress | None = None,
-) -> Setup:
-    """Fit the estimator and profiles on calibration data, and build the baselines' inputs.
-
-    The estimator, the profiles and the ``frequency`` merge see calibration requests without
-    their tags. Tags are read only for the evaluation mapping (Hungarian matching), the task
-    oracle's per-task merges, and the slot oracle's per-task accuracies.
-    """
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    est_cfg = config.estimator
-    rng = np.random.default_rng(zlib.crc32(b"prepare"))
-    n_tasks = len(test.task_names)
-    if calib.task_names != test.task_names:
-        raise ValueError("calibration and test pools must have the same tasks")
-    calib_requests = _requests(calib)
-    estimator: ClusterEstimator | TagEstimator
-    if est_cfg.kind == "cluster":
-        estimator = ClusterEstimator(
-            rng=rng,
-            n_types=est_cfg.n_types or None,
-            forecast=est_cfg.forecast,
-            alpha=est_cfg.alpha,
-            beta=est_cfg.beta,
-            prior_strength=est_cfg.prior_strength,
-            online_rate=est_cfg.online_rate,
-        )
-        signatures = backend.signatures(calib_requests)  # (n, d): no tags involved
-        estimator.fit(signatures)
-        assign = estimator.assign(signatures)
-    elif est_cfg.kind == "oracle":
-        estimator = TagEstimator(
-            n_types=n_tasks,
-            forecast=est_cfg.forecast,
-            alpha=est_cfg.alpha,
-            beta=est_cfg.beta,
-            prior_strength=est_cfg.prior_strength,
-        )
-        assign = calib.tasks
-    else:
-        raise ValueError(f"estimator.kind must be 'cluster' or 'oracle', got {est_cfg.kind!r}")
-    k = estimator.n_types
-    mapping = match_clusters(assign, calib.tasks, k, n_tasks)
-    timings["estimator_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    gates = backend.gate_probs(calib_requests)  # block -> (n, E), full MoE, label-free
-    frequency_plan = {name: _mean_rows(p) for name, p in gates.items()}
-    task_plans = tuple(
-        {name: _mean_rows(p[calib.tasks == t]) for name, p in gates.items()} for t in range(n_tasks)
-    )  # reads tags: the task oracle only
-    kind = config.parameterization.kind
-    param: TaskSimplex | Direct
-    absolute: TaskSimplex | Direct  # static merges: the oracle's candidates, plug-in
-    if kind in ("task-simplex", "task-relative"):
-        profiles = cluster_profiles(assign, gates, k)
-        absolute = TaskSimplex(profiles)
-        param = absolute if kind == "task-simplex" else TaskRelative(profiles)
-    elif kind == "direct":
-        param = absolute = Direct(backend.blocks)
-    else:
-        raise ValueError(
-            "parameterization.kind must be 'task-simplex', 'task-relative' or 'direct', "
-            f"got {kind!r}"
-        )
-    timings["profiles_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    candidates = candidate_actions(
-        absolute.dim,
-        n_random=config.oracle.n_candidates,
-        concentration=config.oracle.concentration,
-        rng=rng,
-    )
-    acc = np.zeros((len(candidates), n_tasks))
-    scored = first_per_task(test, config.oracle.rows_per_task)
-    test_requests = _requests(scored)
-    bar = progress("oracle table", len(candidates), "merge") if progress else None
-    for c, action in enumerate(candidates):
-        backend.merge(absolute.plan(action))
-        probs = backend.predict(test_requests).probs
-        acc[c] = per_task_accuracy(np.asarray(probs).argmax(1), scored)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    backend.restore()
-    timings["oracle_table_s"] = time.perf_counter() - t0
-    oracle = OracleTable(candidates, acc)
-    log.info(
-        "prepared: K=%d task types, %d oracle candidates (best per task %s)",
-        k,
-        len(candidates),
-        np.round(acc.max(0), 3).tolist(),
-    )
-    baselines = Baselines(
-        blocks=backend.blocks,
-        frequency_plan=frequency_plan,
-        task_plans=task_plans,
-        oracle=oracle,
-        plan_of=absolute.plan,
-        task_simplex=isinstance(absolute, TaskSimplex),
-    )
-    return Setup(
-        config=config,
-        backend=backend,
-        calib=calib,
-        test=test,
-        estimator=estimator,
-        mapping=mapping,
-        plan_of=param.plan,
-        dim=param.dim,
-        baselines=baselines,
-        timings=timings,
-    )
+#: The yardstick of regret: added to every experiment whose policies do not name it.
+YARDSTICK = "slot-oracle"
 
 
 # --- streams and systems ------------------------------------------------------------------------
@@ -349,20 +133,6 @@ def _policy_params(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
     return params
 
 
-@dataclass(frozen=True)
-class PolicyRun:
-    """One policy on one seed: the slot records, the latency probes (ms per batch) and the
-    decisions of the probe slots (what the probes replay)."""
-
-    policy: str
-    seed: int
-    records: list[SlotRecord]
-    e2e_ms: list[float]
-    moe_ms: list[float]
-    seconds: float
-    probes: tuple[Decision, ...] = ()
-
-
 def run_policy(
     setup: Setup,
     name: str,
@@ -378,7 +148,7 @@ def run_policy(
     ``probe`` the decisions to replay are kept in the run, for :func:`probe_latency`."""
     t0 = time.perf_counter()
     system = build_system(setup, name, seed)
-    evaluator = SlotEvaluator(setup.mapping, len(setup.task_names), setup.baselines.oracle)  # type: ignore[arg-type]
+    evaluator = SlotEvaluator(setup.mapping, len(setup.task_names))
     records: list[SlotRecord] = []
     decisions: list[Decision] = []
     keep = probe_slots(setup, seed, len(slots))
@@ -391,22 +161,54 @@ def run_policy(
             decisions.append(last_decision(system))
         if bar is not None:
             bar.update(1)
-    e2e: list[float] = []
-    moe: list[float] = []
+    run = PolicyRun(
+        name,
+        seed,
+        records,
+        [],
+        [],
+        time.perf_counter() - t0,
+        tuple(decisions),
+        reads_mix=bool(system.mode.reads_mix),
+    )
     if probe:
-        e2e, moe = time_probes(setup, system, [s for s in slots if s.index in keep], decisions)
+        timed = time_probes(setup, system, [s for s in slots if s.index in keep], decisions)
+        run = dataclasses.replace(
+            run, e2e_ms=timed.e2e_ms, moe_ms=timed.moe_ms, merge_probe_ms=timed.merge_ms
+        )
     setup.backend.restore()
-    return PolicyRun(name, seed, records, e2e, moe, time.perf_counter() - t0, tuple(decisions))
+    return run
+
+
+# --- regret on the same requests -----------------------------------------------------------------
+
+
+def attach_regret(runs: Sequence[PolicyRun]) -> list[PolicyRun]:
+    """Each slot's regret against the slot oracle on the very requests that slot scored.
+
+    The slot oracle serves, for each slot, the candidate merge that is best for the slot's true
+    mix; every policy of a seed scores the same requests of that slot, so the oracle's accuracy
+    on them is the reference and the slot oracle's own regret is zero by construction."""
+    oracle = {
+        (run.seed, r.slot): r.accuracy
+        for run in runs
+        if run.policy == YARDSTICK
+        for r in run.records
+        if r.accuracy is not None
+    }
+    out = []
+    for run in runs:
+        records = []
+        for r in run.records:
+            o = oracle.get((run.seed, r.slot))
+            if o is not None and r.accuracy is not None:
+                r = dataclasses.replace(r, oracle_accuracy=o, regret=o - r.accuracy)
+            records.append(r)
+        out.append(dataclasses.replace(run, records=records))
+    return out
 
 
 # --- the whole experiment -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunResult:
-    folder: Path
-    summary: dict[str, Any]
-    runs: list[PolicyRun]
 
 
 def new_run_folder(out: Path, name: str) -> Path:
@@ -421,6 +223,14 @@ def new_run_folder(out: Path, name: str) -> Path:
     return folder
 
 
+def policy_names(setup: Setup) -> tuple[str, ...]:
+    """The config's policies, and the slot oracle when a candidate table exists for it."""
+    names = tuple(setup.config.policies)
+    if YARDSTICK not in names and setup.baselines.oracle is not None:
+        names += (YARDSTICK,)
+    return names
+
+
 def execute(
     setup: Setup,
     *,
@@ -429,14 +239,18 @@ def execute(
     plots: bool = True,
     workers: int = 1,
     backend_factory: Callable[[], Backend] | None = None,
+    started: float | None = None,
 ) -> RunResult:
     """Every policy x seed of the config; writes the run folder and returns the summary.
 
     With ``workers`` > 1 the (policy, seed) runs are spread over that many processes, each
     serving with its own copy of the model made by ``backend_factory`` (a picklable callable);
     the results are the same as with one process. The latency probes always run afterwards in
-    this process, interleaved across policies (:func:`probe_latency`)."""
+    this process, interleaved across policies (:func:`probe_latency`), then the memory probes
+    in fresh processes. ``started`` (a ``time.perf_counter()`` value) is when the command
+    began: ``wall_s`` counts from there."""
     cfg = setup.config
+    started = time.perf_counter() if started is None else started
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if workers > 1 and backend_factory is None:
@@ -444,36 +258,54 @@ def execute(
     unknown = [p for p in cfg.policies if p not in MODES and not _is_bandit(p)]
     if unknown:
         make_mode(unknown[0], baselines=setup.baselines)  # raises with close matches
+    names = policy_names(setup)
     folder = new_run_folder(out, cfg.name)
     write_config(folder / "config.toml", cfg)
     t0 = time.perf_counter()
     streams = {seed: make_slots(setup, seed) for seed in cfg.seeds}
-    total = sum(len(slots) for slots in streams.values()) * len(cfg.policies)
+    total = sum(len(slots) for slots in streams.values()) * len(names)
     bar = progress("slots", total) if progress else None
     try:
         if workers > 1:
             assert backend_factory is not None
             from tanbr.experiment.parallel import run_parallel
 
-            runs = run_parallel(setup, streams, workers, backend_factory, bar)
+            runs = run_parallel(setup, streams, names, workers, backend_factory, bar)
         else:
             runs = [
                 run_policy(setup, name, seed, slots, bar=bar, probe=False)
                 for seed, slots in streams.items()
-                for name in cfg.policies
+                for name in names
             ]
     finally:
         setup.backend.restore()
         if bar is not None:
             bar.close()
-    t_probe = time.perf_counter()
-    runs = probe_latency(setup, runs, streams)
-    setup.timings["probes_s"] = time.perf_counter() - t_probe
+    setup.timings["runs_s"] = time.perf_counter() - t0
+    runs = attach_regret(runs)
+    t0 = time.perf_counter()
+    runs = probe_latency(setup, runs, streams, build=build_system)
+    setup.timings["probes_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    memory = measure_run_memory(setup, runs, streams) if cfg.evaluation.memory else {}
+    setup.timings["memory_s"] = time.perf_counter() - t0
     write_trace(folder / "trace.jsonl", (r for run in runs for r in run.records))
-    summary = summarize(runs)
-    summary["timings"] = {**setup.timings, "runs_s": time.perf_counter() - t0}
+    costs = Costs(
+        slot_size=cfg.workload.slot_size,
+        batch_size=cfg.latency.batch_size,
+        signature_ms=float(getattr(setup.backend, "signature_cost", 0.0)),
+        memory=memory,
+    )
+    summary = summarize(runs, costs)
+    summary["signature"] = cfg.estimator.signature
+    summary["estimator"] = cfg.estimator.kind
+    dtype = getattr(setup.backend, "dtype", None)
+    summary["dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else None
+    summary["timings"] = dict(setup.timings)
     summary["tasks"] = list(setup.task_names)
     summary["n_types"] = setup.estimator.n_types
+    summary["wall_s"] = time.perf_counter() - started
+    summary["budget_s"] = cfg.evaluation.budget_s or None
     write_json(folder / "summary.json", summary)
     if plots:
         from tanbr.experiment.plots import plot_run
@@ -482,6 +314,8 @@ def execute(
     from tanbr.experiment.report import write_report
 
     write_report([folder], folder / "report.md")
+    summary["wall_s"] = time.perf_counter() - started  # the plots and report included
+    write_json(folder / "summary.json", summary)
     return RunResult(folder, summary, runs)
 
 

@@ -130,7 +130,7 @@ def _load_lean(
     with torch.device("meta"):
         skeleton = cls._from_config(config, dtype=dtype)  # type: ignore[attr-defined]
     blocks = find_moe_blocks(skeleton)
-    store = SafetensorsExpertStore(folder, blocks, rename=_renamer(skeleton, blocks))
+    store = expert_store(folder, skeleton)
     expert_names = _expert_param_names(skeleton, blocks)
     meta_state = skeleton.state_dict()
     state: dict[str, Any] = {}
@@ -160,6 +160,13 @@ def _load_lean(
     model.eval()
     logger.info("loaded %s lean: %d MoE blocks read from disk at merge time", folder, len(blocks))
     return model, store
+
+
+def expert_store(folder: str | os.PathLike[str], model: nn.Module) -> SafetensorsExpertStore:
+    """The memory-lean store of ``model``'s experts in the checkpoint ``folder`` it was loaded
+    from (the model may be a copy in another dtype: merges are built in the model's dtype)."""
+    blocks = find_moe_blocks(model)
+    return SafetensorsExpertStore(Path(folder), blocks, rename=_renamer(model, blocks))
 
 
 def _expert_param_names(model: nn.Module, blocks: list[MoEBlock]) -> list[str]:

@@ -369,7 +369,6 @@ class Merger:
         self._installed: dict[str, nn.Module] = {}
         self._mode = "full"
         self._mask = _Mask()
-        self._resident = {b.name: not self.lean for b in self.blocks}
         self._guards: list[Any] = []
         if self.lean:
             for b in self.blocks:
@@ -462,11 +461,11 @@ class Merger:
 
         In memory-lean mode the original experts are read back from the checkpoint first.
         """
-        if self._mode == "full":
-            return
-        if self.lean:
+        if self.lean:  # also on a lean model that was never merged: it has no experts yet
             for block in self.blocks:
                 self._materialize(block)
+        if self._mode == "full":
+            return
         for block in self.blocks:
             parent, attr = parent_of(self.model, block.name)
             setattr(parent, attr, self._originals[block.name])
@@ -532,8 +531,10 @@ class Merger:
             for block in self.blocks:
                 self._release(block)
 
-    def _expert_params(self, block: MoEBlock) -> Iterator[tuple[str, torch.Tensor]]:
-        experts = _experts_of(self._originals[block.name])
+    def _expert_params(
+        self, block: MoEBlock, module: nn.Module | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        experts = _experts_of(self._originals[block.name] if module is None else module)
         names = {t.name for t in block.targets}
         for name, p in experts.named_parameters():
             if (block.fused and name in names) or (
@@ -541,20 +542,24 @@ class Merger:
             ):
                 yield name, p
 
+    def _resident(self, block: MoEBlock, module: nn.Module | None = None) -> bool:
+        """Whether the block's original experts are in memory, read off the tensors themselves
+        (several mergers, or a replica's copy, may share one model)."""
+        return not any(p.is_meta for _, p in self._expert_params(block, module))
+
     def _release(self, block: MoEBlock) -> None:
         """Drop a lean block's original experts from memory (they stay on disk)."""
-        if not self._resident[block.name]:
+        if not self._resident(block):
             return
         experts = _experts_of(self._originals[block.name])
         for name, p in list(self._expert_params(block)):
             meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
             _set_param(experts, name, nn.Parameter(meta, requires_grad=False))
-        self._resident[block.name] = False
 
     @torch.no_grad()
     def _materialize(self, block: MoEBlock) -> None:
         """Read a lean block's original experts back from disk (for :meth:`restore`)."""
-        if self._resident[block.name]:
+        if self._resident(block):
             return
         experts = _experts_of(self._originals[block.name])
         keys = list(experts._modules)
@@ -574,11 +579,10 @@ class Merger:
                     _set_param(
                         experts, f"{keys[e]}.{t.name}", nn.Parameter(one, requires_grad=False)
                     )
-        self._resident[block.name] = True
 
     def _guard(self, block: MoEBlock) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
-            if not self._resident[block.name]:
+            if not self._resident(block, module):
                 raise RuntimeError(
                     f"block {block.name!r}: its experts are not resident (memory-lean mode); "
                     "apply a plan, or call Merger.restore() to read them back"

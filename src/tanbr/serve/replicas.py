@@ -82,7 +82,8 @@ def build_replicas(config: ServeConfig) -> Replicas:
     from tanbr.experiment.backend import DefaultBackend, default_backend
     from tanbr.experiment.config import load_config
     from tanbr.experiment.modes import MODES
-    from tanbr.experiment.runner import build_system, first_per_task, prepare
+    from tanbr.experiment.runner import build_system
+    from tanbr.experiment.setup import first_per_task, prepare
     from tanbr.model.default.build import build_default_model
     from tanbr.model.default.modeling import DefaultModel
 

@@ -43,6 +43,8 @@ from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertAttention, BertEmbeddings, BertLayer
 
+from tanbr.model.checkpoint import load_checkpoint
+
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "tanbr-moe-classifier"
@@ -452,11 +454,13 @@ class DefaultModel:
         *,
         info: dict[str, Any],
         path: Path | None = None,
+        lean: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
         self.path = path
+        self.lean = lean  # the experts stay in the checkpoint's safetensors (see load)
         id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
         self.labels: tuple[str, ...] = tuple(id2label[i] for i in range(len(id2label)))
         self.tasks: tuple[str, ...] = tuple(model.config.task_names or ())
@@ -464,8 +468,15 @@ class DefaultModel:
         self._fingerprint: str | None = info.get("lower_fingerprint")
 
     @classmethod
-    def load(cls, path: str | Path) -> DefaultModel:
-        """Load a checkpoint folder written by :func:`tanbr.model.default.build_default_model`."""
+    def load(
+        cls, path: str | Path, *, lean: bool = False, dtype: torch.dtype | None = None
+    ) -> DefaultModel:
+        """Load a checkpoint folder written by :func:`tanbr.model.default.build_default_model`.
+
+        ``lean``: memory-lean, the routed experts are never loaded (a merge reads them from the
+        folder's safetensors; see :func:`tanbr.model.load_checkpoint`). ``dtype``: load in this
+        precision instead of the checkpoint's (a serving process then holds one copy only).
+        """
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no checkpoint (config.json) in {path}")
@@ -474,12 +485,15 @@ class DefaultModel:
             info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         except json.JSONDecodeError as err:
             raise ValueError(f"corrupt {info_path}: {err}") from err
-        model = AutoModel.from_pretrained(path)
+        if lean:
+            model = load_checkpoint(path, lean=True, dtype=dtype).model
+        else:
+            model = AutoModel.from_pretrained(path, **({"dtype": dtype} if dtype else {}))
         if not isinstance(model, TanbrMoEClassifier):
             raise ValueError(f"{path} holds a {type(model).__name__}, not a {MODEL_TYPE} model")
         model.train(False)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(model, tokenizer, info=info, path=path)
+        return cls(model, tokenizer, info=info, path=path, lean=lean)
 
     def task_of_label(self) -> np.ndarray:
         """Task id of each joint label, shape (n_labels,)."""

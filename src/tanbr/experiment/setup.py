@@ -1,0 +1,229 @@
+"""Set-up of an experiment: everything the policies share, computed once per model and config.
+
+:func:`prepare` fits the estimator on unlabeled calibration requests, builds the task-type
+profiles and the parameterization, the static baselines' plans and the slot oracle's candidate
+table. Tags are read only where a yardstick needs them (the evaluation mapping, the task oracle's
+merges, the oracle table), never by anything a policy decides with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+
+from tanbr.experiment.config import EstimatorConfig, ExperimentConfig
+from tanbr.experiment.estimator import (
+    ClusterEstimator,
+    ReadoutEstimator,
+    TagEstimator,
+    match_clusters,
+)
+from tanbr.experiment.loop import Backend
+from tanbr.experiment.modes import Baselines, OracleTable, candidate_actions
+from tanbr.experiment.parameterization import (
+    Direct,
+    TaskRelative,
+    TaskSimplex,
+    cluster_profiles,
+)
+from tanbr.experiment.slots import Requests
+from tanbr.experiment.values import Estimator, Progress, Setup
+from tanbr.experiment.workload import Pool
+
+log = logging.getLogger(__name__)
+
+
+def _requests(pool: Pool) -> Requests:
+    return Requests(pool.texts, pool.rows)
+
+
+def _mean_rows(probs: np.ndarray) -> np.ndarray:
+    c = np.asarray(probs, dtype=np.float64).mean(0)
+    return np.asarray(c / c.sum())
+
+
+def per_task_accuracy(predictions: np.ndarray, pool: Pool) -> np.ndarray:
+    """(n_tasks,) accuracy of predictions on each task of the pool."""
+    correct = (np.asarray(predictions) == pool.labels).astype(float)
+    n = len(pool.task_names)
+    hits = np.bincount(pool.tasks, weights=correct, minlength=n)
+    return np.asarray(hits / np.bincount(pool.tasks, minlength=n))
+
+
+def first_per_task(pool: Pool, n: int) -> Pool:
+    """The first ``n`` requests of every task of a pool (the whole pool when n is 0)."""
+    if n <= 0:
+        return pool
+    idx = np.sort(np.concatenate([group[:n] for group in pool.by_task]))
+    return Pool(
+        tuple(pool.texts[i] for i in idx),
+        pool.tasks[idx],
+        pool.labels[idx],
+        pool.task_names,
+        rows=None if pool.rows is None else np.asarray(pool.rows)[idx],
+    )
+
+
+def _fit_cluster(
+    cfg: EstimatorConfig, backend: Backend, calib: Pool, rng: np.random.Generator
+) -> tuple[Estimator, np.ndarray]:
+    """k-means task types on the served-path signatures of unlabeled calibration requests."""
+    estimator = ClusterEstimator(
+        rng=rng,
+        n_types=cfg.n_types or None,
+        forecast=cfg.forecast,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        prior_strength=cfg.prior_strength,
+        online_rate=cfg.online_rate,
+    )
+    signatures = backend.signatures(_requests(calib))  # (n, d): no tags involved
+    estimator.fit(signatures)
+    return estimator, estimator.assign(signatures)
+
+
+def _fit_readout(
+    cfg: EstimatorConfig, backend: Backend, calib: Pool, rng: np.random.Generator
+) -> tuple[Estimator, np.ndarray]:
+    """Task types by k-means on the ``types`` signature of unlabeled calibration requests
+    (a one-off full-MoE pass), read out from the served-path signature."""
+    requests = _requests(calib)
+    rich = backend.features(requests, cfg.types)  # (n, d'): once, offline
+    typer = ClusterEstimator(rng=rng, n_types=cfg.n_types or None).fit(rich)
+    types = typer.assign(rich)
+    estimator = ReadoutEstimator(
+        forecast=cfg.forecast,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        prior_strength=cfg.prior_strength,
+        readout_c=cfg.readout_c,
+    ).fit(backend.signatures(requests), types)
+    return estimator, types
+
+
+def _fit_oracle(
+    cfg: EstimatorConfig, backend: Backend, calib: Pool, rng: np.random.Generator
+) -> tuple[Estimator, np.ndarray]:
+    """The oracle estimator (a baseline): the true tags are the task types."""
+    estimator = TagEstimator(
+        n_types=len(calib.task_names),
+        forecast=cfg.forecast,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        prior_strength=cfg.prior_strength,
+    )
+    return estimator, calib.tasks
+
+
+#: estimator.kind -> how it is fitted on the calibration pool: (estimator, task type per request)
+ESTIMATOR_FITS: dict[
+    str,
+    Callable[[EstimatorConfig, Backend, Pool, np.random.Generator], tuple[Estimator, np.ndarray]],
+] = {"cluster": _fit_cluster, "readout": _fit_readout, "oracle": _fit_oracle}
+
+
+def prepare(
+    config: ExperimentConfig,
+    backend: Backend,
+    calib: Pool,
+    test: Pool,
+    *,
+    progress: Progress | None = None,
+) -> Setup:
+    """Fit the estimator and profiles on calibration data, and build the baselines' inputs.
+
+    The estimator, the profiles and the ``frequency`` merge see calibration requests without
+    their tags. Tags are read only for the evaluation mapping (Hungarian matching), the task
+    oracle's per-task merges, and the slot oracle's per-task accuracies.
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    est_cfg = config.estimator
+    rng = np.random.default_rng(zlib.crc32(b"prepare"))
+    n_tasks = len(test.task_names)
+    if calib.task_names != test.task_names:
+        raise ValueError("calibration and test pools must have the same tasks")
+    calib_requests = _requests(calib)
+    fit = ESTIMATOR_FITS.get(est_cfg.kind)
+    if fit is None:
+        known = ", ".join(repr(k) for k in ESTIMATOR_FITS)
+        raise ValueError(f"estimator.kind must be one of {known}, got {est_cfg.kind!r}")
+    estimator, assign = fit(est_cfg, backend, calib, rng)
+    k = estimator.n_types
+    mapping = match_clusters(assign, calib.tasks, k, n_tasks)
+    timings["estimator_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    gates = backend.gate_probs(calib_requests)  # block -> (n, E), full MoE, label-free
+    frequency_plan = {name: _mean_rows(p) for name, p in gates.items()}
+    task_plans = tuple(
+        {name: _mean_rows(p[calib.tasks == t]) for name, p in gates.items()} for t in range(n_tasks)
+    )  # reads tags: the task oracle only
+    kind = config.parameterization.kind
+    param: TaskSimplex | Direct
+    absolute: TaskSimplex | Direct  # static merges: the oracle's candidates, plug-in
+    if kind in ("task-simplex", "task-relative"):
+        profiles = cluster_profiles(assign, gates, k)
+        absolute = TaskSimplex(profiles)
+        param = absolute if kind == "task-simplex" else TaskRelative(profiles)
+    elif kind == "direct":
+        param = absolute = Direct(backend.blocks)
+    else:
+        raise ValueError(
+            "parameterization.kind must be 'task-simplex', 'task-relative' or 'direct', "
+            f"got {kind!r}"
+        )
+    timings["profiles_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    candidates = candidate_actions(
+        absolute.dim,
+        n_random=config.oracle.n_candidates,
+        concentration=config.oracle.concentration,
+        rng=rng,
+    )
+    acc = np.zeros((len(candidates), n_tasks))
+    scored = first_per_task(test, config.oracle.rows_per_task)
+    test_requests = _requests(scored)
+    bar = progress("oracle table", len(candidates), "merge") if progress else None
+    for c, action in enumerate(candidates):
+        backend.merge(absolute.plan(action))
+        probs = backend.predict(test_requests).probs
+        acc[c] = per_task_accuracy(np.asarray(probs).argmax(1), scored)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    backend.restore()
+    timings["oracle_table_s"] = time.perf_counter() - t0
+    oracle = OracleTable(candidates, acc)
+    log.info(
+        "prepared: K=%d task types, %d oracle candidates (best per task %s)",
+        k,
+        len(candidates),
+        np.round(acc.max(0), 3).tolist(),
+    )
+    baselines = Baselines(
+        blocks=backend.blocks,
+        frequency_plan=frequency_plan,
+        task_plans=task_plans,
+        oracle=oracle,
+        plan_of=absolute.plan,
+        task_simplex=isinstance(absolute, TaskSimplex),
+    )
+    return Setup(
+        config=config,
+        backend=backend,
+        calib=calib,
+        test=test,
+        estimator=estimator,
+        mapping=mapping,
+        plan_of=param.plan,
+        dim=param.dim,
+        baselines=baselines,
+        timings=timings,
+    )

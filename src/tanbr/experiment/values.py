@@ -1,0 +1,84 @@
+"""The values an experiment passes around: what every run shares, and what one run produced.
+
+They sit below everything that builds or reads them (set-up, runner, probes, summaries, the
+worker pool), so no module has to import the driver to name them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tanbr.experiment.config import ExperimentConfig
+from tanbr.experiment.estimator import ClusterEstimator, ReadoutEstimator, TagEstimator, to_tasks
+from tanbr.experiment.loop import Backend, Decision
+from tanbr.experiment.modes import Baselines, PlanOf
+from tanbr.experiment.records import SlotRecord
+from tanbr.experiment.workload import Pool
+
+Progress = Callable[..., Any]  # (description, total, unit) -> a bar with update(n) / close()
+Estimator = ClusterEstimator | ReadoutEstimator | TagEstimator
+
+
+@dataclass(eq=False)
+class Setup:
+    """What every policy and seed of an experiment shares (built by
+    :func:`tanbr.experiment.setup.prepare`)."""
+
+    config: ExperimentConfig
+    backend: Backend
+    calib: Pool
+    test: Pool
+    estimator: Estimator  # fitted template, copied per run
+    mapping: np.ndarray  # (K,) task type -> true task (evaluation only)
+    plan_of: PlanOf  # the bandit policies' parameterization: (action, context) -> plan
+    dim: int  # action-space dimension
+    baselines: Baselines
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self.test.task_names
+
+
+@dataclass(frozen=True, eq=False)
+class SlotEvaluator:
+    """Maps an estimated mix over task types onto the true tasks (for the TV distance)."""
+
+    mapping: np.ndarray
+    n_tasks: int
+
+    def tasks_mix(self, est_mix: np.ndarray) -> np.ndarray:
+        return to_tasks(est_mix, self.mapping, self.n_tasks)
+
+
+@dataclass(frozen=True)
+class PolicyRun:
+    """One policy on one seed: the slot records, the decisions of the probe slots (what the
+    latency probes replay) and what the probes measured.
+
+    ``e2e_ms`` and ``moe_ms`` are per probe batch (tokenizer to head, and MoE layers plus head
+    from cached lower states); ``merge_probe_ms`` is an in-place re-merge of each probe's plan
+    (merge decisions only); ``reads_mix``: the policy decides from the estimated mix, so the
+    estimator's cost belongs to its served path."""
+
+    policy: str
+    seed: int
+    records: list[SlotRecord]
+    e2e_ms: list[float]
+    moe_ms: list[float]
+    seconds: float
+    probes: tuple[Decision, ...] = ()
+    merge_probe_ms: tuple[float, ...] = ()
+    reads_mix: bool = False
+
+
+@dataclass(frozen=True)
+class RunResult:
+    folder: Path
+    summary: dict[str, Any]
+    runs: list[PolicyRun]
