@@ -9,9 +9,8 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from tanbr.experiment.loop import Prediction
-from tanbr.experiment.slots import Requests
-from tanbr.experiment.workload import Pool
+from tanbr.backend.protocol import Prediction
+from tanbr.backend.requests import Pool, Requests
 
 N_TASKS = 4
 TASKS = tuple(f"task{k}" for k in range(N_TASKS))
@@ -24,10 +23,15 @@ class FakeBackend:
     MoE and the soft merge route it to its own expert. Signatures are noisy task indicators
     (what a gate signature looks like); texts carry no tag."""
 
+    kind = "classifier"
+    signature = "fake"
+    checkpoint = None  # nothing for a fresh serving process to load: no memory probes
+    signature_cost = 0.0
+
     def __init__(self, tasks: np.ndarray, labels: np.ndarray, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
         self.tasks = np.asarray(tasks)
-        self.labels = np.asarray(labels)
+        self.row_labels = np.asarray(labels)
         self.u = rng.uniform(size=len(tasks))
         self.sig = np.eye(N_TASKS)[self.tasks] + 0.2 * rng.standard_normal((len(tasks), N_TASKS))
         self.state: tuple[str, Mapping[str, np.ndarray] | None] = ("full", None)
@@ -41,6 +45,15 @@ class FakeBackend:
     def n_labels(self) -> int:
         return 2 * N_TASKS
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(f"{t}:{y}" for t in TASKS for y in (0, 1))
+
+    def replica(self) -> FakeBackend:
+        import copy
+
+        return copy.copy(self)
+
     def _rows(self, requests: Requests) -> np.ndarray:
         if requests.rows is None:  # live texts: "row <i>"
             return np.array([int(t.split()[-1]) for t in requests.texts])
@@ -48,6 +61,9 @@ class FakeBackend:
 
     def signatures(self, requests: Requests) -> np.ndarray:
         return self.sig[self._rows(requests)]
+
+    def features(self, requests: Requests, kind: str) -> np.ndarray:
+        return self.signatures(requests)
 
     def gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
         rows = self._rows(requests)
@@ -78,7 +94,7 @@ class FakeBackend:
             ok = self.u[rows] < 0.25 + 0.7 * c
         else:
             ok = self.u[rows] < 0.93
-        pred = np.where(ok, self.labels[rows], (self.labels[rows] + 1) % self.n_labels)
+        pred = np.where(ok, self.row_labels[rows], (self.row_labels[rows] + 1) % self.n_labels)
         probs = np.full((len(rows), self.n_labels), 0.01)
         probs[np.arange(len(rows)), pred] = 1.0
         return Prediction(probs / probs.sum(1, keepdims=True), (time.perf_counter() - t0) * 1e3)
@@ -86,7 +102,7 @@ class FakeBackend:
     def reference(self, requests: Requests) -> np.ndarray:
         rows = self._rows(requests)
         ok = self.u[rows] < 0.93
-        return np.where(ok, self.labels[rows], (self.labels[rows] + 1) % self.n_labels)
+        return np.where(ok, self.row_labels[rows], (self.row_labels[rows] + 1) % self.n_labels)
 
     def memory_bytes(self) -> int:
         return 100 if self.state[0] != "merge" else 40

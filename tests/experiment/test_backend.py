@@ -7,14 +7,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tanbr.experiment.slots import Requests
+from tanbr.backend.requests import Requests
 
 pytestmark = pytest.mark.data
 
 
 @pytest.fixture(scope="module")
 def tiny() -> Any:
-    from tanbr.experiment.backend import default_backend
+    from tanbr.backend.default import default_backend
 
     backend, calib, test = default_backend(variant="tiny", memo=True)
     yield backend, calib, test
@@ -40,7 +40,7 @@ def test_signatures_do_not_depend_on_the_merge(tiny: Any) -> None:
 
 
 def test_task_probs_sum_the_heads_labels_per_task(tiny: Any) -> None:
-    from tanbr.experiment.backend import DefaultBackend
+    from tanbr.backend.default import DefaultBackend
 
     backend, _, test = tiny
     requests = Requests(test.texts[:10], test.rows[:10])
@@ -110,7 +110,7 @@ def test_bad_rows_are_rejected(tiny: Any) -> None:
 def test_bfloat16_serving_follows_float32(tiny: Any) -> None:
     """bfloat16 serving keeps the float32 model (and its lower-state cache) untouched, merges
     exactly as many blocks, halves the resident bytes, and mostly predicts the same labels."""
-    from tanbr.experiment.backend import DefaultBackend, serving_dtype
+    from tanbr.backend.default import DefaultBackend, serving_dtype
 
     backend, _, test = tiny
     backend.restore()  # a model merged by another Merger cannot be copied into a new one

@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tanbr.backend.requests import Pool
 from tanbr.experiment.config import load_config
 from tanbr.experiment.loop import (
     Labelling,
@@ -21,7 +22,6 @@ from tanbr.experiment.records import read_trace
 from tanbr.experiment.reward import Outcomes, RewardFn
 from tanbr.experiment.runner import build_system, execute, make_slots, run_policy
 from tanbr.experiment.setup import prepare
-from tanbr.experiment.workload import Pool
 
 from .conftest import TASKS, FakeBackend
 

@@ -12,12 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from tanbr.backend.requests import Pool, Requests, Slot, Truth
 from tanbr.experiment.config import load_config
 from tanbr.experiment.loop import run_slot
 from tanbr.experiment.runner import build_system, make_slots
 from tanbr.experiment.setup import prepare
-from tanbr.experiment.slots import Requests, Slot, Truth
-from tanbr.experiment.workload import Pool
 
 from .conftest import FakeBackend
 

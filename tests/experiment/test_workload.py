@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tanbr.backend.requests import Pool
 from tanbr.experiment.workload import (
     SCHEDULES,
-    Pool,
     draw_slots,
     read_mix_trace,
     read_request_trace,

@@ -12,11 +12,11 @@ from typing import Any
 
 _EXPORTS: dict[str, str] = {
     # slot values
-    "Requests": "tanbr.experiment.slots",
-    "Truth": "tanbr.experiment.slots",
-    "Slot": "tanbr.experiment.slots",
+    "Requests": "tanbr.backend.requests",
+    "Truth": "tanbr.backend.requests",
+    "Slot": "tanbr.backend.requests",
     # the loop
-    "Backend": "tanbr.experiment.loop",
+    "Backend": "tanbr.backend.protocol",
     "TaskEstimator": "tanbr.experiment.loop",
     "Mode": "tanbr.experiment.loop",
     "Choice": "tanbr.experiment.loop",
@@ -24,8 +24,8 @@ _EXPORTS: dict[str, str] = {
     "System": "tanbr.experiment.loop",
     "Decision": "tanbr.experiment.loop",
     "Served": "tanbr.experiment.loop",
-    "Prediction": "tanbr.experiment.loop",
-    "Plan": "tanbr.experiment.loop",
+    "Prediction": "tanbr.backend.protocol",
+    "Plan": "tanbr.backend.protocol",
     "decide": "tanbr.experiment.loop",
     "apply_decision": "tanbr.experiment.loop",
     "serve": "tanbr.experiment.loop",

@@ -33,6 +33,7 @@ class ModelConfig:
     threads: int = 2  # torch intra-op threads while serving
     dtype: str = "float32"  # serving precision: float32, bfloat16 or auto (see backend)
     lean: bool = True
+    tasks: str = ""  # a task file (JSONL, CSV or JSON array) for a model folder of your own
 
 
 @dataclass(frozen=True)

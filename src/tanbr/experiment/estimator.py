@@ -1,7 +1,7 @@
 """Task-mix estimation from unlabeled requests.
 
 The label-free estimator clusters request signatures (the model's own gate probabilities and/or
-the frozen encoder's pooled states, see :class:`~tanbr.experiment.backend.DefaultBackend`) with
+the frozen encoder's pooled states, see :class:`~tanbr.backend.default.DefaultBackend`) with
 k-means into K task types, fitted on unlabeled history and refined online (sequential k-means).
 A slot's mix is a forecast from the cluster frequencies of past slots (EMA or Holt's linear
 trend), sharpened by the head of the current slot when the system may read it:

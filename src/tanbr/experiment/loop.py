@@ -8,8 +8,8 @@ boundary, requests arrive one by one and labels come back late. Nothing else re-
 the loop.
 
 What each phase may read is the point of the design: the estimator and the policy see
-:class:`~tanbr.experiment.slots.Requests` (texts, no tags) and request signatures computed from
-them; :class:`~tanbr.experiment.slots.Truth` reaches only the simulated labelling (rewards),
+:class:`~tanbr.backend.requests.Requests` (texts, no tags) and request signatures computed from
+them; :class:`~tanbr.backend.requests.Truth` reaches only the simulated labelling (rewards),
 the evaluation (TV distance, slot-oracle regret) and the two oracle baselines, which exist to
 be upper bounds.
 """
@@ -18,88 +18,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from tanbr.backend.protocol import Backend, Plan, Scorer
+from tanbr.backend.requests import Requests, Slot, Truth
+from tanbr.backend.scorers import LabelAccuracy
 from tanbr.experiment.records import SlotRecord
 from tanbr.experiment.reward import Outcomes, RewardFn
-from tanbr.experiment.slots import Requests, Slot, Truth
 
 log = logging.getLogger(__name__)
-
-Plan = Mapping[str, np.ndarray]
-"""Merge coefficients of every MoE block: block name -> coeffs (E,) on the simplex."""
 
 DECISION_KINDS = ("merge", "full", "soft", "per-task")
 
 
 # --- the parts a System is made of -------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class Prediction:
-    """A backend's answer: probabilities (n, n_labels), the ms spent in the MoE layers and the
-    head (lower layers cached when the requests carry rows), and the ms of any merge the
-    backend deferred until a forward pass needed it."""
-
-    probs: np.ndarray
-    latency_ms: float
-    merge_ms: float = 0.0
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """The served model: merges, restores and predicts; knows nothing about policies.
-
-    ``blocks`` maps each MoE block's name to its number of experts (the keys of a plan).
-    """
-
-    @property
-    def blocks(self) -> Mapping[str, int]: ...
-
-    @property
-    def n_labels(self) -> int: ...
-
-    def signatures(self, requests: Requests) -> np.ndarray:
-        """(n, d) label-free signatures of the requests (the estimator's input)."""
-        ...
-
-    def features(self, requests: Requests, kind: str) -> np.ndarray:
-        """(n, d) signatures of another kind than the configured one (e.g. a full-MoE
-        signature used once, offline, to find the task types of calibration requests)."""
-        ...
-
-    def gate_probs(self, requests: Requests) -> dict[str, np.ndarray]:
-        """Per block (n, E): each request's mean gate probabilities under the full MoE (the
-        raw material of profiles and of the usage-frequency merge; label-free)."""
-        ...
-
-    def merge(self, plan: Plan) -> float:
-        """Serve with one merged dense expert per block; returns the merge time in ms."""
-        ...
-
-    def merge_soft(self) -> float:
-        """Serve each input with its own gate-weighted merge (SMEAR style); returns ms."""
-        ...
-
-    def restore(self) -> float:
-        """Serve the original MoE with its top-k gate; returns ms."""
-        ...
-
-    def predict(self, requests: Requests) -> Prediction:
-        """Class probabilities with the model as currently set, and what it cost."""
-        ...
-
-    def reference(self, requests: Requests) -> np.ndarray:
-        """(n,) the full MoE's predicted labels (the label-free proxy reward's reference)."""
-        ...
-
-    def memory_bytes(self) -> int:
-        """Parameter bytes the model as currently set needs resident."""
-        ...
 
 
 @runtime_checkable
@@ -185,6 +120,7 @@ class System:
     estimator: TaskEstimator
     mode: Mode
     reward: RewardFn = field(default_factory=RewardFn)
+    scorer: Scorer = field(default_factory=LabelAccuracy)
     labelling: Labelling = field(default_factory=Labelling)
     head: int = 0
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
@@ -350,25 +286,38 @@ def feedback(system: System, decision: Decision, outcomes: Outcomes) -> float | 
 
 
 def score(
-    system: System, requests: Requests, served: Served, truth: Truth, *, latency_ms: float
+    system: System,
+    requests: Requests,
+    served: Served,
+    truth: Truth | None,
+    *,
+    latency_ms: float,
 ) -> Outcomes:
-    """Simulated labelling: which served requests come back scored.
+    """Simulated feedback: which served requests come back scored, and their scores.
 
-    ``accuracy``: a ``labelling.fraction`` sample of the true labels. ``proxy``: agreement with
-    the full MoE on ``labelling.probe`` sampled requests (no labels needed).
+    A scorer that reads the truth (labels) scores a ``labelling.fraction`` sample of the
+    requests; a label-free one (agreement with the full MoE) scores ``labelling.probe`` of
+    them, since each costs a full-MoE pass.
     """
     n = len(requests)
     memory = system.backend.memory_bytes()
-    if system.reward.kind == "proxy":
+    scorer = system.scorer
+    if scorer.needs_truth:
+        if truth is None:
+            raise ValueError(f"the {scorer.name!r} reward reads the requests' truth: pass it")
+        m = max(1, round(system.labelling.fraction * n)) if n else 0
+    else:
         m = min(n, system.labelling.probe)
-        idx = np.sort(system.rng.choice(n, size=m, replace=False))
-        reference = system.backend.reference(requests.take(idx))  # (m,)
-        hits = int((served.predictions[idx] == reference).sum())
-        return Outcomes(hits, m, latency_ms=latency_ms, memory_bytes=memory)
-    m = max(1, round(system.labelling.fraction * n)) if n else 0
     idx = np.sort(system.rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
-    hits = int((served.predictions[idx] == truth.labels[idx]).sum())
-    return Outcomes(hits, int(idx.size), latency_ms=latency_ms, memory_bytes=memory)
+    scores = scorer.score(
+        system.backend,
+        requests.take(idx),
+        served.predictions[idx],
+        truth.take(idx) if truth is not None else None,
+    )
+    return Outcomes(
+        float(np.sum(scores)), int(idx.size), latency_ms=latency_ms, memory_bytes=memory
+    )
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -414,7 +363,7 @@ def run_slot(
     reward = None
     n_scored = 0
     update_ms = 0.0
-    if served_truth is not None:
+    if served_truth is not None or not system.scorer.needs_truth:
         outcomes = score(system, requests, served, served_truth, latency_ms=served.latency_ms)
         reward = system.reward(outcomes)
         n_scored = outcomes.n_scored

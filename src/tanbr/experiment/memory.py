@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from tanbr.experiment.slots import Slot
+from tanbr.backend.requests import Slot
 from tanbr.experiment.values import PolicyRun, Setup
 
 log = logging.getLogger(__name__)
@@ -96,19 +96,16 @@ def serve_and_measure(request: MemoryRequest) -> MemoryProbe:
     """Load and serve as ``request`` says, in this process; returns its resident set."""
     import torch
 
-    from tanbr.experiment.backend import DefaultBackend
-    from tanbr.experiment.slots import Requests
-    from tanbr.model.default.modeling import DefaultModel
-    from tanbr.model.precision import serving_dtype
+    from tanbr.backend.registry import BackendSpec, serving_backend
+    from tanbr.backend.requests import Requests
 
     torch.set_num_threads(request.threads)
     lean = request.kind in ("merge", "per-task")
     if request.kind == "none":
         _trim()
         return MemoryProbe("none", _status("VmHWM"), _status("VmRSS"), 0, lean=False)
-    dtype = serving_dtype(request.dtype)
-    model = DefaultModel.load(request.folder, lean=lean, dtype=dtype)
-    backend = DefaultBackend(model, signature="input0", dtype=request.dtype)
+    spec = BackendSpec(path=request.folder, lean=lean, dtype=request.dtype, signature="input0")
+    backend = serving_backend(spec)
     plans = [{k: np.asarray(v, dtype=np.float64) for k, v in p.items()} for p in request.plans]
     texts = list(request.texts)
     size = request.batch_size
@@ -165,7 +162,7 @@ def measure_run_memory(
     with no model, each serving the first slot of the first seed end to end."""
     from tanbr.experiment.summary import serving_kind
 
-    folder = getattr(getattr(setup.backend, "dm", None), "path", None)
+    folder = setup.backend.checkpoint
     if folder is None or not streams:
         log.info("memory probes skipped: the backend has no checkpoint folder")
         return {}

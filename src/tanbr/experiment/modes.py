@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from tanbr.experiment.loop import Choice, Plan
-from tanbr.experiment.slots import Truth
+from tanbr.backend.protocol import Plan
+from tanbr.backend.requests import Truth
+from tanbr.experiment.loop import Choice
 
 
 @dataclass(frozen=True, eq=False)

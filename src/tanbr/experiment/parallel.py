@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from tanbr.backend.protocol import Backend
+from tanbr.backend.requests import Requests, Slot
 from tanbr.experiment.config import STATIC_POLICIES
-from tanbr.experiment.loop import Backend
 from tanbr.experiment.runner import run_policy
-from tanbr.experiment.slots import Requests, Slot
 from tanbr.experiment.values import PolicyRun, Setup
 
 _WORKER: dict[str, Any] = {}

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from tanbr.experiment.loop import Plan
+from tanbr.backend.protocol import Plan
 
 
 def _as_action(action: np.ndarray, dim: int) -> np.ndarray:

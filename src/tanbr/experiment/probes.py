@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tanbr.experiment.loop import Decision, Plan, System, apply_decision, serve
-from tanbr.experiment.slots import Requests, Slot
+from tanbr.backend.protocol import Plan
+from tanbr.backend.requests import Requests, Slot
+from tanbr.experiment.loop import Decision, System, apply_decision, serve
 from tanbr.experiment.values import PolicyRun, Setup
 
 

@@ -11,19 +11,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-REWARD_KINDS = ("accuracy", "proxy")
+from tanbr.backend.scorers import SCORERS
 
 
 @dataclass(frozen=True)
 class Outcomes:
     """What came back for one slot's served requests.
 
-    ``n_hits`` counts correct predictions (kind ``accuracy``) or agreements with the full MoE
-    (kind ``proxy``) among ``n_scored`` scored requests. A client that knows better may give a
+    ``n_hits`` sums the scores in [0, 1] of the ``n_scored`` scored requests (for label
+    accuracy, the number of correct predictions). A client that knows better may give a
     ``reward`` directly; it then overrides the counts.
     """
 
-    n_hits: int = 0
+    n_hits: float = 0
     n_scored: int = 0
     latency_ms: float | None = None
     memory_bytes: int | None = None
@@ -56,15 +56,15 @@ class RewardFn:
     ``overshoot(x) = max(0, x / budget - 1)``; a budget of 0 disables that penalty.
     """
 
-    kind: str = "accuracy"
+    kind: str = "accuracy"  # the scorer's name (tanbr.backend.scorers.SCORERS)
     latency_budget_ms: float = 0.0
     latency_weight: float = 0.0
     memory_budget_bytes: int = 0
     memory_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kind not in REWARD_KINDS:
-            raise ValueError(f"reward.kind must be one of {REWARD_KINDS}, got {self.kind!r}")
+        if self.kind not in SCORERS:
+            raise ValueError(f"reward.kind must be one of {sorted(SCORERS)}, got {self.kind!r}")
         for name in ("latency_budget_ms", "latency_weight", "memory_budget_bytes", "memory_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

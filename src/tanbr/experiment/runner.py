@@ -21,16 +21,18 @@ from typing import Any
 
 import numpy as np
 
+from tanbr.backend.protocol import Backend
+from tanbr.backend.requests import Slot
+from tanbr.backend.scorers import make_scorer
 from tanbr.experiment.config import ExperimentConfig, write_config
 from tanbr.experiment.estimator import ClusterEstimator
-from tanbr.experiment.loop import Backend, Decision, Labelling, System, run_slot
+from tanbr.experiment.loop import Decision, Labelling, System, run_slot
 from tanbr.experiment.memory import measure_run_memory
 from tanbr.experiment.modes import MODES, make_mode
 from tanbr.experiment.parameterization import make_space
 from tanbr.experiment.probes import last_decision, probe_latency, probe_slots, time_probes
 from tanbr.experiment.records import SlotRecord, write_json, write_trace
 from tanbr.experiment.reward import RewardFn
-from tanbr.experiment.slots import Slot
 from tanbr.experiment.summary import Costs, summarize
 from tanbr.experiment.values import PolicyRun, Progress, RunResult, Setup, SlotEvaluator
 from tanbr.experiment.workload import SCHEDULES, draw_slots, read_mix_trace, read_request_trace
@@ -112,6 +114,7 @@ def build_system(setup: Setup, name: str, seed: int) -> System:
             memory_budget_bytes=cfg.reward.memory_budget_bytes,
             memory_weight=cfg.reward.memory_weight,
         ),
+        scorer=make_scorer(cfg.reward.kind),
         labelling=Labelling(
             fraction=cfg.reward.label_fraction,
             delay=cfg.reward.delay,

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from tanbr.backend.protocol import Backend
+from tanbr.backend.requests import Pool, Requests
 from tanbr.experiment.config import EstimatorConfig, ExperimentConfig
 from tanbr.experiment.estimator import (
     ClusterEstimator,
@@ -22,7 +24,6 @@ from tanbr.experiment.estimator import (
     TagEstimator,
     match_clusters,
 )
-from tanbr.experiment.loop import Backend
 from tanbr.experiment.modes import Baselines, OracleTable, candidate_actions
 from tanbr.experiment.parameterization import (
     Direct,
@@ -30,9 +31,7 @@ from tanbr.experiment.parameterization import (
     TaskSimplex,
     cluster_profiles,
 )
-from tanbr.experiment.slots import Requests
 from tanbr.experiment.values import Estimator, Progress, Setup
-from tanbr.experiment.workload import Pool
 
 log = logging.getLogger(__name__)
 

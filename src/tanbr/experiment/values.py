@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from tanbr.backend.protocol import Backend
+from tanbr.backend.requests import Pool
 from tanbr.experiment.config import ExperimentConfig
 from tanbr.experiment.estimator import ClusterEstimator, ReadoutEstimator, TagEstimator, to_tasks
-from tanbr.experiment.loop import Backend, Decision
+from tanbr.experiment.loop import Decision
 from tanbr.experiment.modes import Baselines, PlanOf
 from tanbr.experiment.records import SlotRecord
-from tanbr.experiment.workload import Pool
 
 Progress = Callable[..., Any]  # (description, total, unit) -> a bar with update(n) / close()
 Estimator = ClusterEstimator | ReadoutEstimator | TagEstimator

@@ -433,12 +433,12 @@ class Merger:
 
     @torch.no_grad()
     def apply_soft(self) -> None:
-        """Replace every block by a :class:`SoftMergedBlock` (needs the experts in memory)."""
+        """Replace every block by a :class:`SoftMergedBlock`. Soft merging needs every expert
+        for every batch: in memory-lean mode they are read back from disk first, and dropped
+        again by the next plain merge."""
         if self.lean:
-            raise ValueError(
-                "soft merging needs every expert resident for every batch; load the checkpoint "
-                "without lean=True"
-            )
+            for block in self.blocks:
+                self._materialize(block)
         modules = {}
         for block in self.blocks:
             original = self._originals[block.name]
@@ -527,7 +527,7 @@ class Merger:
             setattr(parent, attr, modules[block.name])
         self._installed = dict(modules)
         self._mode = mode
-        if self.lean:
+        if self.lean and mode == "merged":
             for block in self.blocks:
                 self._release(block)
 

@@ -438,12 +438,12 @@ def _workload(
 
     import numpy as np
 
-    from tanbr.experiment.backend import load_default, make_pools
+    from tanbr.backend.registry import BackendSpec
     from tanbr.experiment.workload import draw_slots, drift
 
     path = model if Path(model).is_dir() else ""
-    dm, suite = load_default(variant=model if not path else "default", path=path)
-    _, _, test = make_pools(dm, suite)
+    spec = BackendSpec(variant=model if not path else "default", path=path, lean=True)
+    backend, _, test = spec.load()
     rng = np.random.default_rng([seed, 5])
     n_slots = -(-n // slot_size)
     mixes = drift(n_slots=n_slots, n_tasks=len(test.task_names), rng=rng, period=period, ramp=1)
@@ -452,7 +452,7 @@ def _workload(
     for slot in draw_slots(test, mixes, slot_size=slot_size, rng=rng):
         assert slot.truth is not None
         texts += slot.requests.texts
-        labels += [dm.labels[int(k)] for k in slot.truth.labels]
+        labels += [backend.labels[int(k)] for k in slot.truth.labels]
     return texts[:n], labels[:n]
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tanbr.backend.scorers import make_scorer
 from tanbr.experiment.loop import System
 from tanbr.serve.slots import SlotConfig
 from tanbr.serve.state import read_snapshot
@@ -30,6 +30,7 @@ class ServeConfig:
     preset: str | None = None
     overrides: tuple[str, ...] = ()
     model: str | None = None
+    tasks: str | None = None
     policy: str = "tanbr"
     state_dir: Path = Path("serve-state")
     seed: int = 0
@@ -66,26 +67,25 @@ def build_replicas(config: ServeConfig) -> Replicas:
     """Load the model and the learning state: two replicas.
 
     On a fresh state folder everything goes through the experiment's own setup
-    (:func:`~tanbr.experiment.runner.prepare`: the estimator and the task-type profiles fitted
+    (:func:`~tanbr.experiment.setup.prepare`: the estimator and the task-type profiles fitted
     on unlabeled calibration requests; :func:`~tanbr.experiment.runner.build_system`: the
     policy), so the service decides exactly as the offline loop does. When the folder holds a
     snapshot, the estimator, policy, reward and rng come from it and no refitting happens.
 
-    The second replica is a structural copy of the first whose tensors are shared: merging
-    never writes an original tensor (it builds new merged ones), so only the merged experts and
-    the module tree are per replica.
+    The model is loaded once, memory-lean and in the serving precision; the second replica is
+    :meth:`~tanbr.backend.protocol.Backend.replica`, a structural copy whose tensors are shared
+    (merging never writes an original tensor, so only the merged experts and the module tree
+    are per replica).
     """
     import dataclasses
 
     import torch
 
-    from tanbr.experiment.backend import DefaultBackend, default_backend
+    from tanbr.backend.registry import BackendSpec, serving_backend
     from tanbr.experiment.config import load_config
     from tanbr.experiment.modes import MODES
     from tanbr.experiment.runner import build_system
     from tanbr.experiment.setup import first_per_task, prepare
-    from tanbr.model.default.build import build_default_model
-    from tanbr.model.default.modeling import DefaultModel
 
     cfg = load_config(config.experiment, preset=config.preset, overrides=config.overrides)
     mode_cls = MODES.get(config.policy)
@@ -94,11 +94,20 @@ def build_replicas(config: ServeConfig) -> Replicas:
             f"policy {config.policy!r} reads the requests' true task tags; live requests carry"
             " none, so it cannot be served"
         )
-    if cfg.estimator.kind != "cluster":
+    if cfg.estimator.kind == "oracle":
         raise ValueError(
-            f"estimator.kind {cfg.estimator.kind!r} reads task tags; the service needs 'cluster'"
+            "estimator.kind 'oracle' reads task tags; the service needs a label-free one"
         )
-    folder = _model_folder(config.model, cfg.model.variant, cfg.model.path, build_default_model)
+    spec = BackendSpec.from_config(cfg).replace(memo=False)
+    if config.model is not None:
+        if Path(config.model).is_dir():
+            spec = spec.replace(path=str(Path(config.model).resolve()))
+        elif "/" in config.model or config.model.startswith("."):
+            raise FileNotFoundError(f"model folder not found: {config.model}")
+        else:
+            spec = spec.replace(variant=config.model, path="")
+    if config.tasks is not None:
+        spec = spec.replace(tasks=str(Path(config.tasks).resolve()))
     snapshot = read_snapshot(config.state_dir)
     if snapshot is not None:
         meta = dict(snapshot.get("meta", {}))
@@ -107,29 +116,24 @@ def build_replicas(config: ServeConfig) -> Replicas:
                 f"state folder {config.state_dir} belongs to policy {meta.get('policy')!r}, not"
                 f" {config.policy!r}; give another --state-dir"
             )
-        if meta.get("model") != str(folder):
+        spec = spec.replace(signature=meta["signature"], dtype=meta.get("dtype", "float32"))
+        backend = serving_backend(spec)
+        if meta.get("model") != str(backend.checkpoint):
             raise ValueError(
                 f"state folder {config.state_dir} was built on model {meta.get('model')}, not"
-                f" {folder}; give another --state-dir"
+                f" {backend.checkpoint}; give another --state-dir"
             )
-        backend = DefaultBackend(
-            DefaultModel.load(folder),
-            signature=meta["signature"],
-            dtype=meta.get("dtype", "float32"),
-        )
         system = System(
             backend=backend,
             estimator=snapshot["estimator"],
             mode=snapshot["mode"],
             reward=snapshot["reward"],
+            scorer=make_scorer(snapshot["reward"].kind),
             rng=snapshot["rng"],
         )
         logger.info("resuming from %s (no refit)", config.state_dir)
     else:
-        signature = cfg.estimator.signature
-        backend, calib, test = default_backend(
-            path=str(folder), signature=signature, dtype=cfg.model.dtype
-        )
+        backend, calib, test = spec.load()
         # The slot oracle's candidate table is an offline yardstick that the service never
         # uses: keep it to the minimum candidate set on one request per task.
         cfg = dataclasses.replace(cfg, oracle=dataclasses.replace(cfg.oracle, n_candidates=0))
@@ -137,13 +141,16 @@ def build_replicas(config: ServeConfig) -> Replicas:
         system = build_system(setup, config.policy, config.seed)
         meta = {
             "policy": config.policy,
-            "model": str(folder),
-            "signature": signature,
+            "model": str(backend.checkpoint),
+            "signature": spec.signature,
             "dtype": cfg.model.dtype,  # the serving precision (model.dtype of the config)
         }
+    release = getattr(backend, "release_bank", None)
+    if release is not None:
+        release()  # live requests are encoded as they come
     backend.restore()
-    twin = dataclasses.replace(system, backend=_twin(backend))
-    labels = tuple(backend.dm.labels)
+    twin = dataclasses.replace(system, backend=backend.replica())
+    labels = tuple(backend.labels)
     logger.info(
         "model ready: %d labels, %d MoE blocks, %d task types; policy %r (%d torch threads)",
         len(labels),
@@ -153,31 +160,3 @@ def build_replicas(config: ServeConfig) -> Replicas:
         torch.get_num_threads(),
     )
     return Replicas((system, twin), labels, meta)
-
-
-def _model_folder(model: str | None, variant: str, path: str, build: Callable[[str], Path]) -> Path:
-    """The checkpoint folder: ``model`` (a folder or a variant name) over the config's."""
-    if model is not None:
-        if Path(model).is_dir():
-            return Path(model).resolve()
-        if "/" in model or model.startswith("."):
-            raise FileNotFoundError(f"model folder not found: {model}")
-        return build(model)
-    return Path(path).resolve() if path else build(variant)
-
-
-def _twin(backend: Any) -> Any:
-    """A copy of the backend with its own module tree, tokenizer and merger, sharing tensors.
-
-    The tokenizer is copied because a fast tokenizer must not be used by two threads at once.
-    """
-    import copy
-
-    backend.restore()  # the tree holds every original tensor, and no merged one
-    shared: dict[int, Any] = {id(t): t for t in backend.model.parameters()}
-    shared.update({id(t): t for t in backend.model.buffers()})
-    for name in ("bank", "_sig_cache", "_ref_cache", "texts"):
-        value = getattr(backend, name, None)
-        if value is not None:
-            shared[id(value)] = value
-    return copy.deepcopy(backend, shared)

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from tanbr.backend.requests import Requests
 from tanbr.experiment.loop import (
     Decision,
     System,
@@ -49,7 +50,6 @@ from tanbr.experiment.loop import (
     serve,
 )
 from tanbr.experiment.reward import Outcomes
-from tanbr.experiment.slots import Requests
 from tanbr.serve.metrics import ServiceMetrics
 from tanbr.serve.state import FeedbackRow, RequestRow, SlotRow, StateStore, UpdateRow
 

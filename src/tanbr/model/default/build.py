@@ -677,6 +677,7 @@ def _build_into(folder: Path, spec: BuildSpec, *, variant: str, progress: bool) 
         fingerprint=fingerprint,
         progress=progress,
     )
+    assert bank is not None  # computed when the cache lacks it
     lower_seconds = time.perf_counter() - t0
     targets = np.concatenate([suite.targets(s) for s in ("train", "calib", "test")])
     task_ids = np.concatenate([suite.task_ids(s) for s in ("train", "calib", "test")])

@@ -160,10 +160,22 @@ class TanbrMoELayer(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         ffn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
-        """``ffn`` (training only) stands in for the MoE block, (B, T, H) -> (B, T, H)."""
+        """``ffn`` (training only) stands in for the MoE block, (B, T, H) -> (B, T, H).
+
+        ``keep`` (B, T), the real tokens: the MoE block then runs on those only, packed as one
+        (1, N, H) sequence, and the padding positions get no feed-forward output (attention
+        never reads them as keys and pooling skips them, so every real token's output is
+        unchanged while the block's work drops by the padding share)."""
         attended, _ = self.attention(hidden_states, attention_mask)
-        y = self.mlp(attended) if ffn is None else ffn(attended)
+        if ffn is not None:
+            y = ffn(attended)
+        elif keep is None:
+            y = self.mlp(attended)
+        else:
+            y = torch.zeros_like(attended)
+            y[keep] = self.mlp(attended[keep].unsqueeze(0)).reshape(-1, attended.shape[-1])
         return self.LayerNorm(self.dropout(y) + attended)  # type: ignore[no-any-return]
 
 
@@ -255,18 +267,22 @@ class TanbrMoEClassifier(PreTrainedModel):  # type: ignore[misc]
         states: LowerStates,
         *,
         ffn: Callable[[int, TanbrExperts, torch.Tensor], torch.Tensor] | None = None,
+        pack: bool = False,
     ) -> torch.Tensor:
         """MoE layers, masked mean pooling and the joint head: logits (B, n_labels).
 
         ``ffn(i, experts, attended)``, if given, replaces the MoE block of the i-th MoE layer
-        (the upper layers are all MoE layers): training's differentiable merges use it."""
+        (the upper layers are all MoE layers): training's differentiable merges use it.
+        ``pack``: the MoE blocks run on the real tokens only (see :class:`TanbrMoELayer`); not
+        for blocks that need each sequence whole (soft merging) or a per-sequence gate record."""
         dtype = self.classifier.weight.dtype
         hidden = states.hidden.to(dtype)  # (B, T, H)
         keep = states.attention_mask.to(dtype)  # (B, T)
         mask = self._mask(hidden, states.attention_mask)
         if ffn is None:
+            real = states.attention_mask.bool() if pack else None
             for layer in self.layers[self.n_lower :]:
-                hidden = layer(hidden, mask)
+                hidden = layer(hidden, mask, keep=real)
         else:
             for i, moe in enumerate(self.moe_layers()):
                 hidden = moe(hidden, mask, ffn=functools.partial(ffn, i, moe.mlp.experts))
@@ -413,11 +429,13 @@ def cached_lower_states(
     fingerprint: str | None = None,
     batch_size: int = 64,
     progress: bool = False,
-) -> StateBank:
+    compute: bool = True,
+) -> StateBank | None:
     """:func:`compute_lower_states`, cached under ``cache_dir("lower-states", ...)`` by content.
 
     The key holds the lower layers' fingerprint, the tokenizer length limit and the texts
-    themselves, so any change of model or input recomputes.
+    themselves, so any change of model or input recomputes. ``compute=False``: only look the
+    cache up (None when it has no entry).
     """
     from tanbr.cache import cache_dir
 
@@ -430,6 +448,8 @@ def cached_lower_states(
             log.debug("lower states from cache %s", folder)
             return bank
         log.warning("lower-state cache %s has %d texts, expected %d", folder, len(bank), len(texts))
+    if not compute:
+        return None
     bank = compute_lower_states(
         model, tokenizer, texts, max_length=max_length, batch_size=batch_size, progress=progress
     )
@@ -503,16 +523,35 @@ class DefaultModel:
     def lower_states(
         self, texts: Sequence[str], *, cache: bool = True, progress: bool = False
     ) -> StateBank:
-        """Lower states of ``texts``, from the content-keyed cache when ``cache``."""
+        """Lower states of ``texts``, from the content-keyed cache when ``cache``.
+
+        The build caches the states of the float32 encoder under its fingerprint; a model
+        loaded in another precision reads them from there, and computes (and caches under its
+        own fingerprint) only what that cache lacks."""
         if cache:
-            return cached_lower_states(
+            fingerprint = self._fingerprint
+            if fingerprint and self.model.dtype != torch.float32:
+                bank = cached_lower_states(
+                    self.model,
+                    self.tokenizer,
+                    texts,
+                    max_length=self.max_length,
+                    fingerprint=fingerprint,
+                    compute=False,
+                )
+                if bank is not None:
+                    return bank
+                fingerprint = None
+            bank = cached_lower_states(
                 self.model,
                 self.tokenizer,
                 texts,
                 max_length=self.max_length,
-                fingerprint=self._fingerprint,
+                fingerprint=fingerprint,
                 progress=progress,
             )
+            assert bank is not None
+            return bank
         return compute_lower_states(
             self.model, self.tokenizer, texts, max_length=self.max_length, progress=progress
         )

@@ -1,4 +1,4 @@
-"""The default model as the loop's :class:`~tanbr.experiment.loop.Backend`.
+"""The embedded default model as a :class:`~tanbr.backend.protocol.Backend`.
 
 Serving cost is dominated by the frozen lower layers, which no merge changes, so requests that
 carry ``rows`` are served from a bank of cached lower states and only the MoE layers and the
@@ -30,19 +30,23 @@ import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tanbr.experiment.loop import Plan, Prediction
-from tanbr.experiment.slots import Requests
-from tanbr.experiment.workload import Pool
-from tanbr.model.precision import DTYPES as DTYPES  # re-exported: configs name them here
-from tanbr.model.precision import in_dtype
-from tanbr.model.precision import serving_dtype as serving_dtype
+from tanbr.backend.protocol import Plan, Prediction
+from tanbr.backend.requests import Pool, Requests
+from tanbr.model import GateRecorder, Merger, validate_plan
+from tanbr.model import gate_probs as block_gate_probs
+from tanbr.model.checkpoint import expert_store
+from tanbr.model.default.build import build_default_model
+from tanbr.model.default.data import TaskSuite, load_tasks
+from tanbr.model.default.modeling import DefaultModel
+from tanbr.model.discovery import get_module
+from tanbr.model.gates import masked_mean
+from tanbr.model.precision import in_dtype, serving_dtype
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +96,6 @@ class DefaultBackend:
         progress: bool = False,
         dtype: str = "float32",
     ) -> None:
-        from tanbr.model import Merger
-        from tanbr.model.checkpoint import expert_store
-
         if signature not in SIGNATURES:
             raise ValueError(f"estimator.signature must be one of {SIGNATURES}, got {signature!r}")
         if batch_size < 1:
@@ -161,13 +162,42 @@ class DefaultBackend:
 
     # --- Backend protocol -----------------------------------------------------------------------
 
+    kind = "classifier"
+
     @property
     def blocks(self) -> Mapping[str, int]:
         return self._blocks
 
     @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.dm.labels)
+
+    @property
     def n_labels(self) -> int:
         return len(self.dm.labels)
+
+    @property
+    def checkpoint(self) -> Path | None:
+        path = getattr(self.dm, "path", None)
+        return None if path is None else Path(path)
+
+    def replica(self) -> DefaultBackend:
+        """A copy with its own module tree, tokenizer and merger, sharing every tensor (and the
+        per-request caches). The tokenizer is copied because a fast tokenizer must not be used
+        by two threads at once."""
+        self.restore()  # the tree holds every original tensor, and no merged one
+        shared: dict[int, Any] = {id(t): t for t in self.model.parameters()}
+        shared.update({id(t): t for t in self.model.buffers()})
+        for value in (self.bank, self._sig_cache, self._ref_cache, self._gate_cache, self.texts):
+            if value is not None:
+                shared[id(value)] = value
+        twin: DefaultBackend = copy.deepcopy(self, shared)
+        return twin
+
+    def release_bank(self) -> None:
+        """Drop the cached lower states (a live service encodes its requests itself)."""
+        self.bank = None
+        self.texts = ()
 
     def signatures(self, requests: Requests) -> np.ndarray:
         """The configured signature of each request (the estimator's input on the served path)."""
@@ -236,8 +266,6 @@ class DefaultBackend:
         return np.stack([self._gate_cache[r] for r in rows])
 
     def _full_pass(self, requests: Requests) -> np.ndarray:
-        from tanbr.model import GateRecorder
-
         out = np.zeros((len(requests), self._n_gates + self._label_task.shape[1]))
         with torch.inference_mode(), GateRecorder(self.model, blocks=self.merger.blocks) as rec:
             for pos, states in self._batches(requests, self.batch_size):
@@ -252,8 +280,6 @@ class DefaultBackend:
     def merge(self, plan: Plan) -> float:
         """Merge now, or (with the memo) when a forward pass first needs it: a slot whose
         predictions all come from the memo needs no merge at all."""
-        from tanbr.model import validate_plan
-
         wanted = validate_plan(plan, self.merger.blocks)
         self._target = ("merged", {k: np.asarray(v, dtype=np.float64) for k, v in wanted.items()})
         return 0.0 if self.memo else self._sync()
@@ -346,7 +372,7 @@ class DefaultBackend:
             if soft:
                 self.merger.set_token_mask(states.attention_mask)
             t0 = time.perf_counter()
-            logits = self.model.forward_upper(states)  # (b, n_labels)
+            logits = self.model.forward_upper(states, pack=not soft)  # (b, n_labels)
             spent += time.perf_counter() - t0
             probs[pos] = torch.softmax(logits.float(), dim=-1).numpy()
         return probs, spent * 1e3
@@ -391,10 +417,6 @@ class DefaultBackend:
 
     @torch.inference_mode()
     def _signatures_of(self, batches: Any, kind: str) -> np.ndarray:
-        from tanbr.model import gate_probs as block_gate_probs
-        from tanbr.model.discovery import get_module
-        from tanbr.model.gates import masked_mean
-
         layer = self.model.moe_layers()[0]
         gate = get_module(self.model, self._first.gate_name)
         parts: list[tuple[np.ndarray, np.ndarray]] = []
@@ -428,25 +450,29 @@ def _same_plan(a: Mapping[str, np.ndarray], b: Plan) -> bool:
 
 
 def load_default(
-    *, variant: str = "default", path: str = "", progress: bool = False, lean: bool = False
-) -> tuple[Any, Any]:
-    """The default model (built on first use) and its task suite (the same seeded splits).
+    *,
+    variant: str = "default",
+    path: str = "",
+    progress: bool = False,
+    lean: bool = False,
+    dtype: str = "float32",
+) -> tuple[DefaultModel, TaskSuite]:
+    """The default model (built on first use) in the serving precision, and its task suite
+    (the same seeded splits it was built on).
 
-    Loaded once per process and folder: commands run in one process (tests, notebooks) share
-    it; whoever merges it must restore it (see :meth:`DefaultBackend.restore`). ``lean``: the
-    routed experts stay on disk until a merge or a restore reads them.
+    Loaded once per process, folder and precision: commands run in one process (tests,
+    notebooks) share it; whoever merges it must restore it (see :meth:`DefaultBackend.restore`).
+    ``lean``: the routed experts stay on disk until a merge or a restore reads them.
     """
-    return _load_default(variant, str(path), progress, lean)
+    return _load_default(variant, str(path), progress, lean, dtype)
 
 
 @functools.lru_cache(maxsize=2)
-def _load_default(variant: str, path: str, progress: bool, lean: bool) -> tuple[Any, Any]:
-    from tanbr.model.default.build import build_default_model
-    from tanbr.model.default.data import load_tasks
-    from tanbr.model.default.modeling import DefaultModel
-
+def _load_default(
+    variant: str, path: str, progress: bool, lean: bool, dtype: str
+) -> tuple[DefaultModel, TaskSuite]:
     folder = Path(path) if path else build_default_model(variant, progress=progress)
-    model = DefaultModel.load(folder, lean=lean)
+    model = DefaultModel.load(folder, lean=lean, dtype=serving_dtype(dtype))
     data = model.info.get("data", {})
     spec = model.info.get("spec", {})
     if not model.tasks or not data:
@@ -468,7 +494,7 @@ def _load_default(variant: str, path: str, progress: bool, lean: bool) -> tuple[
     return model, suite
 
 
-def make_pools(model: Any, suite: Any) -> tuple[list[str], Pool, Pool]:
+def make_pools(model: DefaultModel, suite: TaskSuite) -> tuple[list[str], Pool, Pool]:
     """Calibration and test pools whose rows index one list of texts: the suite's train,
     calibration and test texts in that order (the list the model's build cached the lower
     states of, so the cache is reused)."""
@@ -497,7 +523,6 @@ def default_backend(
     variant: str = "default",
     path: str = "",
     signature: str = "gate0",
-    threads: int = 0,
     memo: bool = False,
     progress: bool = False,
     dtype: str = "float32",
@@ -505,54 +530,11 @@ def default_backend(
 ) -> tuple[DefaultBackend, Pool, Pool]:
     """Load (or build) the default model, cache the lower states of its calibration and test
     splits, and return the backend with the two pools."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-    model, suite = load_default(variant=variant, path=path, progress=progress, lean=lean)
+    model, suite = load_default(
+        variant=variant, path=path, progress=progress, lean=lean, dtype=dtype
+    )
     texts, calib, test = make_pools(model, suite)
     backend = DefaultBackend(
         model, texts=texts, signature=signature, memo=memo, progress=progress, dtype=dtype
     )
     return backend, calib, test
-
-
-@dataclass(frozen=True)
-class BackendFactory:
-    """A picklable recipe for the backend of an experiment config: the main process loads it
-    with its pools, worker processes call it for the backend alone (parallel runs)."""
-
-    variant: str = "default"
-    path: str = ""
-    signature: str = "gate0"
-    memo: bool = False
-    dtype: str = "float32"
-    lean: bool = False
-
-    @classmethod
-    def from_config(cls, config: Any) -> BackendFactory:
-        """The recipe an :class:`~tanbr.experiment.config.ExperimentConfig` describes."""
-        return cls(
-            variant=config.model.variant,
-            path=config.model.path,
-            signature=config.estimator.signature,
-            memo=config.evaluation.memo,
-            dtype=config.model.dtype,
-            lean=config.model.lean,
-        )
-
-    def load(
-        self, *, threads: int = 0, progress: bool = False
-    ) -> tuple[DefaultBackend, Pool, Pool]:
-        """The backend with its calibration and test pools (see :func:`default_backend`)."""
-        return default_backend(
-            variant=self.variant,
-            path=self.path,
-            signature=self.signature,
-            threads=threads,
-            memo=self.memo,
-            progress=progress,
-            dtype=self.dtype,
-            lean=self.lean,
-        )
-
-    def __call__(self) -> DefaultBackend:
-        return self.load()[0]

@@ -1,4 +1,5 @@
-"""What a slot is made of: unlabeled requests, and the hidden truth kept apart from them.
+"""What a backend serves and what a slot is made of: unlabeled requests, and the hidden truth
+kept apart from them; a pool of labelled requests to draw slots from.
 
 The split between :class:`Requests` and :class:`Truth` is the guarantee that no policy or
 estimator ever sees a task tag: everything the system decides from is built from ``Requests``
@@ -96,3 +97,44 @@ class Slot:
                 f"slot {self.index}: {len(self.requests)} requests but "
                 f"{len(self.truth.tasks)} truth rows"
             )
+
+
+@dataclass(frozen=True, eq=False)
+class Pool:
+    """Labelled requests to draw slots from (e.g. the test split).
+
+    ``rows`` index the backend's cache of lower states (None: texts are encoded live).
+    """
+
+    texts: tuple[str, ...]
+    tasks: np.ndarray  # (n,) int64 task index
+    labels: np.ndarray  # (n,) int64 joint label index
+    task_names: tuple[str, ...]
+    rows: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.texts)
+        tasks = np.asarray(self.tasks, dtype=np.int64)
+        labels = np.asarray(self.labels, dtype=np.int64)
+        if tasks.shape != (n,) or labels.shape != (n,):
+            raise ValueError(f"pool: tasks {tasks.shape} and labels {labels.shape} must be ({n},)")
+        if n and (tasks.min() < 0 or tasks.max() >= len(self.task_names)):
+            raise ValueError("pool: task index out of range")
+        object.__setattr__(self, "tasks", tasks)
+        object.__setattr__(self, "labels", labels)
+        self.by_task  # noqa: B018  (validates that every task has requests)
+
+    @property
+    def by_task(self) -> list[np.ndarray]:
+        groups = [np.flatnonzero(self.tasks == k) for k in range(len(self.task_names))]
+        empty = [self.task_names[k] for k, g in enumerate(groups) if len(g) == 0]
+        if empty:
+            raise ValueError(f"pool has no request of task(s) {empty}")
+        return groups
+
+    def slot(self, index: int, idx: np.ndarray) -> Slot:
+        """The slot made of pool entries ``idx`` (truth attached, kept apart)."""
+        rows = None if self.rows is None else np.asarray(self.rows)[idx]
+        requests = Requests(tuple(self.texts[i] for i in idx), rows)
+        truth = Truth(tuple(int(t) for t in self.tasks[idx]), self.labels[idx], self.task_names)
+        return Slot(index, requests, truth)
