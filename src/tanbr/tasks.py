@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-import tempfile
+import secrets
 import unicodedata
 import zlib
 from collections import defaultdict
@@ -415,7 +415,7 @@ def _checked(
             labels[task] = tuple(sorted(by_label))
     if dropped:
         log.info("%s: dropped %d repeated texts (kept once per task)", path, dropped)
-    log.info("%s: %s, %d tasks, %d examples", path, kind, len(tasks), len(examples))
+    log.debug("%s: %s, %d tasks, %d examples", path, kind, len(tasks), len(examples))
     return TaskFile(
         path=path,
         kind=kind,
@@ -558,17 +558,22 @@ def write_task_file(
         writer.writeheader()
         writer.writerows(rows)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _beside(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        with open(tmp, "x", encoding="utf-8", newline="") as f:
             f.write(out.getvalue())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _beside(path: Path) -> Path:
+    """A fresh hidden name in ``path``'s folder (created if needed), for write-then-rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{path.suffix}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -739,14 +744,12 @@ def example_task_file(path: str | Path, *, per_task: int = 300, seed: int = 0) -
     if per_task < 12:
         raise ValueError(f"per_task must be at least 12 (the reader's minimum), got {per_task}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+    tmp = _beside(path)
     try:
         write_task_file(tmp, _example_rows(per_task, seed), fmt=format_for(path))
         tf = read_task_file(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return dataclasses.replace(tf, path=path)
