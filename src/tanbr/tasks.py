@@ -156,6 +156,8 @@ def _json_array(path: Path, text: str) -> Iterator[Record]:
     if text.startswith("]", i):
         return
     while True:
+        if i >= len(text):
+            raise TaskFileError(path, line_of(i), "invalid JSON: the array is never closed by ']'")
         start = line_of(i)
         try:
             obj, i = decoder.raw_decode(text, i)
@@ -169,9 +171,7 @@ def _json_array(path: Path, text: str) -> Iterator[Record]:
             i = skip(i + 1)
         elif text.startswith("]", i):
             break
-        elif i >= len(text):
-            raise TaskFileError(path, line_of(i), "invalid JSON: the array is never closed by ']'")
-        else:
+        elif i < len(text):
             raise TaskFileError(path, line_of(i), "invalid JSON: expected ',' or ']'")
     end = skip(i + 1)
     if end < len(text):
@@ -334,7 +334,7 @@ def read_task_file(path: str | Path, *, min_per_task: int = 12, min_per_label: i
     kept: list[TaskExample] = []
     seen: dict[str, TaskExample] = {}  # text key -> first example with that text
     first: TaskExample | None = None
-    dropped = 0
+    dropped: dict[str, int] = defaultdict(int)  # per task
     for line, row in _records(path, text):
         ex = _example(path, line, row)
         if first is None:
@@ -365,7 +365,7 @@ def read_task_file(path: str | Path, *, min_per_task: int = 12, min_per_label: i
                 line,
                 f"the same text is at line {other.line} with another {what} in task {ex.task!r}",
             )
-        dropped += 1
+        dropped[ex.task] += 1
     if first is None:
         raise TaskFileError(path, 1, "empty file: no examples")
     return _checked(path, kept, dropped, min_per_task=min_per_task, min_per_label=min_per_label)
@@ -374,7 +374,7 @@ def read_task_file(path: str | Path, *, min_per_task: int = 12, min_per_label: i
 def _checked(
     path: Path,
     examples: list[TaskExample],
-    dropped: int,
+    dropped: dict[str, int],
     *,
     min_per_task: int,
     min_per_label: int,
@@ -389,9 +389,10 @@ def _checked(
             path, examples[0].line, f"only one task ({tasks[0]!r}): a mix needs at least two"
         )
     kind = "classification" if examples[0].label is not None else "lm"
-    repeats = f" (after {dropped} repeated texts were dropped)" if dropped else ""
     for task, rows in by_task.items():
         if len(rows) < min_per_task:
+            d = dropped.get(task, 0)
+            repeats = f" (after dropping {d} repeated text{'s' * (d > 1)})" if d else ""
             raise TaskFileError(
                 path,
                 rows[0].line,
@@ -414,7 +415,7 @@ def _checked(
                     )
             labels[task] = tuple(sorted(by_label))
     if dropped:
-        log.info("%s: dropped %d repeated texts (kept once per task)", path, dropped)
+        log.info("%s: repeated texts kept once: %s", path, dict(dropped))
     log.debug("%s: %s, %d tasks, %d examples", path, kind, len(tasks), len(examples))
     return TaskFile(
         path=path,
@@ -422,7 +423,7 @@ def _checked(
         examples=tuple(examples),
         tasks=tasks,
         labels=labels,
-        dropped_duplicates=dropped,
+        dropped_duplicates=sum(dropped.values()),
     )
 
 
