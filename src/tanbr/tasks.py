@@ -489,12 +489,11 @@ def split_tasks(
     if per_task is not None and per_task < 3:
         raise ValueError(f"per_task must be at least 3 (or None), got {per_task}")
     parts: dict[str, list[TaskExample]] = {s: [] for s in SPLITS}
-    for task in tf.tasks:
+    by_task: dict[str, dict[str, list[TaskExample]]] = {t: defaultdict(list) for t in tf.tasks}
+    for e in tf.examples:
+        by_task[e.task][e.label or ""].append(e)
+    for task, groups in by_task.items():
         rng = _task_rng(seed, task)
-        groups: dict[str, list[TaskExample]] = defaultdict(list)
-        for e in tf.examples:
-            if e.task == task:
-                groups[e.label or ""].append(e)
         quotas = _quotas({k: len(v) for k, v in groups.items()}, per_task)
         spread: list[tuple[float, int, TaskExample]] = []
         for g, label in enumerate(sorted(groups)):
