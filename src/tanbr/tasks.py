@@ -35,7 +35,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("classification", "lm")
 FORMATS: tuple[str, ...] = ("jsonl", "json", "csv")
 REQUIRED: tuple[str, ...] = ("text", "task")
 SPLITS: tuple[str, ...] = ("train", "calib", "test")
