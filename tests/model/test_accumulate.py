@@ -40,7 +40,7 @@ def test_stacked_view_of_equally_spaced_experts() -> None:
 
 
 @pytest.mark.parametrize("layout", ["fused", "separate", "gaps"])
-def test_weighted_sum_equals_float64_reference(threads: int, layout: str) -> None:
+def test_weighted_sum_equals_float64_reference(threads: int, layout: str, close: Any) -> None:
     w = _fused()
     experts = {"fused": [0, 1, 2, 3, 4], "separate": [0, 1, 2, 3, 4], "gaps": [0, 1, 4]}[layout]
     sources = [w[e] if layout != "separate" else w[e].clone() for e in experts]
@@ -48,7 +48,7 @@ def test_weighted_sum_equals_float64_reference(threads: int, layout: str) -> Non
     terms = list(zip(coeffs, sources, strict=True))
     dst = torch.empty_like(w[0])
     accumulate(dst, terms)
-    torch.testing.assert_close(dst.double(), _reference(terms), rtol=1e-6, atol=1e-6)
+    close(dst.double(), _reference(terms))
 
 
 def test_each_way_runs_where_it_should(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,8 +90,9 @@ def test_float32_sources_into_a_bfloat16_target(threads: int) -> None:
     terms = [(0.3, w[0]), (0.7, w[2])]
     dst = torch.empty(w[0].shape, dtype=torch.bfloat16)
     accumulate(dst, terms)
-    # summed in float32, rounded once: within one bfloat16 step (2^-7 relative) of the exact sum
-    torch.testing.assert_close(dst.double(), _reference(terms), rtol=2**-7, atol=1e-12)
+    # summed in float32 (error ~ eps * |terms|, which dominates where the terms cancel), then
+    # rounded once: within one bfloat16 step (2^-7 relative) of the exact sum
+    torch.testing.assert_close(dst.double(), _reference(terms), rtol=2**-7, atol=1e-6)
 
 
 def test_chunks_of_the_chain_stay_within_the_grain(monkeypatch: pytest.MonkeyPatch) -> None:
