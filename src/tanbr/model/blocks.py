@@ -237,13 +237,16 @@ class GroupedBlock(_BlockShell):
         chosen, weights = self.route(x)
         return self._finish(self._dispatch(x, chosen, weights), x, shape)
 
-    def _dispatch(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> Any:
+    def _dispatch(
+        self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         """Sort the (token, group) pairs by group, run each merged expert once on its rows."""
         k = chosen.shape[1]
         flat = chosen.reshape(-1)  # (N k',)
         counts = torch.bincount(flat, minlength=self.n_groups).tolist()
         if k == 1 and max(counts) == x.shape[0]:  # every token to one merged expert
-            return self.merged[counts.index(x.shape[0])](x)
+            alone: torch.Tensor = self.merged[counts.index(x.shape[0])](x)
+            return alone
         order = torch.argsort(flat, stable=True)
         token = order // k if k > 1 else order
         xs = x.index_select(0, token)  # (N k', H) grouped by merged expert

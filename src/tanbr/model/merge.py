@@ -105,7 +105,6 @@ class Merger:
         Where the original experts are read from: the model itself (default) or a
         memory-lean :class:`~tanbr.model.lean.SafetensorsExpertStore`, in which case the
         model's own experts are not resident (see :func:`~tanbr.model.checkpoint.load_checkpoint`).
-
     group_top_k
         How many merged experts each token runs in a grouped merge (coeffs (m, E)): the
         routing keeps min(m, group_top_k) groups per token. 1 by default, the cost of one
