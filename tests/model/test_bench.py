@@ -107,6 +107,8 @@ def test_bench_merge_measures_rss_in_fresh_processes(
     assert main(["bench", "merge", "--preset", "small", "--batches", "1x8", "--repeats", "1"]) == 0
     table = capsys.readouterr().out
     assert "RSS MiB full/merged" in table
-    pairs = [cell for cell in table.splitlines()[1].split() if "/" in cell]  # params, RSS
+    caption, _header, row = table.splitlines()[:3]
+    assert caption.startswith("preset small, float32")
+    pairs = [cell for cell in row.split() if "/" in cell]  # params, RSS
     full_rss, merged_rss = (float(x) for x in pairs[1].split("/"))
     assert merged_rss < full_rss  # small: 60 MiB of experts are never resident in lean mode
