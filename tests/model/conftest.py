@@ -391,6 +391,33 @@ def expected_block(block_module: nn.Module, e: int, x: torch.Tensor) -> torch.Te
     return y.reshape(x.shape)
 
 
+# --- comparing two computations of the same math -------------------------------------------
+
+REORDER_RTOL = 1e-5
+
+
+def assert_reordered_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to the order of float operations.
+
+    Exact equality is only a guarantee when the very same kernels run on the very same data
+    (one model restored, or merged twice the same way). Two separately loaded models, two
+    layouts of the same weights, or another kernel choice (MKL picks code paths per CPU, per
+    alignment and per shape) sum in another order: a float32 sum of n terms then moves by up
+    to about n * eps * sum |terms|, which in these tiny models (widths <= 96, <= 3 layers) is
+    below 1e-6 of the output's scale (6e-7 was measured between two x86 CPUs). A tolerance of
+    1e-5 of the scale keeps a tenfold margin, while a wrong computation moves outputs by 1e-2.
+    """
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    atol = REORDER_RTOL * max(1.0, scale)
+    torch.testing.assert_close(actual, expected, rtol=REORDER_RTOL, atol=atol)
+
+
+@pytest.fixture
+def close() -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """:func:`assert_reordered_close`: the same math computed by other kernels or layouts."""
+    return assert_reordered_close
+
+
 @pytest.fixture
 def reference() -> types.SimpleNamespace:
     return types.SimpleNamespace(

@@ -31,7 +31,7 @@ def _gate_logits_from_the_gate(case: Any) -> dict[str, list[torch.Tensor]]:
 
 
 @torch.no_grad()
-def test_recorded_probabilities_are_the_gates_own(case: Any) -> None:
+def test_recorded_probabilities_are_the_gates_own(case: Any, close: Any) -> None:
     with GateRecorder(case.model) as rec:
         case.run()
     logits = _gate_logits_from_the_gate(case)
@@ -47,7 +47,7 @@ def test_recorded_probabilities_are_the_gates_own(case: Any) -> None:
         assert tokens.shape[1] == b.n_experts
         torch.testing.assert_close(tokens.sum(-1), torch.ones(len(tokens)), atol=1e-6, rtol=0)
         theirs = torch.cat([x.reshape(-1, b.n_experts) for x in own[b.name]])
-        torch.testing.assert_close(tokens, theirs, atol=1e-6, rtol=1e-5)
+        close(tokens, theirs)  # the gate's own kernel may sum in another order
         assert rec.profile(b.name).sum() == pytest.approx(1.0)
 
 

@@ -69,12 +69,13 @@ def test_lean_load_keeps_no_original_expert_resident(hf_case: Any, tmp_path: Pat
 
 
 @torch.no_grad()
-def test_lean_merges_equal_in_memory_merges(hf_case: Any, tmp_path: Path) -> None:
+def test_lean_merges_equal_in_memory_merges(hf_case: Any, tmp_path: Path, close: Any) -> None:
     hf_case.model.save_pretrained(tmp_path)  # legacy per-expert key names on disk
     before = hf_case.run()
     full = load_checkpoint(tmp_path)
     lean = load_checkpoint(tmp_path, lean=True)
-    torch.testing.assert_close(_run(full, hf_case.inputs), before, atol=0, rtol=0)
+    # separately loaded models: the same math, maybe other kernels (see assert_reordered_close)
+    close(_run(full, hf_case.inputs), before)
     for seed in (0, 1, 2):  # a first merge, then two in-place re-merges
         plan = _plan(full.blocks, seed)
         mem_stats = full.merger.apply(plan)
@@ -85,16 +86,23 @@ def test_lean_merges_equal_in_memory_merges(hf_case: Any, tmp_path: Path) -> Non
             _merged_tensors(lean.model, lean.blocks),
             strict=True,
         ):
-            assert torch.equal(a, b)
-        assert torch.equal(_run(lean, hf_case.inputs), _run(full, hf_case.inputs))
+            close(b, a)  # fused in memory, per-expert on disk: the sum may run another way
+        close(_run(lean, hf_case.inputs), _run(full, hf_case.inputs))
+    full.merger.restore()
     lean.merger.restore()  # reads the experts back from disk
-    assert torch.equal(_run(lean, hf_case.inputs), before)
+    for a, b in zip(
+        _expert_params(full.model, full.blocks),
+        _expert_params(lean.model, lean.blocks),
+        strict=True,
+    ):
+        assert torch.equal(a, b)  # the very bytes of the checkpoint
+    close(_run(lean, hf_case.inputs), before)
     lean.merger.apply(_plan(full.blocks, 5))
     assert all(p.is_meta for p in _expert_params(lean.model, lean.blocks))  # dropped again
 
 
 @torch.no_grad()
-def test_store_reads_fused_keys_on_disk(make_case: Any, tmp_path: Path) -> None:
+def test_store_reads_fused_keys_on_disk(make_case: Any, tmp_path: Path, close: Any) -> None:
     case = make_case("fused_plain")  # the default model's layout, saved with fused tensors
     save_file(
         {k: v.contiguous() for k, v in case.model.state_dict().items()},
@@ -115,16 +123,19 @@ def test_store_reads_fused_keys_on_disk(make_case: Any, tmp_path: Path) -> None:
     plan = _plan(blocks, 0)
     lean.apply(plan)
     memory.apply(plan)
-    with torch.no_grad():
-        assert torch.equal(lean_model(**case.inputs), case.model(**case.inputs))
+    close(lean_model(**case.inputs), case.model(**case.inputs))
     lean.restore()
     memory.restore()
-    with torch.no_grad():
-        assert torch.equal(lean_model(**case.inputs), before)
+    restored = zip(
+        _expert_params(lean_model, blocks), _expert_params(case.model, blocks), strict=True
+    )
+    for a, b in restored:
+        assert torch.equal(a, b)
+    close(lean_model(**case.inputs), before)
 
 
 @torch.no_grad()
-def test_sharded_checkpoint_loads_lean(make_case: Any, tmp_path: Path) -> None:
+def test_sharded_checkpoint_loads_lean(make_case: Any, tmp_path: Path, close: Any) -> None:
     case = make_case("mixtral")
     case.model.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
@@ -134,7 +145,7 @@ def test_sharded_checkpoint_loads_lean(make_case: Any, tmp_path: Path) -> None:
     plan = _plan(full.blocks, 0)
     full.merger.apply(plan)
     lean.merger.apply(plan)
-    assert torch.equal(_run(lean, case.inputs), _run(full, case.inputs))
+    close(_run(lean, case.inputs), _run(full, case.inputs))
 
 
 def test_bad_folders_get_clear_errors(make_case: Any, tmp_path: Path) -> None:
@@ -162,7 +173,7 @@ def test_missing_expert_on_disk_is_named(make_case: Any, tmp_path: Path) -> None
 
 
 @torch.no_grad()
-def test_default_model_checkpoint_loads_lean(tmp_path: Path) -> None:
+def test_default_model_checkpoint_loads_lean(tmp_path: Path, close: Any) -> None:
     default = pytest.importorskip("tanbr.model.default.modeling")
     config = default.TanbrMoEConfig(
         vocab_size=50,
@@ -191,10 +202,10 @@ def test_default_model_checkpoint_loads_lean(tmp_path: Path) -> None:
     full = load_checkpoint(tmp_path)
     lean = load_checkpoint(tmp_path, lean=True)
     assert [b.layout for b in lean.blocks] == ["fused", "fused"]
-    assert torch.equal(full.model(**inputs), model(**inputs))
+    close(full.model(**inputs), model(**inputs))
     plan = _plan(full.blocks, 0)
     full.merger.apply(plan)
     lean.merger.apply(plan)
-    assert torch.equal(lean.model(**inputs), full.model(**inputs))
+    close(lean.model(**inputs), full.model(**inputs))
     lean.merger.restore()
-    assert torch.equal(lean.model(**inputs), model(**inputs))
+    close(lean.model(**inputs), model(**inputs))

@@ -3,9 +3,12 @@
 The public API, by step of the slot loop:
 
 * discovery -- :func:`find_moe_blocks`, :func:`supports`, :class:`MoEBlock`;
-* plan -> merge -- :func:`validate_coeffs`, :func:`validate_plan`, :func:`uniform_plan`,
-  :func:`one_hot_plan`, :class:`Merger` (``apply``, ``prepare``/``commit``, ``apply_soft``,
-  ``restore``), :class:`MergeStats`;
+* plan -- :func:`validate_coeffs`, :func:`validate_plan`, :func:`uniform_plan`,
+  :func:`one_hot_plan`; grouped plans (m merged experts per block): :func:`group_coeffs`,
+  :func:`grouped_plan`, :func:`identity_plan`, :func:`groups_of`;
+* merge -- :class:`Merger` (``apply``, ``prepare``/``commit``, ``apply_soft``, ``restore``,
+  ``group_top_k``), :class:`MergeStats`, the stand-in blocks :class:`MergedBlock`,
+  :class:`GroupedBlock`, :class:`SoftMergedBlock`;
 * memory-lean serving -- :func:`load_checkpoint` (``lean=True``),
   :class:`SafetensorsExpertStore`;
 * profiles -- :class:`GateRecorder`.
@@ -13,7 +16,18 @@ The public API, by step of the slot loop:
 
 from __future__ import annotations
 
+from tanbr.model.blocks import FusedExpert, GroupedBlock, MergedBlock, SoftMergedBlock
 from tanbr.model.checkpoint import LoadedModel, load_checkpoint, resolve_model_class
+from tanbr.model.coeffs import (
+    group_coeffs,
+    grouped_plan,
+    groups_of,
+    identity_plan,
+    one_hot_plan,
+    uniform_plan,
+    validate_coeffs,
+    validate_plan,
+)
 from tanbr.model.discovery import (
     LAYOUTS,
     MoEBlock,
@@ -25,18 +39,7 @@ from tanbr.model.discovery import (
 )
 from tanbr.model.gates import GateRecorder, gate_probs
 from tanbr.model.lean import ExpertSource, ModuleExpertSource, SafetensorsExpertStore
-from tanbr.model.merge import (
-    FusedExpert,
-    MergedBlock,
-    Merger,
-    MergeStats,
-    PreparedMerge,
-    SoftMergedBlock,
-    one_hot_plan,
-    uniform_plan,
-    validate_coeffs,
-    validate_plan,
-)
+from tanbr.model.merge import Merger, MergeStats, PreparedMerge
 
 ExpertStore = ExpertSource
 
@@ -46,6 +49,7 @@ __all__ = [
     "ExpertStore",
     "FusedExpert",
     "GateRecorder",
+    "GroupedBlock",
     "LoadedModel",
     "MergeStats",
     "MergedBlock",
@@ -60,6 +64,10 @@ __all__ = [
     "UnsupportedModelError",
     "find_moe_blocks",
     "gate_probs",
+    "group_coeffs",
+    "grouped_plan",
+    "groups_of",
+    "identity_plan",
     "load_checkpoint",
     "one_hot_plan",
     "resolve_model_class",

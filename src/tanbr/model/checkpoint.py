@@ -80,7 +80,11 @@ def resolve_model_class(config: Any) -> type[nn.Module]:
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], *, lean: bool = False, dtype: torch.dtype | None = None
+    path: str | os.PathLike[str],
+    *,
+    lean: bool = False,
+    dtype: torch.dtype | None = None,
+    group_top_k: int = 1,
 ) -> LoadedModel:
     """Load a local checkpoint folder (no network) and wrap it with a :class:`Merger`.
 
@@ -94,6 +98,8 @@ def load_checkpoint(
         it can run; ``merger.restore()`` reads the experts back.
     dtype
         Load in this dtype instead of the checkpoint's own.
+    group_top_k
+        Merged experts per token in grouped merges (see :class:`~tanbr.model.merge.Merger`).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = Path(path).expanduser()
@@ -118,9 +124,11 @@ def load_checkpoint(
         except OSError as err:
             raise ValueError(f"{folder}: cannot load the weights ({err})") from err
         model.eval()
-        return LoadedModel(model, Merger(model), model.config, folder, lean=False)
+        merger = Merger(model, group_top_k=group_top_k)
+        return LoadedModel(model, merger, model.config, folder, lean=False)
     model, store = _load_lean(folder, cls, config, dtype)
-    return LoadedModel(model, Merger(model, store=store), model.config, folder, lean=True)
+    merger = Merger(model, store=store, group_top_k=group_top_k)
+    return LoadedModel(model, merger, model.config, folder, lean=True)
 
 
 def _load_lean(

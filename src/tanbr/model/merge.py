@@ -1,270 +1,48 @@
-"""Collapse every MoE block into one dense expert, swap it in, and restore the original.
+"""Collapse every MoE block into merged dense experts, swap them in, and restore the original.
 
-For block l with coeffs c_l on the simplex over its E experts, every expert tensor is merged as
-``W_l = sum_e c_{l,e} W_{l,e}`` (biases too), and the block is replaced by a
-:class:`MergedBlock` that runs that single expert with the original activation (SwiGLU, GELU,
-ReLU, ...) on every token, adds the always-on shared experts, and never calls the token gate.
-The original block is kept aside, untouched, so :meth:`Merger.restore` gives bit-identical
-logits. Re-merging for the next slot writes into the merged tensors in place: one merged copy
-per block exists at a time and nothing is allocated.
+For block l with coeffs c_l (E,) on the simplex over its E experts, every expert tensor is
+merged as ``W_l = sum_e c_{l,e} W_{l,e}`` (biases too), and the block is replaced by a
+:class:`~tanbr.model.blocks.MergedBlock` that runs that single expert on every token and never
+calls the token gate. With grouped coeffs (m, E) each row is merged the same way into one of m
+dense experts, and the block becomes a :class:`~tanbr.model.blocks.GroupedBlock` that routes
+every token to its best merged experts with the block's own gate. The original block is kept
+aside, untouched, so :meth:`Merger.restore` gives bit-identical logits. Re-merging for the next
+slot writes into the merged tensors in place whenever a block keeps its form (one merged
+expert, or the same number m): nothing is allocated.
 
-The merge itself is a weighted accumulation, chunked so that the output rows stay in cache
-while all experts stream through once: it reads each active expert once and writes the merged
-tensor once, which is why it runs close to a plain memory copy of the experts (the floor).
+The arithmetic, a weighted sum that reads each active expert once and writes the merged tensor
+once, lives in :mod:`tanbr.model.accumulate`.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
-from tanbr.model.discovery import (
-    FUSED_GATED,
-    MoEBlock,
-    find_moe_blocks,
-    get_module,
-    parent_of,
-)
-from tanbr.model.gates import gate_probs, masked_mean
+from tanbr.model.accumulate import accumulate
+from tanbr.model.blocks import FusedExpert, GroupedBlock, MergedBlock, SoftMergedBlock, TokenMask
+from tanbr.model.coeffs import groups_of, validate_plan
+from tanbr.model.discovery import MoEBlock, find_moe_blocks, get_module, parent_of
 from tanbr.model.lean import ExpertSource, ModuleExpertSource, Pieces, split_rows
 
 logger = logging.getLogger(__name__)
 
-SUM_ATOL = 1e-5  # how far from 1 the coeffs of a block may sum (float32 rounding of policies)
-_CHUNK_ELEMENTS = 1 << 15  # = torch's parallel grain size: each merge kernel runs serially
-_SOFT_CHUNK_BYTES = 64 << 20  # per-sequence merged weights built at once by a soft merge
-
-
-# --- coefficients -----------------------------------------------------------------------------
-
-
-def validate_coeffs(coeffs: Any, n_experts: int, *, block: str = "") -> np.ndarray:
-    """Check one block's coeffs and return them as float64 (E,), renormalised to sum 1.
-
-    Raises
-    ------
-    ValueError
-        Naming the block and the problem: not a 1-D array of E numbers, NaN or infinity,
-        a negative weight, or a sum different from 1 (beyond ``SUM_ATOL``).
-    """
-    where = f" of block {block!r}" if block else ""
-    try:
-        arr = np.asarray(coeffs, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"coeffs{where} are not an array of numbers: {coeffs!r}") from err
-    if arr.ndim != 1:
-        raise ValueError(f"coeffs{where} must be 1-D (E,), got shape {arr.shape}")
-    if arr.shape[0] != n_experts:
-        raise ValueError(f"coeffs{where} have {arr.shape[0]} weights, the block has {n_experts}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"coeffs{where} contain NaN or infinity: {arr.tolist()}")
-    if (arr < 0).any():
-        raise ValueError(f"coeffs{where} must be non-negative, got {arr.tolist()}")
-    total = float(arr.sum())
-    if abs(total - 1.0) > SUM_ATOL:
-        raise ValueError(f"coeffs{where} must sum to 1 (a point of the simplex), got {total:.6g}")
-    return arr / total
-
-
-def validate_plan(plan: Mapping[str, Any], blocks: Sequence[MoEBlock]) -> dict[str, np.ndarray]:
-    """Check a plan (block name -> coeffs) against the model's blocks; every block is needed."""
-    if not isinstance(plan, Mapping):
-        raise ValueError(f"a plan maps block names to coeffs, got {type(plan).__name__}")
-    known = {b.name: b for b in blocks}
-    unknown = [k for k in plan if k not in known]
-    if unknown:
-        hint = difflib.get_close_matches(str(unknown[0]), list(known), n=1)
-        near = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(
-            f"plan names unknown block(s) {unknown}{near}; the model's blocks are "
-            f"{list(known)[:4]}{' ...' if len(known) > 4 else ''}"
-        )
-    missing = [name for name in known if name not in plan]
-    if missing:
-        raise ValueError(f"plan has no coeffs for block(s) {missing}")
-    return {name: validate_coeffs(plan[name], b.n_experts, block=name) for name, b in known.items()}
-
-
-def uniform_plan(blocks: Sequence[MoEBlock]) -> dict[str, np.ndarray]:
-    """Equal weight on every expert of every block."""
-    return {b.name: np.full(b.n_experts, 1.0 / b.n_experts) for b in blocks}
-
-
-def one_hot_plan(blocks: Sequence[MoEBlock], expert: int) -> dict[str, np.ndarray]:
-    """All weight on one expert index in every block."""
-    plan = {}
-    for b in blocks:
-        if not 0 <= expert < b.n_experts:
-            raise ValueError(
-                f"expert must be in [0, {b.n_experts}) for block {b.name!r}, got {expert}"
-            )
-        plan[b.name] = np.eye(b.n_experts)[expert]
-    return plan
-
-
-# --- merged modules ---------------------------------------------------------------------------
-
-
-class FusedExpert(nn.Module):
-    """One dense expert in the fused layout: ``down(act(up x))`` or ``down(act(g x) * u x)``."""
-
-    act_fn: nn.Module | None
-    apply_gate: Callable[[torch.Tensor], torch.Tensor] | None
-    post_norm: nn.Module | None
-
-    def __init__(self, block: MoEBlock, experts: nn.Module, tensors: Mapping[str, torch.Tensor]):
-        super().__init__()
-        self.gated = block.layout == FUSED_GATED
-        self.transposed = block.is_transposed
-        self.up_name = "gate_up_proj" if self.gated else "up_proj"
-        for name, t in tensors.items():
-            self.register_parameter(name, nn.Parameter(t, requires_grad=False))
-        act = getattr(experts, "act_fn", None)
-        self.act_fn = act if isinstance(act, nn.Module) else None
-        # the original gating (split + act * up, or a model's own variant) of the experts module
-        self.apply_gate = getattr(experts, "_apply_gate", None) if self.gated else None
-        norm = getattr(experts, "post_expert_norm", None)
-        self.post_norm = norm if getattr(experts, "has_post_expert_norm", False) else None
-
-    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        w: torch.Tensor = getattr(self, name)
-        b: torch.Tensor | None = getattr(self, name + "_bias", None)
-        if self.transposed:  # w (in, out)
-            y = x @ w
-            return y + b if b is not None else y
-        return F.linear(x, w, b)  # w (out, in)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N, H)
-        h = self._linear(x, self.up_name)  # (N, 2I) or (N, I)
-        if self.apply_gate is not None:  # the experts' own gating (act(gate) * up, or a variant)
-            h = self.apply_gate(h)  # (N, I)
-        elif self.act_fn is None:
-            raise RuntimeError("merged expert has neither a gating function nor an activation")
-        elif self.gated:
-            g, u = h.chunk(2, dim=-1)
-            h = self.act_fn(g) * u  # (N, I)
-        else:
-            h = self.act_fn(h)
-        y = self._linear(h, "down_proj")  # (N, H)
-        return self.post_norm(y) if self.post_norm is not None else y
-
-
-class _BlockShell(nn.Module):
-    """What merged and soft blocks share: the kept gate, shared experts, output scaling."""
-
-    def __init__(self, block: MoEBlock, original: nn.Module) -> None:
-        super().__init__()
-        object.__setattr__(self, "merged_from", original)  # not a submodule: not walked/counted
-        self.block_name = block.name
-        self.outputs = block.outputs
-        self.routed_scale = block.routed_scale
-        prefix = block.name + "." if block.name else ""
-        self.gate_rel = block.gate_name[len(prefix) :]  # the gate's path inside the block
-        gate_child = self.gate_rel.split(".")[0]
-        self.add_module(gate_child, original._modules[gate_child])  # resident, never called
-        self.shared = [s[len(prefix) :] for s in block.shared_names]
-        self.shared_gate = block.shared_gate_name[len(prefix) :] if block.shared_gate_name else None
-        for rel in [*self.shared, *([self.shared_gate] if self.shared_gate else [])]:
-            self.add_module(rel, original._modules[rel])
-
-    def _finish(self, routed: torch.Tensor, x: torch.Tensor, shape: torch.Size) -> Any:
-        """routed (N, H) from flat inputs x (N, H): scale, add the shared experts, reshape.
-
-        Returns what the original block returns: the hidden states, or a tuple starting with
-        them (the gate's outputs that follow them are not computed: ``None``).
-        """
-        if self.routed_scale != 1.0:
-            routed = routed * self.routed_scale
-        for rel in self.shared:
-            out = self._modules[rel](x)  # type: ignore[misc]
-            if self.shared_gate is not None:
-                out = torch.sigmoid(self._modules[self.shared_gate](x)) * out  # type: ignore[misc]
-            routed = routed + out
-        hidden = routed.reshape(shape)
-        return hidden if self.outputs == 1 else (hidden, *([None] * (self.outputs - 1)))
-
-
-class MergedBlock(_BlockShell):
-    """Stands in for one MoE block: one merged dense expert on every token, gate bypassed."""
-
-    def __init__(self, block: MoEBlock, original: nn.Module, expert: nn.Module) -> None:
-        super().__init__(block, original)
-        self.expert = expert
-
-    def forward(self, hidden_states: torch.Tensor) -> Any:  # (..., H) -> (..., H)
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])  # (N, H)
-        return self._finish(self.expert(x), x, shape)
-
-
-class _Mask:
-    """The token mask shared by a merger's soft blocks (set per batch by the caller)."""
-
-    mask: torch.Tensor | None = None
-
-
-class SoftMergedBlock(_BlockShell):
-    """SMEAR-style soft merging: each sequence runs one expert merged with its own coeffs.
-
-    A sequence's coeffs are its gate probabilities averaged over its (unmasked) tokens, so the
-    merge follows the input instead of a plan; 2-D inputs (N, H) are N one-token sequences.
-    """
-
-    def __init__(
-        self,
-        block: MoEBlock,
-        original: nn.Module,
-        stacked: Mapping[str, torch.Tensor],
-        template: nn.Module,
-        mask: _Mask,
-    ) -> None:
-        super().__init__(block, original)
-        self.block = block
-        self.stacked = dict(stacked)  # name -> (E, ...) all experts, views or one stacked copy
-        self.template: nn.Module
-        object.__setattr__(self, "template", template)  # run functionally, never registered
-        self._mask = mask
-        self.chunk = max(1, _SOFT_CHUNK_BYTES // max(1, block.expert_bytes))
-
-    def forward(self, hidden_states: torch.Tensor) -> Any:  # (..., H) -> (..., H)
-        shape = hidden_states.shape
-        x = hidden_states if hidden_states.dim() == 3 else hidden_states.reshape(-1, 1, shape[-1])
-        gate = get_module(self, self.gate_rel)
-        probs = gate_probs(self.block, gate, x)  # (B, T, E)
-        mask = self._mask.mask if hidden_states.dim() == 3 else None
-        coeffs = masked_mean(probs, mask)  # (B, E)
-        routed = torch.empty_like(x)  # (B, T, H)
-        n_experts = self.block.n_experts
-        for b0 in range(0, x.shape[0], self.chunk):
-            c = coeffs[b0 : b0 + self.chunk].to(x.dtype)  # (b, E)
-            merged = {  # name -> (b, ...): one merged expert per sequence
-                n: (c @ s.reshape(n_experts, -1)).reshape(-1, *s.shape[1:])
-                for n, s in self.stacked.items()
-            }
-            for i in range(c.shape[0]):
-                params = {n: w[i] for n, w in merged.items()}
-                routed[b0 + i] = functional_call(self.template, params, (x[b0 + i],))  # (T, H)
-        flat = x.reshape(-1, shape[-1])
-        return self._finish(routed.reshape(-1, shape[-1]), flat, shape)
-
-
-# --- the merge --------------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class MergeStats:
-    """What one merge cost: wall time and the bytes it moved."""
+    """What one merge cost: wall time and the bytes it moved.
+
+    ``in_place`` is True when every block was re-merged into its existing tensors (nothing
+    allocated); ``n_merged`` counts the merged experts built (one per block, or m).
+    """
 
     merge_ms: float
     bytes_read: int
@@ -272,54 +50,23 @@ class MergeStats:
     n_blocks: int
     lean: bool
     in_place: bool
+    n_merged: int = 0
 
 
 @dataclass(frozen=True)
 class PreparedMerge:
     """Merged blocks built off the serving path, ready for :meth:`Merger.commit`."""
 
-    modules: Mapping[str, MergedBlock]
+    modules: Mapping[str, nn.Module]
     stats: MergeStats
     owner: int = field(repr=False)
-
-
-def _accumulate(dst: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]]) -> None:
-    """dst = sum_i c_i * src_i over contiguous tensors, one cache-sized chunk at a time.
-
-    Each chunk (``_CHUNK_ELEMENTS``) stays in cache while every expert streams through it, and
-    is small enough that torch runs it in the calling thread: a merge is thousands of tiny
-    kernels, and waking a thread pool for each costs more than the work whenever the other core
-    is busy (a serving process, or a shared machine).
-    """
-    if dst.is_inference() and not torch.is_inference_mode_enabled():
-        # the first merge ran under inference_mode (a serving thread); re-merging in place
-        # into its tensors is only allowed back inside that mode
-        with torch.inference_mode():
-            _accumulate(dst, terms)
-        return
-    d_flat = dst.view(-1)  # merged pieces are contiguous row ranges
-    flats = [(c, s.reshape(-1)) for c, s in terms]
-    # half-precision weights are summed in float32 and rounded once
-    wide = dst.dtype in (torch.float32, torch.float64)
-    scratch = None if wide else torch.empty(min(_CHUNK_ELEMENTS, d_flat.numel()))
-    for a in range(0, d_flat.numel(), _CHUNK_ELEMENTS):
-        d = d_flat[a : a + _CHUNK_ELEMENTS]
-        acc = d if scratch is None else scratch[: d.numel()]
-        c0, s0 = flats[0]
-        if scratch is None:
-            torch.mul(s0[a : a + _CHUNK_ELEMENTS], c0, out=acc)
-        else:
-            acc.copy_(s0[a : a + _CHUNK_ELEMENTS]).mul_(c0)
-        for c, s in flats[1:]:
-            acc.add_(s[a : a + _CHUNK_ELEMENTS], alpha=c)
-        if scratch is not None:
-            d.copy_(acc)
 
 
 def merge_block_into(
     block: MoEBlock, pieces: Pieces, coeffs: np.ndarray, out: Mapping[str, torch.Tensor]
 ) -> int:
-    """Write block's merged tensors into ``out`` (target name -> tensor); returns bytes read."""
+    """Write one merged expert of ``block`` (coeffs (E,)) into ``out`` (target name -> tensor);
+    returns the bytes read. Experts with a zero coefficient are not read."""
     active = [(float(c), e) for e, c in enumerate(coeffs) if c != 0.0]
     read = 0
     for target in block.targets:
@@ -336,8 +83,15 @@ def merge_block_into(
                     )
                 terms.append((c, src))
                 read += src.numel() * src.element_size()
-            _accumulate(dst[rows], terms)
+            accumulate(dst[rows], terms)
     return read
+
+
+def check_group_top_k(value: int) -> int:
+    """``group_top_k`` must be a positive int (the routing keeps min(m, it) groups per token)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"group_top_k must be an int >= 1, got {value!r}")
+    return value
 
 
 class Merger:
@@ -351,12 +105,18 @@ class Merger:
         Where the original experts are read from: the model itself (default) or a
         memory-lean :class:`~tanbr.model.lean.SafetensorsExpertStore`, in which case the
         model's own experts are not resident (see :func:`~tanbr.model.checkpoint.load_checkpoint`).
+    group_top_k
+        How many merged experts each token runs in a grouped merge (coeffs (m, E)): the
+        routing keeps min(m, group_top_k) groups per token. 1 by default, the cost of one
+        expert per token; the model's own top-k with m = E gives back the full MoE.
 
     Not thread-safe: build the next merge on another thread with :meth:`prepare`, and
     :meth:`commit` it between two forward passes.
     """
 
-    def __init__(self, model: nn.Module, *, store: ExpertSource | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, *, store: ExpertSource | None = None, group_top_k: int = 1
+    ) -> None:
         for name, module in model.named_modules():
             if getattr(module, "merged_from", None) is not None:
                 raise ValueError(
@@ -368,7 +128,8 @@ class Merger:
         self._originals = {b.name: get_module(model, b.name) for b in self.blocks}
         self._installed: dict[str, nn.Module] = {}
         self._mode = "full"
-        self._mask = _Mask()
+        self._mask = TokenMask()
+        self._group_top_k = check_group_top_k(group_top_k)
         self._guards: list[Any] = []
         if self.lean:
             for b in self.blocks:
@@ -391,6 +152,18 @@ class Merger:
     def merged(self) -> bool:
         return self._mode == "merged"
 
+    @property
+    def group_top_k(self) -> int:
+        """Merged experts per token in grouped blocks (at most their m)."""
+        return self._group_top_k
+
+    @group_top_k.setter
+    def group_top_k(self, value: int) -> None:
+        self._group_top_k = check_group_top_k(value)
+        for module in self._installed.values():
+            if isinstance(module, GroupedBlock):
+                module.set_routing(module.groups, self._group_top_k)
+
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         """Token mask (B, T) for soft merging of the next batches (1 = real token, 0 = padding)."""
         self._mask.mask = None if mask is None else mask.detach().bool()
@@ -399,9 +172,10 @@ class Merger:
 
     @torch.no_grad()
     def apply(self, plan: Mapping[str, Any]) -> MergeStats:
-        """Serve ``plan``: merge every block and swap the merged blocks in.
+        """Serve ``plan`` (block name -> coeffs (E,) or (m, E)): merge every block, swap in.
 
-        On an already merged model the merged tensors are overwritten in place.
+        On an already merged model, a block that keeps its form (one merged expert, or the same
+        m) is re-merged in place, its groups re-mapped; any other block is built afresh.
         """
         coeffs = validate_plan(plan, self.blocks)
         if self._mode != "merged":
@@ -409,16 +183,32 @@ class Merger:
             self._install(prepared.modules, "merged")
             return prepared.stats
         start = time.perf_counter()
-        read = written = 0
+        read = written = n_merged = 0
+        rebuilt: dict[str, nn.Module] = {}
         for block in self.blocks:
-            expert = self._installed[block.name].get_submodule("expert")
-            out = {t.name: expert.get_parameter(t.name) for t in block.targets}
-            with self.source.open(block) as pieces:
-                read += merge_block_into(block, pieces, coeffs[block.name], out)
-            written += block.expert_bytes
+            c = coeffs[block.name]
+            module = self._installed[block.name]
+            if _same_form(module, c):
+                read += self._merge_into(block, c, _merged_tensors(block, module))
+                if isinstance(module, GroupedBlock):
+                    module.set_routing(groups_of(c), self._group_top_k)
+            else:
+                rebuilt[block.name], bytes_read = self._build_block(block, c)
+                read += bytes_read
+            rows = 1 if c.ndim == 1 else c.shape[0]
+            written += rows * block.expert_bytes
+            n_merged += rows
+        for name, module in rebuilt.items():
+            parent, attr = parent_of(self.model, name)
+            setattr(parent, attr, module)
+            self._installed[name] = module
         ms = (time.perf_counter() - start) * 1e3
-        logger.debug("re-merged %d blocks in %.1f ms", len(self.blocks), ms)
-        return MergeStats(ms, read, written, len(self.blocks), self.lean, in_place=True)
+        logger.debug(
+            "re-merged %d blocks in %.1f ms (%d rebuilt)", len(self.blocks), ms, len(rebuilt)
+        )
+        return MergeStats(
+            ms, read, written, len(self.blocks), self.lean, in_place=not rebuilt, n_merged=n_merged
+        )
 
     @torch.no_grad()
     def prepare(self, plan: Mapping[str, Any]) -> PreparedMerge:
@@ -492,19 +282,45 @@ class Merger:
 
     def _build(self, coeffs: Mapping[str, np.ndarray]) -> PreparedMerge:
         start = time.perf_counter()
-        read = written = 0
-        modules: dict[str, MergedBlock] = {}
+        read = written = n_merged = 0
+        modules: dict[str, nn.Module] = {}
         for block in self.blocks:
-            out = {t.name: torch.empty(t.shape, dtype=block.dtype) for t in block.targets}
-            with self.source.open(block) as pieces:
-                read += merge_block_into(block, pieces, coeffs[block.name], out)
-            written += block.expert_bytes
-            original = self._originals[block.name]
-            modules[block.name] = MergedBlock(block, original, self._expert_module(block, out))
+            c = coeffs[block.name]
+            modules[block.name], bytes_read = self._build_block(block, c)
+            rows = 1 if c.ndim == 1 else c.shape[0]
+            read += bytes_read
+            written += rows * block.expert_bytes
+            n_merged += rows
         ms = (time.perf_counter() - start) * 1e3
-        stats = MergeStats(ms, read, written, len(self.blocks), self.lean, in_place=False)
+        stats = MergeStats(
+            ms, read, written, len(self.blocks), self.lean, in_place=False, n_merged=n_merged
+        )
         logger.debug("merged %d blocks in %.1f ms", len(self.blocks), ms)
         return PreparedMerge(modules=modules, stats=stats, owner=id(self))
+
+    def _build_block(self, block: MoEBlock, coeffs: np.ndarray) -> tuple[nn.Module, int]:
+        """A fresh merged block for coeffs (E,) or (m, E), and the bytes its merge read."""
+        rows = np.atleast_2d(coeffs)
+        outs = [
+            {t.name: torch.empty(t.shape, dtype=block.dtype) for t in block.targets} for _ in rows
+        ]
+        read = self._merge_into(block, coeffs, outs)
+        original = self._originals[block.name]
+        experts = [self._expert_module(block, out) for out in outs]
+        if coeffs.ndim == 1:
+            return MergedBlock(block, original, experts[0]), read
+        grouped = GroupedBlock(block, original, experts, groups_of(coeffs), self._group_top_k)
+        return grouped, read
+
+    def _merge_into(
+        self, block: MoEBlock, coeffs: np.ndarray, outs: list[dict[str, torch.Tensor]]
+    ) -> int:
+        """Merge each row of coeffs into its tensors, reading the block's experts once."""
+        read = 0
+        with self.source.open(block) as pieces:
+            for row, out in zip(np.atleast_2d(coeffs), outs, strict=True):
+                read += merge_block_into(block, pieces, row, out)
+        return read
 
     def _expert_module(self, block: MoEBlock, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
         experts = _experts_of(self._originals[block.name])
@@ -603,3 +419,19 @@ def _experts_of(block_module: nn.Module) -> nn.Module:
     if experts is None:
         raise ValueError(f"{type(block_module).__name__} has no `experts` module")
     return experts
+
+
+def _same_form(module: nn.Module, coeffs: np.ndarray) -> bool:
+    """Whether an installed merged block can be re-merged in place for these coeffs."""
+    if coeffs.ndim == 1:
+        return isinstance(module, MergedBlock)
+    return isinstance(module, GroupedBlock) and module.n_groups == coeffs.shape[0]
+
+
+def _merged_tensors(block: MoEBlock, module: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """The merged experts' tensors of an installed block, one dict per merged expert."""
+    if isinstance(module, GroupedBlock):
+        experts: list[nn.Module] = list(module.merged)
+    else:
+        experts = [module.get_submodule("expert")]
+    return [{t.name: e.get_parameter(t.name) for t in block.targets} for e in experts]
