@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-model": ("tanbr.model.default.cli_build", "build (or reuse) the embedded default model"),
     "eval-model": ("tanbr.model.default.cli_eval", "evaluate the default model and its merges"),
     "serve": ("tanbr.serve.cli_serve", "serve a model over HTTP, merging per slot"),
+    "tasks check": ("tanbr.cli_tasks", "check a task file and summarise it"),
+    "tasks example": ("tanbr.cli_tasks", "write an example task file of four real tasks"),
     "bench merge": ("tanbr.model.bench", "latency and memory: full MoE vs merged"),
     "bench policy": ("tanbr.bandit.bench", "regret and timing of the policies"),
     "bench serve": ("tanbr.serve.bench", "load-test the HTTP service"),
