@@ -42,7 +42,7 @@ from tanbr.model import GateRecorder, Merger, validate_plan
 from tanbr.model import gate_probs as block_gate_probs
 from tanbr.model.checkpoint import expert_store
 from tanbr.model.default.build import build_default_model
-from tanbr.model.default.data import TaskSuite, load_tasks
+from tanbr.model.default.data import TaskSuite, load_tasks, suite_from_file
 from tanbr.model.default.modeling import DefaultModel
 from tanbr.model.discovery import get_module
 from tanbr.model.gates import masked_mean
@@ -456,20 +456,22 @@ def load_default(
     progress: bool = False,
     lean: bool = False,
     dtype: str = "float32",
+    tasks: str = "",
 ) -> tuple[DefaultModel, TaskSuite]:
     """The default model (built on first use) in the serving precision, and its task suite
     (the same seeded splits it was built on).
 
     Loaded once per process, folder and precision: commands run in one process (tests,
     notebooks) share it; whoever merges it must restore it (see :meth:`DefaultBackend.restore`).
-    ``lean``: the routed experts stay on disk until a merge or a restore reads them.
+    ``lean``: the routed experts stay on disk until a merge or a restore reads them. ``tasks``:
+    where the task file of a model built on one is now (default: where it was at build time).
     """
-    return _load_default(variant, str(path), progress, lean, dtype)
+    return _load_default(variant, str(path), progress, lean, dtype, tasks)
 
 
 @functools.lru_cache(maxsize=2)
 def _load_default(
-    variant: str, path: str, progress: bool, lean: bool, dtype: str
+    variant: str, path: str, progress: bool, lean: bool, dtype: str, tasks: str
 ) -> tuple[DefaultModel, TaskSuite]:
     folder = Path(path) if path else build_default_model(variant, progress=progress)
     model = DefaultModel.load(folder, lean=lean, dtype=serving_dtype(dtype))
@@ -479,12 +481,27 @@ def _load_default(
         raise ValueError(
             f"{folder} has no task information (tasks.json); build it with tanbr build-model"
         )
-    suite = load_tasks(
-        model.tasks,
-        per_task=data.get("per_task"),
-        min_per_label=data.get("min_per_label", 1),
-        seed=data.get("seed", spec.get("seed", 0)),
-    )
+    settings = {
+        "per_task": data.get("per_task"),
+        "min_per_label": data.get("min_per_label", 1),
+        "seed": data.get("seed", spec.get("seed", 0)),
+    }
+    built_on = data.get("task_file") or ""
+    if tasks and not built_on:
+        raise ValueError(
+            f"{folder} serves the embedded tasks it was built on; to serve your own task file, "
+            "build a model on it first: tanbr build-model --tasks FILE"
+        )
+    if built_on:
+        source = tasks or built_on
+        if not Path(source).is_file():
+            raise FileNotFoundError(
+                f"{folder} was built on the task file {built_on}, which is gone; pass it again "
+                "(--tasks FILE)"
+            )
+        suite = suite_from_file(source, **settings)
+    else:
+        suite = load_tasks(model.tasks, **settings)
     digest = data.get("suite_digest")
     if digest and suite.digest() != digest:
         raise ValueError(
@@ -527,11 +544,12 @@ def default_backend(
     progress: bool = False,
     dtype: str = "float32",
     lean: bool = False,
+    tasks: str = "",
 ) -> tuple[DefaultBackend, Pool, Pool]:
     """Load (or build) the default model, cache the lower states of its calibration and test
     splits, and return the backend with the two pools."""
     model, suite = load_default(
-        variant=variant, path=path, progress=progress, lean=lean, dtype=dtype
+        variant=variant, path=path, progress=progress, lean=lean, dtype=dtype, tasks=tasks
     )
     texts, calib, test = make_pools(model, suite)
     backend = DefaultBackend(

@@ -106,11 +106,6 @@ class DefaultLoader:
         return Verdict(True, "the embedded default model")
 
     def open(self, spec: BackendSpec, *, progress: bool) -> tuple[Backend, Pool, Pool]:
-        if spec.tasks:
-            raise ValueError(
-                "the default model serves the tasks it was built on; to serve your own task "
-                "file, build a model on it first: tanbr build-model --tasks FILE"
-            )
         return default_backend(
             variant=spec.variant,
             path=spec.path,
@@ -119,6 +114,7 @@ class DefaultLoader:
             progress=progress,
             dtype=spec.dtype,
             lean=spec.lean,
+            tasks=spec.tasks,
         )
 
     def serving(self, spec: BackendSpec) -> Backend:

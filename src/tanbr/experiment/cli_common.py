@@ -28,6 +28,18 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, *, config_required
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set policy.tanbr.rho=0.7 (repeatable)",
     )
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a model folder (a Hugging Face MoE checkpoint, or one written by build-model), or"
+        " a default-model variant name; the same as --set model.path=PATH",
+    )
+    parser.add_argument(
+        "--tasks",
+        metavar="FILE",
+        help="your task file (JSONL, CSV or JSON array: text, task, and label or target); the"
+        " same as --set model.tasks=FILE",
+    )
     parser.add_argument("--out", default="runs", help="folder for run folders (default: runs/)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -40,6 +52,27 @@ def _progress(enabled: bool) -> Any:
         return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled)
 
     return make
+
+
+def model_overrides(args: argparse.Namespace) -> list[str]:
+    """``--model`` and ``--tasks`` as config overrides (a folder, or a variant name)."""
+    out = []
+    model = getattr(args, "model", None)
+    if model:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            out.append(f"model.path={json.dumps(str(path.resolve()))}")
+        elif "/" in model or model.startswith("."):
+            raise FileNotFoundError(f"model folder not found: {model}")
+        else:
+            out += [f"model.variant={json.dumps(model)}", 'model.path=""']
+    tasks = getattr(args, "tasks", None)
+    if tasks:
+        path = Path(tasks).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"task file not found: {tasks}")
+        out.append(f"model.tasks={json.dumps(str(path.resolve()))}")
+    return out
 
 
 def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
@@ -55,6 +88,7 @@ def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
     from tanbr.experiment.runner import execute
     from tanbr.experiment.setup import prepare
 
+    overrides = [*model_overrides(args), *overrides]
     config = load_config(args.config, preset=getattr(args, "preset", None), overrides=overrides)
     quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
     torch.set_num_threads(config.model.threads)

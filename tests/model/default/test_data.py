@@ -14,8 +14,8 @@ from tanbr.model.default.data import (
     Example,
     _quotas,
     load_tasks,
-    load_user_tasks,
     make_suite,
+    suite_from_file,
 )
 
 
@@ -99,7 +99,7 @@ def test_user_tasks_from_jsonl_and_csv_agree(tmp_path: Path) -> None:
     csv_path.write_text(
         "task,text,label\n" + "".join(f'{r["task"]},"{r["text"]}",{r["label"]}\n' for r in rows)
     )
-    a, b = load_user_tasks(jsonl), load_user_tasks(csv_path)
+    a, b = suite_from_file(jsonl), suite_from_file(csv_path)
     assert a.digest() == b.digest()
     assert a.tasks == ("mood", "lang")
     assert a.labels == ("mood:happy", "mood:sad", "lang:de", "lang:en", "lang:fr")
@@ -107,49 +107,18 @@ def test_user_tasks_from_jsonl_and_csv_agree(tmp_path: Path) -> None:
     assert all(len(a.of_task(s, t)) > 0 for s in SPLITS for t in a.tasks)
 
 
-@pytest.mark.parametrize(
-    ("line", "message"),
-    [
-        ('{"text": "hi", "label": "x"}', r"bad\.jsonl:3: missing field\(s\) \['task'\]"),
-        ('{"text": "hi", "label": "x", "task": 3}', r"bad\.jsonl:3: field 'task' must be a string"),
-        ('{"text": "  ", "label": "x", "task": "t"}', r"bad\.jsonl:3: field 'text' is empty"),
-        ('{"text": "hi", "label": "x", "task": "a:b"}', r"bad\.jsonl:3: task 'a:b' must not"),
-        ('{"text": "hi", "label": "x"', r"bad\.jsonl:3: not valid JSON"),
-        ('["hi", "x", "t"]', r"bad\.jsonl:3: expected an object"),
-    ],
-)
-def test_malformed_jsonl_rows_name_file_and_line(tmp_path: Path, line: str, message: str) -> None:
-    path = tmp_path / "bad.jsonl"
+def test_user_task_files_the_classifier_cannot_use_are_named(tmp_path: Path) -> None:
+    """Every problem of the file is tanbr.tasks' one line (tests/test_tasks.py covers them);
+    a language-modelling file is refused by the classifier."""
+    bad = tmp_path / "bad.jsonl"
     good = json.dumps({"text": "fine", "label": "x", "task": "t"})
-    path.write_text(f"{good}\n{good}\n{line}\n")
-    with pytest.raises(ValueError, match=message):
-        load_user_tasks(path)
-
-
-def test_malformed_csv_rows_name_file_and_line(tmp_path: Path) -> None:
-    path = tmp_path / "bad.csv"
-    path.write_text("text,label,task\nfine,x,t\nalso fine,y,t\ntoo,many,cells,here\n")
-    with pytest.raises(ValueError, match=r"bad\.csv:4: more cells"):
-        load_user_tasks(path)
-    path.write_text("text,label\nfine,x\n")
-    with pytest.raises(ValueError, match=r"bad\.csv:1: header lacks column\(s\) \['task'\]"):
-        load_user_tasks(path)
-    path.write_text("text,label,task\nfine,,t\n")
-    with pytest.raises(ValueError, match=r"bad\.csv:2: field 'label' is empty"):
-        load_user_tasks(path)
-
-
-def test_user_task_files_are_checked(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        load_user_tasks(tmp_path / "missing.jsonl")
-    other = tmp_path / "tasks.txt"
-    other.write_text("x")
-    with pytest.raises(ValueError, match=r"must end in \.jsonl or \.csv"):
-        load_user_tasks(other)
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    with pytest.raises(ValueError, match="no examples"):
-        load_user_tasks(empty)
+    bad.write_text(f"{good}\n{good}\n" + '{"text": "hi", "label": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: .*task"):
+        suite_from_file(bad)
+    lm = tmp_path / "lm.jsonl"
+    lm.write_text("".join(json.dumps(r | {"label": None}) + "\n" for r in _rows()))
+    with pytest.raises(ValueError, match="needs a 'label' on every row"):
+        suite_from_file(lm)
 
 
 def test_too_small_task_and_bad_fractions_are_rejected() -> None:

@@ -22,8 +22,8 @@ from tanbr.model.default.data import (
     Example,
     TaskSuite,
     load_tasks,
-    load_user_tasks,
     make_suite,
+    suite_from_file,
 )
 from tanbr.model.default.evaluate import EvalSettings, evaluate_model
 from tanbr.model.default.modeling import (
@@ -56,6 +56,6 @@ __all__ = [
     "compute_lower_states",
     "evaluate_model",
     "load_tasks",
-    "load_user_tasks",
     "make_suite",
+    "suite_from_file",
 ]

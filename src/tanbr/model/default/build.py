@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tanbr.cache import cache_dir, file_digest
-from tanbr.model.default.data import TASKS, TaskSuite, data_files, load_tasks
+from tanbr.model.default.data import TASKS, TaskSuite, data_files, load_tasks, suite_from_file
 from tanbr.model.default.modeling import (
     TASKS_FILE,
     LowerStates,
@@ -84,6 +84,7 @@ class BuildSpec:
     """Everything that decides the default model (data, architecture, training)."""
 
     tasks: tuple[str, ...] = TASKS
+    task_file: str = ""  # a user's classification task file instead of the embedded tasks
     per_task: int = 1200
     min_per_label: int = 30
     seed: int = 0
@@ -197,7 +198,11 @@ def cache_key_parts(spec: BuildSpec) -> dict[str, Any]:
     return {
         "recipe": RECIPE_VERSION,
         "spec": dataclasses.asdict(spec),
-        "data": {str(p.name): file_digest(p) for p in data_files(spec.tasks)},
+        "data": (
+            {"task_file": file_digest(spec.task_file)}
+            if spec.task_file
+            else {str(p.name): file_digest(p) for p in data_files(spec.tasks)}
+        ),
         "encoder": file_digest(enc / "model.safetensors"),
         "versions": {
             "tanbr": tanbr.__version__,
@@ -657,13 +662,33 @@ def suite_texts(suite: TaskSuite) -> tuple[list[str], dict[str, np.ndarray]]:
     return texts, where
 
 
+def load_suite(spec: BuildSpec) -> TaskSuite:
+    """The task suite a spec is built on: the embedded tasks, or the user's task file."""
+    if spec.task_file:
+        return suite_from_file(
+            spec.task_file, per_task=spec.per_task, min_per_label=spec.min_per_label, seed=spec.seed
+        )
+    return load_tasks(
+        spec.tasks, per_task=spec.per_task, min_per_label=spec.min_per_label, seed=spec.seed
+    )
+
+
+def spec_for_task_file(variant: str, task_file: str | Path) -> BuildSpec:
+    """A variant's recipe on a user's task file (labels need only a few examples each)."""
+    base = _spec_for(variant)
+    path = Path(task_file).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"task file not found: {task_file}")
+    return dataclasses.replace(
+        base, tasks=(), task_file=str(path), min_per_label=min(base.min_per_label, 5)
+    )
+
+
 def _build_into(folder: Path, spec: BuildSpec, *, variant: str, progress: bool) -> None:
     started = time.perf_counter()
     cpu_started = time.process_time()
     folder.mkdir(parents=True)
-    suite = load_tasks(
-        spec.tasks, per_task=spec.per_task, min_per_label=spec.min_per_label, seed=spec.seed
-    )
+    suite = load_suite(spec)
     generator = torch.Generator().manual_seed(spec.seed)
     model, tokenizer = upcycle(spec, suite, generator=generator)
     fingerprint = lower_fingerprint(model)
@@ -701,6 +726,7 @@ def _build_into(folder: Path, spec: BuildSpec, *, variant: str, progress: bool) 
             "per_task": spec.per_task,
             "min_per_label": spec.min_per_label,
             "seed": spec.seed,
+            "task_file": spec.task_file,
             "suite_digest": suite.digest(),
             "counts": suite.counts(),
         },

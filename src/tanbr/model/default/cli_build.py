@@ -17,13 +17,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " (seconds, for tests)",
     )
     parser.add_argument(
+        "--tasks",
+        metavar="FILE",
+        help="build on your own classification tasks: a JSONL, CSV or JSON-array file with"
+        " text, task and label (see 'tanbr tasks check FILE'); the variant gives the recipe",
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tanbr.model.default.build import VARIANTS, build_default_model
+    from tanbr.model.default.build import (
+        VARIANTS,
+        build_default_model,
+        build_from_spec,
+        spec_for_task_file,
+    )
 
     if args.variant not in VARIANTS:
         raise ValueError(f"--variant must be one of {sorted(VARIANTS)}, got {args.variant!r}")
@@ -34,7 +45,11 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    path = build_default_model(args.variant, progress=True)
+    if args.tasks:
+        spec = spec_for_task_file(args.variant, args.tasks)
+        path = build_from_spec(spec, variant=f"{args.variant}+tasks", progress=True)
+    else:
+        path = build_default_model(args.variant, progress=True)
     seconds = time.perf_counter() - started
     info = json.loads((path / "tasks.json").read_text())
     if args.json:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tanbr.tasks import read_task_file
+
 log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "calib", "test")
@@ -520,77 +522,26 @@ def load_tasks(
 # ----------------------------------------------------------------------------------------------
 # The user's own tasks
 
-_FIELDS = ("text", "label", "task")
 
-
-def _check_row(row: object, where: str) -> Example:
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object with fields {_FIELDS}, got {row!r:.80}")
-    missing = [k for k in _FIELDS if k not in row or row[k] is None]
-    if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}")
-    values = {k: row[k] for k in _FIELDS}
-    for key, value in values.items():
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: field {key!r} must be a string, got {value!r:.80}")
-    text, label, task = (_clean(values[k]) for k in _FIELDS)
-    for key, value in (("text", text), ("label", label), ("task", task)):
-        if not value:
-            raise ValueError(f"{where}: field {key!r} is empty")
-    if ":" in task:
-        raise ValueError(
-            f"{where}: task {task!r} must not contain ':' (joint labels are task:label)"
-        )
-    return Example(text, task, label)
-
-
-def _read_jsonl(path: Path) -> list[Example]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            out.append(_check_row(row, f"{path}:{line_no}"))
-    return out
-
-
-def _read_csv(path: Path) -> list[Example]:
-    out = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [k for k in _FIELDS if k not in header]
-        if missing:
-            raise ValueError(f"{path}:1: header lacks column(s) {missing} (has {header})")
-        for row in reader:
-            if None in row:  # more cells than header columns
-                raise ValueError(f"{path}:{reader.line_num}: more cells than header columns")
-            out.append(_check_row(row, f"{path}:{reader.line_num}"))
-    return out
-
-
-def load_user_tasks(
+def suite_from_file(
     path: str | Path,
     *,
     per_task: int | None = None,
+    min_per_label: int = 1,
     fractions: tuple[float, float, float] = (0.6, 0.15, 0.25),
     seed: int = 0,
 ) -> TaskSuite:
-    """A user's tasks from JSONL (one object per line) or CSV, with fields text, label, task."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such task file: {path}")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        examples = _read_jsonl(path)
-    elif suffix == ".csv":
-        examples = _read_csv(path)
-    else:
-        raise ValueError(f"task file must end in .jsonl or .csv, got {path.name!r}")
-    if not examples:
-        raise ValueError(f"{path}: no examples")
-    return make_suite(examples, per_task=per_task, fractions=fractions, seed=seed)
+    """A task suite from a user's classification task file (JSONL, CSV or a JSON array; see
+    :func:`tanbr.tasks.read_task_file`, which checks it and names the line of any problem)."""
+    task_file = read_task_file(path)
+    if task_file.kind != "classification":
+        raise ValueError(
+            f"{task_file.path}: the default model is a classifier and needs a 'label' on every "
+            "row; this file has none (a language-modelling task file)"
+        )
+    examples = [Example(e.text, e.task, str(e.label)) for e in task_file.examples]
+    suite = make_suite(
+        examples, per_task=per_task, min_per_label=min_per_label, fractions=fractions, seed=seed
+    )
+    log.info("loaded %d tasks from %s: %s", len(suite.tasks), task_file.path, suite.counts())
+    return suite
