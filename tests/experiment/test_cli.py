@@ -107,3 +107,28 @@ def test_parallel_workers_give_the_same_records(
         assert summaries[1]["policies"][name]["latency_p50_ms"] > 0
     assert cli.main([*args, "--set", "evaluation.workers=0", "--out", str(tmp_path)]) == 2
     assert "evaluation.workers must be >= 1" in capsys.readouterr().err
+
+
+def test_label_free_all_the_way_on_an_unlabeled_request_trace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trace of requests no pool knows carries no truth at all: with the proxy reward the
+    policy still gets a reward every slot (agreement with the full MoE) and learns."""
+    trace = tmp_path / "trace.jsonl"
+    words = ["film", "Sitzung", "language", "stocks", "senator", "study", "sesión", "pizza"]
+    with trace.open("w", encoding="utf-8") as f:
+        for slot in range(3):
+            for i, word in enumerate(words):
+                f.write(json.dumps({"slot": slot, "text": f"a {word} request {slot}.{i}"}) + "\n")
+    args = ["-q", "run", str(CONFIG), *FAST, "--policy", "tanbr", "--policy", "uniform",
+            "--set", "reward.kind=proxy", "--set", "workload.kind=requests",
+            "--set", f"workload.requests={json.dumps(str(trace))}", "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(args) == 0
+    records = list(read_trace(_folder(tmp_path) / "trace.jsonl"))
+    assert {r.policy for r in records} == {"tanbr", "uniform"}  # no oracle without truth
+    assert all(r.accuracy is None and r.reward is not None and r.n_scored > 0 for r in records)
+    summary = json.loads((_folder(tmp_path) / "summary.json").read_text())
+    assert summary["policies"]["tanbr"]["reward"] is not None
+    capsys.readouterr()
+    assert cli.main([*args[:-2], "--policy", "slot-oracle", "--out", str(tmp_path / "x")]) == 2
+    assert "'slot-oracle' reads each slot's truth" in capsys.readouterr().err

@@ -383,3 +383,38 @@ def test_kill_under_concurrent_load_loses_no_acknowledged_feedback(
         closed = http.post("/v1/admin/close-slot", headers=AUTH).json()
         assert closed["slot"] == status["slot"] + 1
         assert http.get("/v1/status").json()["pending_feedback"] == 0
+
+
+def test_a_second_server_on_the_same_state_folder_is_refused(
+    server: ServerProcess, tiny_model: Path
+) -> None:
+    from tanbr.cli import main
+
+    code = main(["serve", "--model", str(tiny_model), "--state-dir", str(server.state_dir)])
+    assert code == 2  # a one-line error, before any model is loaded
+
+
+def test_the_policy_learns_without_any_feedback(tiny_model: Path, tmp_path: Path) -> None:
+    """Label-free all the way: with the proxy reward, each closing slot's sample is scored
+    against the full MoE at the boundary, and the policy updates with no client feedback."""
+    proc = ServerProcess(
+        ["--model", str(tiny_model), "--threads", "1", "--slot-size", "4", "--max-texts", "16",
+         "--set", "reward.kind=proxy", "--shadow", "3"],
+        state_dir=tmp_path / "state",
+        log_path=tmp_path / "server.log",
+    )  # fmt: skip
+    proc.start(timeout=300)
+    try:
+        with httpx.Client(base_url=proc.url, timeout=120.0) as http:
+            for slot in range(2):  # fill a slot, then wait until the next one serves
+                _predict(http, (TEXTS * 2)[4 * slot : 4 * slot + 4])
+                _wait_for(lambda: http.get("/v1/status").json(), lambda s: s["slot"] > slot)  # noqa: B023
+            status = _wait_for(
+                lambda: http.get("/v1/status").json(), lambda s: s["policy_updates"] >= 2
+            )
+            assert status["feedback"] == 0 and status["slot"] >= 2
+    finally:
+        proc.kill()
+    with sqlite3.connect(tmp_path / "state" / DB_NAME) as db:
+        rows = db.execute("SELECT slot, reward, n_feedback FROM updates ORDER BY slot").fetchall()
+    assert rows and all(0.0 <= r[1] <= 1.0 and r[2] == 3 for r in rows)

@@ -152,3 +152,29 @@ def test_acknowledged_feedback_survives_kill(tmp_path: Path) -> None:
     assert len(acknowledged) == 50
     store = StateStore(tmp_path)
     assert {r.request_id for r in store.feedback_after(0)} == set(acknowledged)
+
+
+def test_one_serving_process_per_state_folder(tmp_path: Path) -> None:
+    """The lock is the kernel's: another process is refused, the same process may re-enter,
+    and a released (or dead) holder frees the folder."""
+    import subprocess
+    import sys
+
+    from tanbr.serve.state import StateFolderInUseError, StateLock
+
+    probe = (
+        "import sys\n"
+        "from tanbr.serve.state import StateLock, StateFolderInUseError\n"
+        "try:\n"
+        f"    StateLock({str(tmp_path)!r}).acquire()\n"
+        "except StateFolderInUseError as err:\n"
+        "    print(err); sys.exit(3)\n"
+    )
+    with StateLock(tmp_path):
+        with StateLock(tmp_path):  # re-entrant within the process
+            pass
+        other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        assert other.returncode == 3
+        assert "in use by another tanbr serve" in other.stdout and str(tmp_path) in other.stdout
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+    assert issubclass(StateFolderInUseError, ValueError)  # the command line says it in one line

@@ -48,7 +48,10 @@ def rows(summary: Mapping[str, Any]) -> list[dict[str, str]]:
     """One formatted row per policy, best accuracy first (references at the end)."""
     policies = summary["policies"]
     refs = ("slot-oracle", "task-oracle", "full-moe")
-    order = sorted(policies, key=lambda n: (n in refs, -(policies[n]["accuracy"] or 0.0)))
+    order = sorted(
+        policies,
+        key=lambda n: (n in refs, -(policies[n]["accuracy"] or policies[n].get("reward") or 0.0)),
+    )
     out = []
     for name in order:
         p = policies[name]
@@ -60,6 +63,7 @@ def rows(summary: Mapping[str, Any]) -> list[dict[str, str]]:
             {
                 "policy": name,
                 "accuracy": acc,
+                "reward": _fmt(p.get("reward"), ".4f"),
                 "of oracle": _fmt(p.get("of_slot_oracle"), ".1%"),
                 "regret": _fmt(p["regret"], ".2f"),
                 "path p50 ms": _fmt(p["latency_p50_ms"], ".1f"),
@@ -117,8 +121,8 @@ def targets(
 ) -> list[tuple[str, bool | None, str]]:
     """The targets of the demo, checked: (description, met or None if not measurable, figures)."""
     p = summary["policies"]
-    if policy not in p:
-        return []
+    if policy not in p or p[policy]["accuracy"] is None:
+        return []  # no truth came back (an unlabeled stream): nothing to hold it to
     me = p[policy]
     out: list[tuple[str, bool | None, str]] = []
 
@@ -128,7 +132,7 @@ def targets(
     share = me.get("of_slot_oracle")
     if share is not None:
         check("accuracy >= 95% of the slot oracle's", share >= 0.95, f"{share:.1%}")
-    statics = [p[n]["accuracy"] for n in STATIC if n in p]
+    statics = [p[n]["accuracy"] for n in STATIC if n in p and p[n]["accuracy"] is not None]
     if statics:
         gap = me["accuracy"] - max(statics)
         check(
@@ -136,7 +140,11 @@ def targets(
             gap >= 0.05,
             f"{gap * 100:+.1f} points",
         )
-    others = {n: r["accuracy"] for n, r in p.items() if n not in NOT_CONTENDERS}
+    others = {
+        n: r["accuracy"]
+        for n, r in p.items()
+        if n not in NOT_CONTENDERS and r["accuracy"] is not None
+    }
     if others:
         best = max(others, key=lambda n: others[n])
         check(

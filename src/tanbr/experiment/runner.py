@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,9 +226,19 @@ def new_run_folder(out: Path, name: str) -> Path:
     return folder
 
 
-def policy_names(setup: Setup) -> tuple[str, ...]:
-    """The config's policies, and the slot oracle when a candidate table exists for it."""
+def policy_names(setup: Setup, streams: Mapping[int, Sequence[Slot]]) -> tuple[str, ...]:
+    """The config's policies, and the slot oracle when a candidate table exists for it and
+    every slot carries its truth (a replayed trace of unlabeled requests has none)."""
     names = tuple(setup.config.policies)
+    labelled = all(slot.truth is not None for slots in streams.values() for slot in slots)
+    if not labelled:
+        oracles = [n for n in names if n in MODES and getattr(MODES[n], "needs_truth", False)]
+        if oracles:
+            raise ValueError(
+                f"{oracles[0]!r} reads each slot's truth, and the stream has slots without it "
+                "(unlabeled requests); drop it from the policies"
+            )
+        return names
     if YARDSTICK not in names and setup.baselines.oracle is not None:
         names += (YARDSTICK,)
     return names
@@ -261,11 +271,11 @@ def execute(
     unknown = [p for p in cfg.policies if p not in MODES and not _is_bandit(p)]
     if unknown:
         make_mode(unknown[0], baselines=setup.baselines)  # raises with close matches
-    names = policy_names(setup)
-    folder = new_run_folder(out, cfg.name)
-    write_config(folder / "config.toml", cfg)
     t0 = time.perf_counter()
     streams = {seed: make_slots(setup, seed) for seed in cfg.seeds}
+    names = policy_names(setup, streams)
+    folder = new_run_folder(out, cfg.name)
+    write_config(folder / "config.toml", cfg)
     total = sum(len(slots) for slots in streams.values()) * len(names)
     bar = progress("slots", total) if progress else None
     try:

@@ -22,6 +22,7 @@ from tanbr.experiment.values import PolicyRun
 PUBLIC_KEYS = (
     "accuracy",
     "accuracy_ci95",
+    "reward",
     "regret",
     "of_slot_oracle",
     "of_slot_oracle_ci95",
@@ -120,8 +121,11 @@ def summarize(runs: Sequence[PolicyRun], costs: Costs) -> dict[str, Any]:
     detail: dict[str, dict[str, Any]] = {}
     tvs: list[float] = []
     for name, group in by_policy.items():
-        accs, regrets, shares = [], [], []
+        accs, regrets, shares, rewards = [], [], [], []
         for run in group:
+            got = [r.reward for r in run.records if r.reward is not None]
+            if got:
+                rewards.append(float(np.mean(got)))
             acc = [r.accuracy for r in run.records if r.accuracy is not None]
             reg = [r.regret for r in run.records if r.regret is not None]
             paired = [
@@ -130,7 +134,8 @@ def summarize(runs: Sequence[PolicyRun], costs: Costs) -> dict[str, Any]:
                 if r.accuracy is not None and r.oracle_accuracy is not None
             ]
             accs.append(float(np.mean(acc)) if acc else float("nan"))
-            regrets.append(float(np.sum(reg)) if reg else float("nan"))
+            if reg:
+                regrets.append(float(np.sum(reg)))
             if paired:
                 mine, oracle = np.asarray(paired).mean(0)
                 shares.append(float(mine / oracle) if oracle > 0 else float("nan"))
@@ -142,8 +147,9 @@ def summarize(runs: Sequence[PolicyRun], costs: Costs) -> dict[str, Any]:
         kind = serving_kind(group[0])
         probe = costs.memory.get(kind)
         policies[name] = {
-            "accuracy": float(np.mean(accs)),
+            "accuracy": _mean_or_none(a for a in accs if math.isfinite(a)),
             "accuracy_ci95": ci95(accs),
+            "reward": float(np.mean(rewards)) if rewards else None,
             "regret": float(np.mean(regrets)) if regrets else None,
             "of_slot_oracle": float(np.mean(shares)) if shares else None,
             "of_slot_oracle_ci95": ci95(shares),
@@ -160,7 +166,7 @@ def summarize(runs: Sequence[PolicyRun], costs: Costs) -> dict[str, Any]:
         e2e = [ms for run in group for ms in run.e2e_ms]
         detail[name] = {
             "accuracy_std": float(np.std(accs)),
-            "regret_std": float(np.std(regrets)),
+            "regret_std": float(np.std(regrets)) if regrets else None,
             "serve_p50_ms": _pct(e2e, 50),
             "serve_p95_ms": _pct(e2e, 95),
             "latency_per_request_p50_ms": (

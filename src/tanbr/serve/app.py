@@ -46,6 +46,7 @@ from tanbr.serve.schemas import (
 from tanbr.serve.slots import ServiceBusyError, SlotManager
 from tanbr.serve.state import (
     DuplicateFeedbackError,
+    StateLock,
     StateStore,
     UnknownRequestError,
 )
@@ -79,7 +80,9 @@ def create_app(
         make = build
         if make is None:
             make = build_replicas
+        lock = StateLock(config.state_dir)
         try:
+            lock.acquire()  # one serving process per state folder
             replicas = await asyncio.to_thread(make, config)
             store = StateStore(config.state_dir)
             manager = SlotManager(
@@ -92,6 +95,7 @@ def create_app(
             )
             await asyncio.to_thread(manager.start)
         except Exception as err:  # kept for the command line, which reports it in one line
+            lock.release()
             app.state.startup_error = err
             raise
         app.state.manager = manager
@@ -102,6 +106,7 @@ def create_app(
         finally:
             await asyncio.to_thread(manager.stop)
             store.close()
+            lock.release()
 
     metrics = ServiceMetrics()
     app = FastAPI(

@@ -41,7 +41,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="default-model variant (default, task-routed, gate-routed, tiny) or a local"
         " checkpoint folder (default: the config's model)",
     )
+    parser.add_argument(
+        "--tasks",
+        metavar="FILE",
+        help="your task file, for a model folder of your own (its calibration requests fit the"
+        " estimator; see 'tanbr tasks check FILE')",
+    )
     parser.add_argument("--policy", default="tanbr", help="policy serving the slots (tanbr)")
+    parser.add_argument(
+        "--shadow",
+        type=int,
+        default=None,
+        help="requests of each closing slot scored against the full MoE off the request path,"
+        " so the policy learns with no client feedback (default: the config's reward.probe"
+        " when reward.kind is 'proxy', else 0)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the policy and estimator")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
@@ -89,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from tanbr.serve.app import create_app
     from tanbr.serve.replicas import ServeConfig, build_replicas
     from tanbr.serve.slots import SlotConfig
+    from tanbr.serve.state import StateLock
 
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
@@ -103,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset,
         overrides=tuple(args.overrides),
         model=args.model,
+        tasks=args.tasks,
         policy=args.policy,
         seed=args.seed,
         state_dir=args.state_dir,
@@ -112,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             batch_wait_ms=args.batch_wait_ms,
             observe_max=args.observe_max,
+            shadow=args.shadow,
         ),
         max_texts=args.max_texts,
         max_chars=args.max_chars,
@@ -121,11 +138,17 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("binding %s: the service is reachable from other machines", args.host)
         if config.token is None:
             logger.warning("no token is set: anyone who reaches it may send feedback")
-    sock = _bind(args.host, args.port)  # a taken port fails before the model loads
+    lock = StateLock(config.state_dir).acquire()  # a second server on the folder stops here
+    try:
+        sock = _bind(args.host, args.port)  # a taken port fails before the model loads
+    except BaseException:
+        lock.release()
+        raise
     try:
         replicas = build_replicas(config)  # model, policy and state errors surface here
     except BaseException:
         sock.close()
+        lock.release()
         raise
     app = create_app(config, build=lambda _: replicas)
     host, port = sock.getsockname()[:2]
@@ -141,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        lock.release()
     error = getattr(app.state, "startup_error", None)
     if error is not None:
         raise error

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from tanbr.backend.requests import Requests
+from tanbr.backend.scorers import Agreement
 from tanbr.experiment.loop import (
     Decision,
     System,
@@ -64,7 +65,10 @@ class SlotConfig:
     (an idle service does not re-merge for nothing). At a boundary the estimator observes at
     most ``observe_max`` of the closing slot's texts (a uniform sample, 0: all of them):
     computing signatures means running the encoder again, and the cluster frequencies of a
-    uniform sample estimate the slot's mix without bias.
+    uniform sample estimate the slot's mix without bias. ``shadow``: requests of each closing
+    slot (a uniform sample) scored against the full MoE at the boundary, off the request path,
+    as a label-free reward, so the policy learns with no client feedback (None: the reward's
+    probe size when the reward is label-free, else 0).
     """
 
     slot_size: int = 256
@@ -73,6 +77,7 @@ class SlotConfig:
     batch_wait_ms: float = 0.0
     max_queue: int = 1024
     observe_max: int = 64
+    shadow: int | None = None
 
     def __post_init__(self) -> None:
         if self.slot_size < 1:
@@ -87,6 +92,8 @@ class SlotConfig:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.observe_max < 0:
             raise ValueError(f"observe_max must be >= 0, got {self.observe_max}")
+        if self.shadow is not None and self.shadow < 0:
+            raise ValueError(f"shadow must be >= 0 (or unset), got {self.shadow}")
 
 
 class ServiceBusyError(RuntimeError):
@@ -179,7 +186,16 @@ class SlotManager:
         self._slot_served = 0
         self._slot_latency_ms = 0.0
         self._served_total = 0
-        self._texts: list[str] = []  # served since the last boundary, for the estimator
+        # served since the last boundary (text, label index): the estimator's history, and the
+        # shadow reward's sample
+        self._texts: list[str] = []
+        self._served_labels: list[int] = []
+        scorer = a.scorer
+        self.shadow = (
+            config.shadow
+            if config.shadow is not None
+            else (0 if scorer.needs_truth else a.labelling.probe)
+        )
         self._boundary_reason: str | None = None
         self._stopping = False
         self._failure: BaseException | None = None
@@ -207,7 +223,10 @@ class SlotManager:
             slot = self._restore(snapshot)
             self._build(replica, self._decisions[slot])  # the slot's merged model, again
             self._open(slot)
-            self._texts = self.store.texts(slot)  # the estimator's view of the open slot
+            served = self.store.served(slot)  # the estimator's view of the open slot
+            index = {label: i for i, label in enumerate(self.labels)}
+            self._texts = [text for text, _ in served]
+            self._served_labels = [index.get(label, -1) for _, label in served]
             self._persist(slot)
             logger.info(
                 "resumed at slot %d (%d texts served in it, %d feedback pending)",
@@ -412,6 +431,7 @@ class SlotManager:
         with self._lock:
             self._served_total += len(texts)
             self._texts.extend(texts)
+            self._served_labels.extend(int(k) for k in top)
             if slot == self._slot:
                 self._slot_served += len(texts)
                 self._slot_latency_ms += latency_ms
@@ -477,7 +497,14 @@ class SlotManager:
             standby = self._replicas[1 - self._active]
             self._lock.wait_for(lambda: standby.inflight == 0)
             texts, self._texts = self._texts, []
+            served_labels, self._served_labels = self._served_labels, []
         clock.lap("wait")
+        # --- the shadow reward: a sample of the closing slot against the full MoE, on the idle
+        # standby replica (label-free; nothing waits for it)
+        shadow = self._shadow_reward(standby, closing, texts, served_labels, latency_ms, upto)
+        if shadow is not None:
+            updates.append(shadow)
+        clock.lap("shadow")
         # --- the served texts join the estimator's history (the mix is the context of a
         # learning policy; baselines ignore it and skip the cost); 1-3. estimate, select, plan
         if standby.system.mode.learns:
@@ -515,6 +542,34 @@ class SlotManager:
             len(updates),
             clock,
         )
+
+    def _shadow_reward(
+        self,
+        replica: _Replica,
+        slot: int,
+        texts: list[str],
+        labels: list[int],
+        latency_ms: float,
+        upto: int,
+    ) -> UpdateRow | None:
+        """Score a sample of a closed slot's served labels against the full MoE's and learn it
+        as that slot's reward (the proxy scorer: no label involved)."""
+        if self.shadow <= 0 or not texts or slot not in self._decisions:
+            return None
+        rng = np.random.default_rng([slot, 11])
+        pick = np.sort(rng.choice(len(texts), size=min(self.shadow, len(texts)), replace=False))
+        requests = Requests(tuple(texts[i] for i in pick))
+        served = np.asarray([labels[i] for i in pick], dtype=np.int64)
+        scores = Agreement().score(replica.system.backend, requests, served, None)
+        memory = replica.system.backend.memory_bytes()
+        hits = float(scores.sum())
+        outcomes = Outcomes(hits, len(pick), latency_ms=latency_ms, memory_bytes=memory)
+        reward = feedback(replica.system, self._decisions[slot], outcomes)
+        if reward is None:
+            return None
+        self.metrics.policy_updates.inc()
+        self.metrics.last_reward.set(reward)
+        return UpdateRow(slot, reward, len(pick), upto, time.time())
 
     def _sample(self, texts: list[str], slot: int) -> list[str]:
         """At most ``observe_max`` texts, uniformly (seeded by the slot: reproducible)."""

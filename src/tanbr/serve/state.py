@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 logger = logging.getLogger(__name__)
 
@@ -199,11 +199,15 @@ class StateStore:
 
     def texts(self, slot: int) -> list[str]:
         """The texts a slot served, in the order they were recorded."""
+        return [text for text, _ in self.served(slot)]
+
+    def served(self, slot: int) -> list[tuple[str, str]]:
+        """(text, served label) of every request of a slot, in the order they were recorded."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT text FROM requests WHERE slot = ? ORDER BY rowid", (slot,)
+                "SELECT text, label FROM requests WHERE slot = ? ORDER BY rowid", (slot,)
             ).fetchall()
-        return [r[0] for r in rows]
+        return [(r[0], r[1]) for r in rows]
 
     def get_request(self, request_id: str) -> RequestRow | None:
         with self._lock:
@@ -403,6 +407,72 @@ class StateStore:
     def _transaction(self, *, fsync: bool = False) -> _Transaction:
         """A write transaction; ``fsync`` makes its commit durable against a power cut too."""
         return _Transaction(self._conn, full=fsync and self.durable)
+
+
+LOCK_NAME = "serve.lock"
+
+
+class StateFolderInUseError(ValueError):
+    """Another process serves from this state folder (two writers would overwrite each other)."""
+
+
+class StateLock:
+    """An exclusive lock on a state folder for the life of the process that serves from it.
+
+    ``fcntl.flock`` on ``serve.lock`` (it holds the owner's pid, for the error message): the
+    kernel drops it when the process dies, so a crash never leaves a stale lock. Within one
+    process the lock is re-entrant (the command line takes it before loading the model, the app
+    again when it starts).
+    """
+
+    _held: ClassVar[dict[Path, tuple[int, Any]]] = {}  # folder -> (holders, open file)
+    _guard = threading.Lock()
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder).resolve()
+
+    def acquire(self) -> StateLock:
+        import fcntl
+
+        with self._guard:
+            count, handle = self._held.get(self.folder, (0, None))
+            if count:
+                self._held[self.folder] = (count + 1, handle)
+                return self
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.folder / LOCK_NAME
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the lock's life)
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                owner = handle.read().strip() or "unknown"
+                handle.close()
+                raise StateFolderInUseError(
+                    f"state folder {self.folder} is in use by another tanbr serve (pid {owner});"
+                    " stop it or give another --state-dir"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            self._held[self.folder] = (1, handle)
+            return self
+
+    def release(self) -> None:
+        with self._guard:
+            count, handle = self._held.get(self.folder, (0, None))
+            if count > 1:
+                self._held[self.folder] = (count - 1, handle)
+            elif count == 1:
+                del self._held[self.folder]
+                handle.close()  # closing the file drops the flock
+
+    def __enter__(self) -> StateLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _slot_row(r: Sequence[Any]) -> SlotRow:
