@@ -120,9 +120,10 @@ def test_label_free_all_the_way_on_an_unlabeled_request_trace(
         for slot in range(3):
             for i, word in enumerate(words):
                 f.write(json.dumps({"slot": slot, "text": f"a {word} request {slot}.{i}"}) + "\n")
+    requests = f"workload.requests={json.dumps(str(trace))}"
     args = ["-q", "run", str(CONFIG), *FAST, "--policy", "tanbr", "--policy", "uniform",
             "--set", "reward.kind=proxy", "--set", "workload.kind=requests",
-            "--set", f"workload.requests={json.dumps(str(trace))}", "--out", str(tmp_path)]  # fmt: skip
+            "--set", requests, "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(args) == 0
     records = list(read_trace(_folder(tmp_path) / "trace.jsonl"))
     assert {r.policy for r in records} == {"tanbr", "uniform"}  # no oracle without truth
