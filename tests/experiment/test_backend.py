@@ -139,3 +139,28 @@ def test_bfloat16_serving_follows_float32(tiny: Any) -> None:
     with pytest.raises(ValueError, match=r"model\.dtype must be one of"):
         serving_dtype("float8")
     assert serving_dtype("auto") in (serving_dtype("bfloat16"), serving_dtype("float32"))
+
+
+@pytest.mark.parametrize("kind", ["input0", "gate0"])
+def test_live_signatures_are_a_by_product_of_serving(tiny: Any, kind: str) -> None:
+    """A served text's signature is read off the forward that served it (no second pass,
+    whatever merge served it) and equals the one computed on its own."""
+    from tanbr.backend.default import DefaultBackend
+
+    backend, _, test = tiny
+    served = DefaultBackend(backend.dm, signature=kind)
+    alone = DefaultBackend(backend.dm, signature=kind)
+    texts = Requests(test.texts[:9])
+    served.merge(_plan(served, 5))
+    served.predict(texts)  # records the signatures
+    calls: list[int] = []
+    hook = served.model.moe_layers()[0].attention.register_forward_hook(
+        lambda *_: calls.append(1)
+    )
+    try:
+        recorded = served.signatures(texts)
+    finally:
+        hook.remove()
+    assert not calls  # nothing ran again
+    np.testing.assert_allclose(recorded, alone.signatures(texts), atol=1e-5)
+    served.restore()

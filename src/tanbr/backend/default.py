@@ -25,6 +25,7 @@ The time spent computing the configured signature is counted
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import logging
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 SIGNATURES = ("input0", "gate0", "gates", "gates+head", "embedding", "gate0+embedding")
 #: Signatures made of what the served forward computes anyway, before any expert runs.
 SERVED_SIGNATURES = ("input0", "gate0", "embedding", "gate0+embedding")
+LIVE_SIGNATURES = 8192  # live texts whose signature the service keeps from their forward
 
 
 class DefaultBackend:
@@ -132,6 +134,8 @@ class DefaultBackend:
         self._sig_cache: dict[str, dict[int, np.ndarray]] = {}  # kind -> row -> signature
         self._sig_ms = 0.0  # time spent computing the configured signature, and for how many
         self._sig_n = 0
+        # live text -> its served-path signature, recorded by the forward that served it
+        self._live_sig: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._ref_cache: dict[int, int] = {}  # row -> the full MoE's predicted label
         # row -> every block's gate probs and the head's task probs under the full MoE, joined
         self._gate_cache: dict[int, np.ndarray] = {}
@@ -188,7 +192,8 @@ class DefaultBackend:
         self.restore()  # the tree holds every original tensor, and no merged one
         shared: dict[int, Any] = {id(t): t for t in self.model.parameters()}
         shared.update({id(t): t for t in self.model.buffers()})
-        for value in (self.bank, self._sig_cache, self._ref_cache, self._gate_cache, self.texts):
+        caches = (self._sig_cache, self._ref_cache, self._gate_cache, self._live_sig)
+        for value in (self.bank, self.texts, *caches):
             if value is not None:
                 shared[id(value)] = value
         twin: DefaultBackend = copy.deepcopy(self, shared)
@@ -214,7 +219,15 @@ class DefaultBackend:
         if kind not in SIGNATURES:
             raise ValueError(f"signature must be one of {SIGNATURES}, got {kind!r}")
         if requests.rows is None or self.bank is None:
-            return self._timed(kind, requests)
+            if kind != self.signature or not len(requests):
+                return self._timed(kind, requests)
+            known = [self._live_sig.get(t) for t in requests.texts]  # served already
+            todo = [i for i, sig in enumerate(known) if sig is None]
+            if todo:
+                fresh = self._timed(kind, requests.take(np.asarray(todo)))
+                for i, sig in zip(todo, fresh, strict=True):
+                    known[i] = sig
+            return np.stack(known)  # type: ignore[arg-type]
         cache = self._sig_cache.setdefault(kind, {})
         rows = requests.rows.tolist()
         todo = np.array(sorted({r for r in rows if r not in cache}), dtype=np.int64)
@@ -368,14 +381,36 @@ class DefaultBackend:
         probs = np.zeros((len(requests), self.n_labels), dtype=np.float32)
         spent = 0.0
         soft = self.merger.mode == "soft"
+        # live texts: keep the served-path signature the forward computes anyway
+        record = requests.rows is None and self.signature in ("input0", "gate0")
         for pos, states in self._batches(requests, batch_size or self.batch_size):
             if soft:
                 self.merger.set_token_mask(states.attention_mask)
+            tap: list[torch.Tensor] | None = [] if record else None
             t0 = time.perf_counter()
-            logits = self.model.forward_upper(states, pack=not soft)  # (b, n_labels)
+            logits = self.model.forward_upper(states, pack=not soft, tap=tap)  # (b, n_labels)
             spent += time.perf_counter() - t0
             probs[pos] = torch.softmax(logits.float(), dim=-1).numpy()
+            if tap:
+                signed = self._from_input0(tap[0], states.attention_mask, self.signature)
+                for i, sig in zip(np.asarray(pos).tolist(), signed, strict=True):
+                    self._remember(requests.texts[i], sig)
         return probs, spent * 1e3
+
+    def _remember(self, text: str, signature: np.ndarray) -> None:
+        """Keep a live text's signature (a bounded, oldest-first cache)."""
+        self._live_sig[text] = signature
+        self._live_sig.move_to_end(text)
+        while len(self._live_sig) > LIVE_SIGNATURES:
+            self._live_sig.popitem(last=False)
+
+    def _from_input0(self, attended: torch.Tensor, mask: torch.Tensor, kind: str) -> np.ndarray:
+        """The served-path signature from the first MoE block's input (b, T, H)."""
+        if kind == "input0":
+            return np.asarray(masked_mean(attended.float(), mask).double().numpy())
+        gate = get_module(self.model, self._first.gate_name)
+        probs = block_gate_probs(self._first, gate, attended)  # (b, T, E)
+        return np.asarray(masked_mean(probs, mask).double().numpy())
 
     def _with_full(self, fn: Any) -> Any:
         """Run ``fn`` on the full MoE, then ask for the served merge again."""
@@ -418,7 +453,6 @@ class DefaultBackend:
     @torch.inference_mode()
     def _signatures_of(self, batches: Any, kind: str) -> np.ndarray:
         layer = self.model.moe_layers()[0]
-        gate = get_module(self.model, self._first.gate_name)
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         for pos, states in batches:
             feats: list[np.ndarray] = []
@@ -426,11 +460,7 @@ class DefaultBackend:
             mask = states.attention_mask  # (b, T)
             if kind in ("input0", "gate0", "gate0+embedding"):
                 attended, _ = layer.attention(hidden, self.model._mask(hidden, mask))  # (b, T, H)
-                if kind == "input0":
-                    feats.append(masked_mean(attended.float(), mask).double().numpy())  # (b, H)
-                else:
-                    probs = block_gate_probs(self._first, gate, attended)  # (b, T, E)
-                    feats.append(masked_mean(probs, mask).double().numpy())  # (b, E)
+                feats.append(self._from_input0(attended, mask, kind.split("+")[0]))
             if kind in ("embedding", "gate0+embedding"):
                 pooled = masked_mean(hidden.float(), mask).double()  # (b, H)
                 feats.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())

@@ -161,14 +161,18 @@ class TanbrMoELayer(nn.Module):
         attention_mask: torch.Tensor | None,
         ffn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         keep: torch.Tensor | None = None,
+        tap: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
         """``ffn`` (training only) stands in for the MoE block, (B, T, H) -> (B, T, H).
 
         ``keep`` (B, T), the real tokens: the MoE block then runs on those only, packed as one
         (1, N, H) sequence, and the padding positions get no feed-forward output (attention
         never reads them as keys and pooling skips them, so every real token's output is
-        unchanged while the block's work drops by the padding share)."""
+        unchanged while the block's work drops by the padding share). ``tap``: the MoE block's
+        input is appended to it (what a signature of the served path reads, for free)."""
         attended, _ = self.attention(hidden_states, attention_mask)
+        if tap is not None:
+            tap.append(attended)
         if ffn is not None:
             y = ffn(attended)
         elif keep is None:
@@ -268,21 +272,23 @@ class TanbrMoEClassifier(PreTrainedModel):  # type: ignore[misc]
         *,
         ffn: Callable[[int, TanbrExperts, torch.Tensor], torch.Tensor] | None = None,
         pack: bool = False,
+        tap: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """MoE layers, masked mean pooling and the joint head: logits (B, n_labels).
 
         ``ffn(i, experts, attended)``, if given, replaces the MoE block of the i-th MoE layer
         (the upper layers are all MoE layers): training's differentiable merges use it.
         ``pack``: the MoE blocks run on the real tokens only (see :class:`TanbrMoELayer`); not
-        for blocks that need each sequence whole (soft merging) or a per-sequence gate record."""
+        for blocks that need each sequence whole (soft merging) or a per-sequence gate record.
+        ``tap``: receives the first MoE block's input (B, T, H), which no merge changes."""
         dtype = self.classifier.weight.dtype
         hidden = states.hidden.to(dtype)  # (B, T, H)
         keep = states.attention_mask.to(dtype)  # (B, T)
         mask = self._mask(hidden, states.attention_mask)
         if ffn is None:
             real = states.attention_mask.bool() if pack else None
-            for layer in self.layers[self.n_lower :]:
-                hidden = layer(hidden, mask, keep=real)
+            for i, layer in enumerate(self.layers[self.n_lower :]):
+                hidden = layer(hidden, mask, keep=real, tap=tap if i == 0 else None)
         else:
             for i, moe in enumerate(self.moe_layers()):
                 hidden = moe(hidden, mask, ffn=functools.partial(ffn, i, moe.mlp.experts))
