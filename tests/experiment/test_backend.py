@@ -154,9 +154,7 @@ def test_live_signatures_are_a_by_product_of_serving(tiny: Any, kind: str) -> No
     served.merge(_plan(served, 5))
     served.predict(texts)  # records the signatures
     calls: list[int] = []
-    hook = served.model.moe_layers()[0].attention.register_forward_hook(
-        lambda *_: calls.append(1)
-    )
+    hook = served.model.moe_layers()[0].attention.register_forward_hook(lambda *_: calls.append(1))
     try:
         recorded = served.signatures(texts)
     finally:

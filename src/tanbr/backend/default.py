@@ -221,13 +221,7 @@ class DefaultBackend:
         if requests.rows is None or self.bank is None:
             if kind != self.signature or not len(requests):
                 return self._timed(kind, requests)
-            known = [self._live_sig.get(t) for t in requests.texts]  # served already
-            todo = [i for i, sig in enumerate(known) if sig is None]
-            if todo:
-                fresh = self._timed(kind, requests.take(np.asarray(todo)))
-                for i, sig in zip(todo, fresh, strict=True):
-                    known[i] = sig
-            return np.stack(known)  # type: ignore[arg-type]
+            return self._live_features(requests, kind)
         cache = self._sig_cache.setdefault(kind, {})
         rows = requests.rows.tolist()
         todo = np.array(sorted({r for r in rows if r not in cache}), dtype=np.int64)
@@ -237,6 +231,16 @@ class DefaultBackend:
         if not rows:
             return np.zeros((0, 0))
         return np.stack([cache[r] for r in rows])
+
+    def _live_features(self, requests: Requests, kind: str) -> np.ndarray:
+        """Live texts: the signatures their serving forward recorded, the rest computed."""
+        known = [self._live_sig.get(t) for t in requests.texts]
+        missing = [i for i, sig in enumerate(known) if sig is None]
+        if missing:
+            fresh = self._timed(kind, requests.take(np.asarray(missing)))
+            for i, sig in zip(missing, fresh, strict=True):
+                known[i] = sig
+        return np.stack([sig for sig in known if sig is not None])
 
     def _timed(self, kind: str, requests: Requests) -> np.ndarray:
         t0 = time.perf_counter()
