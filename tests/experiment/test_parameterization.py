@@ -5,8 +5,10 @@ import pytest
 
 from tanbr.experiment.parameterization import (
     Direct,
+    GroupedTaskSimplex,
     TaskRelative,
     TaskSimplex,
+    build_parameterization,
     cluster_profiles,
 )
 
@@ -26,7 +28,8 @@ def test_task_simplex_is_the_normalised_profile_mixture() -> None:
 
 def test_task_relative_centre_is_plug_in_and_vertices_are_types() -> None:
     mix = np.array([0.3, 0.7])
-    rel, ts = TaskRelative(U, floor=1e-9), TaskSimplex(U)
+    ts = TaskSimplex(U)
+    rel = TaskRelative(ts, floor=1e-9)
     centre = rel.plan(np.array([0.5, 0.5]), mix)
     for name in U:
         np.testing.assert_allclose(centre[name], ts.plan(mix)[name], atol=1e-8)
@@ -88,3 +91,48 @@ def test_oracle_candidates_cover_vertices_edges_and_centre(dim: int) -> None:
     assert all(has(0.25 * eye[i] + 0.75 * eye[j]) == dense for i, j in pairs)
     n_dense = (2 * len(pairs) + dim + len(pairs)) if dense else 0
     assert len(cands) == dim + 1 + len(pairs) + n_dense + 5
+
+
+# K = 3 task types over E = 6 experts: type k uses experts 2k and 2k + 1 most
+U3 = {
+    name: np.array(
+        [[0.45, 0.35, 0.05, 0.05, 0.05, 0.05],
+         [0.05, 0.05, 0.4, 0.4, 0.05, 0.05],
+         [0.05, 0.05, 0.05, 0.05, 0.5, 0.3]]
+    )  # fmt: skip
+    for name in ("b0", "b1")
+}
+
+
+def test_grouped_with_one_expert_is_the_task_simplex() -> None:
+    a = np.array([0.2, 0.5, 0.3])
+    one, plain = GroupedTaskSimplex(U3, experts=1).plan(a), TaskSimplex(U3).plan(a)
+    for name in U3:
+        np.testing.assert_array_equal(one[name], plain[name])
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_grouped_gives_the_heaviest_types_their_own_experts(m: int) -> None:
+    a = np.array([0.2, 0.5, 0.3])  # type 1 weighs most, then type 2
+    plan = GroupedTaskSimplex(U3, experts=m).plan(a)
+    for name, c in plan.items():
+        assert c.shape == (m, 6)
+        np.testing.assert_allclose(c.sum(1), 1.0)
+        support = c > 0
+        assert (support.sum(0) <= 1).all() and support.any(1).all()  # disjoint, none empty
+        assert set(np.flatnonzero(support[0])) == {2, 3}  # type 1's own experts
+        if m == 3:
+            assert set(np.flatnonzero(support[1])) == {4, 5}  # then type 2's
+            assert set(np.flatnonzero(support[2])) == {0, 1}  # the rest share the last
+
+
+def test_grouped_caps_m_and_keeps_every_group() -> None:
+    """m beyond the number of task types is capped; a group no expert prefers still gets
+    one (from a group that can spare it)."""
+    plan = GroupedTaskSimplex(U3, experts=5).plan(np.array([1.0, 0.0, 0.0]))
+    for c in plan.values():
+        assert c.shape == (3, 6) and (c > 0).any(1).all()
+    with pytest.raises(ValueError, match="needs a task-simplex"):
+        build_parameterization("direct", U3, {"b0": 6, "b1": 6}, experts=2)
+    param, absolute = build_parameterization("task-relative", U3, {"b0": 6}, experts=2)
+    assert isinstance(param, TaskRelative) and isinstance(absolute, GroupedTaskSimplex)

@@ -97,6 +97,7 @@ class DefaultBackend:
         memo_batch_size: int = 16,
         progress: bool = False,
         dtype: str = "float32",
+        group_top_k: int = 1,
     ) -> None:
         if signature not in SIGNATURES:
             raise ValueError(f"estimator.signature must be one of {SIGNATURES}, got {signature!r}")
@@ -119,14 +120,14 @@ class DefaultBackend:
         self.memo_batch_size = memo_batch_size
         lean = bool(getattr(model, "lean", False))
         store = expert_store(model.path, self.model) if lean else None
-        self.merger = Merger(self.model, store=store)
+        self.merger = Merger(self.model, store=store, group_top_k=group_top_k)
         # parameter bytes: everything but the routed experts, and one expert per block
         expert_bytes = sum(b.expert_bytes * b.n_experts for b in self.merger.blocks)
         tensors = [*self.model.parameters(), *self.model.buffers()]
         total = sum(t.numel() * t.element_size() for t in tensors)
         self._shared_bytes = int(total - expert_bytes)
         self._all_experts_bytes = int(expert_bytes)
-        self._merged_bytes = int(sum(b.expert_bytes for b in self.merger.blocks))
+        self._expert_bytes = {b.name: int(b.expert_bytes) for b in self.merger.blocks}
         self._blocks = {b.name: b.n_experts for b in self.merger.blocks}
         self._n_gates = sum(self._blocks.values())  # width of the joined gate probabilities
         self._first = self.merger.blocks[0]
@@ -342,13 +343,18 @@ class DefaultBackend:
     def memory_bytes(self) -> int:
         """Parameter bytes the model as set needs resident to serve end to end.
 
-        Merged: everything but the routed experts, and one merged expert per block (the
-        originals stay on disk in memory-lean serving). Full MoE and soft merging need every
-        expert. The process's measured resident set is another figure (see
-        :mod:`tanbr.experiment.memory`).
+        Merged: everything but the routed experts, and the plan's merged experts (one per
+        block, or m for a grouped plan; the originals stay on disk in memory-lean serving). Full
+        MoE and soft merging need every expert. The process's measured resident set is another
+        figure (see :mod:`tanbr.experiment.memory`).
         """
-        if self._target[0] == "merged":
-            return self._shared_bytes + self._merged_bytes
+        mode, plan = self._target
+        if mode == "merged" and plan is not None:
+            merged = sum(
+                int(np.atleast_2d(plan[name]).shape[0]) * size
+                for name, size in self._expert_bytes.items()
+            )
+            return int(self._shared_bytes + merged)
         return self._shared_bytes + self._all_experts_bytes
 
     # --- internals ------------------------------------------------------------------------------
@@ -579,6 +585,7 @@ def default_backend(
     dtype: str = "float32",
     lean: bool = False,
     tasks: str = "",
+    group_top_k: int = 1,
 ) -> tuple[DefaultBackend, Pool, Pool]:
     """Load (or build) the default model, cache the lower states of its calibration and test
     splits, and return the backend with the two pools."""
@@ -587,6 +594,12 @@ def default_backend(
     )
     texts, calib, test = make_pools(model, suite)
     backend = DefaultBackend(
-        model, texts=texts, signature=signature, memo=memo, progress=progress, dtype=dtype
+        model,
+        texts=texts,
+        signature=signature,
+        memo=memo,
+        progress=progress,
+        dtype=dtype,
+        group_top_k=group_top_k,
     )
     return backend, calib, test

@@ -34,7 +34,8 @@ class BackendSpec:
     ``path``: a model folder (empty: the default model's ``variant``); ``tasks``: a task file
     (the user's tasks; the default model brings its own); ``signature``: the estimator's
     served-path signature; ``memo``: reuse predictions of a (merge, request) pair (offline
-    evaluation only); ``dtype``: serving precision; ``lean``: memory-lean serving.
+    evaluation only); ``dtype``: serving precision; ``lean``: memory-lean serving;
+    ``group_top_k``: merged experts each token runs in a grouped merge.
     """
 
     variant: str = "default"
@@ -44,6 +45,7 @@ class BackendSpec:
     memo: bool = False
     dtype: str = "float32"
     lean: bool = False
+    group_top_k: int = 1
 
     @classmethod
     def from_config(cls, config: Any) -> BackendSpec:
@@ -56,6 +58,7 @@ class BackendSpec:
             memo=config.evaluation.memo,
             dtype=config.model.dtype,
             lean=config.model.lean,
+            group_top_k=config.merge.group_top_k,
         )
 
     def load(self, *, progress: bool = False) -> tuple[Backend, Pool, Pool]:
@@ -115,12 +118,15 @@ class DefaultLoader:
             dtype=spec.dtype,
             lean=spec.lean,
             tasks=spec.tasks,
+            group_top_k=spec.group_top_k,
         )
 
     def serving(self, spec: BackendSpec) -> Backend:
         folder = Path(spec.path) if spec.path else build_default_model(spec.variant)
         model = DefaultModel.load(folder, lean=spec.lean, dtype=serving_dtype(spec.dtype))
-        return DefaultBackend(model, signature=spec.signature, dtype=spec.dtype)
+        return DefaultBackend(
+            model, signature=spec.signature, dtype=spec.dtype, group_top_k=spec.group_top_k
+        )
 
 
 #: Loaders in the order a folder is offered to them.

@@ -81,6 +81,25 @@ class ParameterizationConfig:
 
 
 @dataclass(frozen=True)
+class MergeConfig:
+    """How a slot's merge is served: ``experts`` merged experts per MoE block (m = 1: one
+    dense expert; m > 1: the experts grouped by the task types the action weighs most, the
+    gate re-mapped to the groups), each token routed to ``group_top_k`` of them."""
+
+    experts: int = 1
+    group_top_k: int = 1
+
+    def __post_init__(self) -> None:
+        if self.experts < 1:
+            raise ValueError(f"merge.experts must be >= 1, got {self.experts}")
+        if not 1 <= self.group_top_k <= max(1, self.experts):
+            raise ValueError(
+                f"merge.group_top_k must be in 1..merge.experts={self.experts}, "
+                f"got {self.group_top_k}"
+            )
+
+
+@dataclass(frozen=True)
 class RewardConfig:
     """Reward and simulated labelling (see :mod:`tanbr.experiment.reward`)."""
 
@@ -149,6 +168,7 @@ class ExperimentConfig:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     parameterization: ParameterizationConfig = field(default_factory=ParameterizationConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from tanbr.backend.protocol import Plan
+from tanbr.model.coeffs import group_coeffs
 
 
 def _as_action(action: np.ndarray, dim: int) -> np.ndarray:
@@ -96,6 +97,59 @@ class TaskSimplex:
         return plan
 
 
+class GroupedTaskSimplex(TaskSimplex):
+    """m merged experts per block, chosen from the same task-simplex action.
+
+    The ``m - 1`` task types the action weighs most get a group of their own and the other
+    types share the last one. An expert joins the group whose types use it most, weighted by
+    the action (``argmax_g sum_{k in G_g} a_k U_{l,k,e}``); inside a group the coefficients are
+    that weighted usage, normalised. The block's gate then routes each token to the group
+    holding the experts it would have picked (:class:`~tanbr.model.blocks.GroupedBlock`). With
+    m = 1 this is :class:`TaskSimplex` exactly; m is capped at the number of task types and of
+    experts. Every group keeps at least one expert (the one it uses most among those of a
+    group that has several), so the router always has m choices.
+    """
+
+    name = "grouped"
+
+    def __init__(self, profiles: Mapping[str, np.ndarray], *, experts: int) -> None:
+        super().__init__(profiles)
+        if experts < 1:
+            raise ValueError(f"merge.experts must be >= 1, got {experts}")
+        self.experts = experts
+
+    def plan(self, action: np.ndarray, context: np.ndarray | None = None) -> Plan:
+        a = _as_action(action, self.dim)
+        if self.experts == 1:
+            return super().plan(a)
+        order = np.argsort(-a, kind="stable")
+        plan = {}
+        for name, u in self.profiles.items():
+            m = min(self.experts, self.dim, u.shape[1])
+            types = [[int(k)] for k in order[: m - 1]] + [[int(k) for k in order[m - 1 :]]]
+            usage = np.stack([(a[g, None] * u[g]).sum(0) for g in types])  # (m, E)
+            owner = _owners(usage)
+            weights = usage[owner, np.arange(u.shape[1])]  # (E,) each expert in its group
+            groups = [tuple(np.flatnonzero(owner == g).tolist()) for g in range(m)]
+            flat = weights + 1e-12  # an all-zero group still averages its members
+            plan[name] = group_coeffs(flat / flat.sum(), groups, block=name)
+        return plan
+
+
+def _owners(usage: np.ndarray) -> np.ndarray:
+    """(E,) the group of each expert: the group using it most, every group given at least one
+    expert (taken from a group that has more than one)."""
+    m = usage.shape[0]
+    owner = usage.argmax(0)
+    for g in range(m):
+        if (owner == g).any():
+            continue
+        counts = np.bincount(owner, minlength=m)
+        spare = np.flatnonzero(counts[owner] > 1)  # experts whose group can give one up
+        owner[spare[int(np.argmax(usage[g, spare]))]] = g
+    return np.asarray(owner)
+
+
 class Direct:
     """Action on Simplex(E), the same coeffs in every block (all blocks need the same E)."""
 
@@ -115,16 +169,17 @@ class Direct:
         return {name: a.copy() for name in self.blocks}
 
 
-class TaskRelative(TaskSimplex):
+class TaskRelative:
     """Action on Simplex(K) re-weighting the estimated mix: ``b = normalize((p + floor) * a)``,
-    then the task-simplex plan of b (the centre of the simplex is the plug-in merge)."""
+    then the absolute plan of b (the centre of the simplex is the plug-in merge)."""
 
     name = "task-relative"
 
-    def __init__(self, profiles: Mapping[str, np.ndarray], *, floor: float = 0.02) -> None:
-        super().__init__(profiles)
+    def __init__(self, absolute: TaskSimplex, *, floor: float = 0.02) -> None:
         if not (np.isfinite(floor) and floor > 0):
             raise ValueError(f"floor must be > 0, got {floor}")
+        self.absolute = absolute
+        self.dim = absolute.dim
         self.floor = floor
 
     def plan(self, action: np.ndarray, context: np.ndarray | None = None) -> Plan:
@@ -133,7 +188,7 @@ class TaskRelative(TaskSimplex):
         a = _as_action(action, self.dim)
         p = _as_action(context, self.dim)
         b = (p + self.floor) * a  # (K,)
-        return super().plan(b / b.sum())
+        return self.absolute.plan(b / b.sum())
 
 
 def make_space(dim: int) -> Any:
@@ -143,11 +198,58 @@ def make_space(dim: int) -> Any:
     return Simplex(dim)
 
 
-PARAMETERIZATIONS: dict[str, Callable[..., TaskSimplex | Direct]] = {
-    "task-simplex": TaskSimplex,
-    "task-relative": TaskRelative,
-    "direct": Direct,
+Parameterization = TaskSimplex | TaskRelative | Direct
+#: (profiles per block, experts per block, merged experts per block m) -> (what the bandit
+#: policies act on, the absolute parameterization of the static merges: plug-in, the oracle's
+#: candidates)
+Builder = Callable[
+    [Mapping[str, np.ndarray], Mapping[str, int], int], tuple[Parameterization, Parameterization]
+]
+
+
+def _task_simplex(
+    profiles: Mapping[str, np.ndarray], blocks: Mapping[str, int], experts: int
+) -> tuple[Parameterization, Parameterization]:
+    absolute = (
+        GroupedTaskSimplex(profiles, experts=experts) if experts > 1 else TaskSimplex(profiles)
+    )
+    return absolute, absolute
+
+
+def _task_relative(
+    profiles: Mapping[str, np.ndarray], blocks: Mapping[str, int], experts: int
+) -> tuple[Parameterization, Parameterization]:
+    _, absolute = _task_simplex(profiles, blocks, experts)
+    assert isinstance(absolute, TaskSimplex)
+    return TaskRelative(absolute), absolute
+
+
+def _direct(
+    profiles: Mapping[str, np.ndarray], blocks: Mapping[str, int], experts: int
+) -> tuple[Parameterization, Parameterization]:
+    if experts > 1:
+        raise ValueError("merge.experts > 1 needs a task-simplex parameterization, not 'direct'")
+    param = Direct(blocks)
+    return param, param
+
+
+PARAMETERIZATIONS: dict[str, Builder] = {
+    "task-simplex": _task_simplex,
+    "task-relative": _task_relative,
+    "direct": _direct,
 }
+
+
+def build_parameterization(
+    kind: str, profiles: Mapping[str, np.ndarray], blocks: Mapping[str, int], *, experts: int = 1
+) -> tuple[Parameterization, Parameterization]:
+    """The parameterization ``kind`` names, and the absolute one of the static merges."""
+    builder = PARAMETERIZATIONS.get(kind)
+    if builder is None:
+        raise ValueError(
+            f"parameterization.kind must be one of {sorted(PARAMETERIZATIONS)}, got {kind!r}"
+        )
+    return builder(profiles, blocks, experts)
 
 
 def uniform_plan(blocks: Mapping[str, int]) -> Plan:

@@ -159,7 +159,9 @@ def plot_coeffs(records: Sequence[SlotRecord], policy: str = "tanbr", axes: Any 
     first = rows[0].coeffs
     if first:
         block = next(iter(first))
-        coeffs = np.array([r.coeffs[block] for r in rows if r.coeffs])  # (T, E)
+        # (T, E): a grouped merge's rows have disjoint supports, so their sum gives each
+        # expert its weight inside its own group
+        coeffs = np.array([np.atleast_2d(r.coeffs[block]).sum(0) for r in rows if r.coeffs])
         im2 = axes[1].imshow(
             coeffs.T,
             aspect="auto",

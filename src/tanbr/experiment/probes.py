@@ -125,10 +125,15 @@ def time_probes(
 
 
 def _other_plan(plan: Plan) -> dict[str, np.ndarray]:
-    """A plan that differs from ``plan`` in every block (all weight on an expert it weighs
-    least), so that merging ``plan`` after it does the whole work of a re-merge."""
+    """A plan of the same shape and grouping that differs from ``plan`` (each row's weight all
+    on an expert of its group that it weighs least), so that merging ``plan`` after it does the
+    whole work of an in-place re-merge."""
     out = {}
     for name, coeffs in plan.items():
-        c = np.asarray(coeffs, dtype=np.float64)
-        out[name] = np.eye(len(c))[int(np.argmin(c))]
+        c = np.atleast_2d(np.asarray(coeffs, dtype=np.float64))  # (m, E)
+        other = np.zeros_like(c)
+        for g, row in enumerate(c):
+            support = np.flatnonzero(row > 0)
+            other[g, support[int(np.argmin(row[support]))]] = 1.0
+        out[name] = other if np.ndim(coeffs) == 2 else other[0]
     return out

@@ -26,9 +26,8 @@ from tanbr.experiment.estimator import (
 )
 from tanbr.experiment.modes import Baselines, OracleTable, candidate_actions
 from tanbr.experiment.parameterization import (
-    Direct,
-    TaskRelative,
     TaskSimplex,
+    build_parameterization,
     cluster_profiles,
 )
 from tanbr.experiment.values import Estimator, Progress, Setup
@@ -162,20 +161,10 @@ def prepare(
     task_plans = tuple(
         {name: _mean_rows(p[calib.tasks == t]) for name, p in gates.items()} for t in range(n_tasks)
     )  # reads tags: the task oracle only
-    kind = config.parameterization.kind
-    param: TaskSimplex | Direct
-    absolute: TaskSimplex | Direct  # static merges: the oracle's candidates, plug-in
-    if kind in ("task-simplex", "task-relative"):
-        profiles = cluster_profiles(assign, gates, k)
-        absolute = TaskSimplex(profiles)
-        param = absolute if kind == "task-simplex" else TaskRelative(profiles)
-    elif kind == "direct":
-        param = absolute = Direct(backend.blocks)
-    else:
-        raise ValueError(
-            "parameterization.kind must be 'task-simplex', 'task-relative' or 'direct', "
-            f"got {kind!r}"
-        )
+    profiles = cluster_profiles(assign, gates, k)
+    param, absolute = build_parameterization(
+        config.parameterization.kind, profiles, backend.blocks, experts=config.merge.experts
+    )
     timings["profiles_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
