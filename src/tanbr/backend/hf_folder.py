@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 HEADS = {"classifier": "ForSequenceClassification", "lm": "ForCausalLM"}
 #: Backend kind -> the task-file kind it serves (:attr:`tanbr.tasks.TaskFile.kind`).
 TASK_KINDS = {"classifier": "classification", "lm": "lm"}
+#: What a task file of each kind holds, and what model each backend kind serves, in words.
+TASK_FILES = {
+    "classification": "classification tasks (text, task, label)",
+    "lm": "language-model tasks (text, task, target)",
+}
+MODELS = {"classifier": "a sequence classifier", "lm": "a causal language model"}
 BACKEND_CLASSES: dict[str, type[HFBackend]] = {
     "classifier": HFClassifierBackend,
     "lm": HFCausalLMBackend,
@@ -185,11 +191,10 @@ def task_pools(
     """Calibration and test pools of a task file, tasks indexed in file order, rows indexing
     one list of texts (calibration then test); ``labels``: the classifier's labels."""
     task_file = read_task_file(tasks)
-    wanted = TASK_KINDS[kind]
-    if task_file.kind != wanted:
+    if task_file.kind != TASK_KINDS[kind]:
         raise ValueError(
-            f"{task_file.path} is a {task_file.kind} task file but the model is a {kind}: "
-            f"it needs a {wanted} task file"
+            f"{task_file.path} holds {TASK_FILES[task_file.kind]} but the model is "
+            f"{MODELS[kind]}: give a task file of {TASK_FILES[TASK_KINDS[kind]]}"
         )
     label_of: dict[tuple[str, str], int] = {}
     if kind == "classifier":  # every label of the file, not only those the splits drew

@@ -9,7 +9,7 @@ notions of "right" are one scorer class and one line in :data:`tanbr.backend.sco
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -122,6 +122,16 @@ class Backend(Protocol):
         """A second backend on the same weights with its own module tree (one serves while
         the other is re-merged); merging never writes an original tensor, so sharing them
         is safe."""
+        ...
+
+
+@runtime_checkable
+class LikelihoodBackend(Protocol):
+    """A backend that can say how likely its model finds a text (a language model)."""
+
+    def nll(self, requests: Requests, targets: Sequence[str | None]) -> np.ndarray:
+        """(n,) mean negative log-likelihood per token, under the model as currently set, of
+        each target as the continuation of its request (of the request's text when None)."""
         ...
 
 
