@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # hf_checkpoints, for every test
 
-from hf_checkpoints import (  # noqa: E402  (the folder of this file is put on the path first)
+from hf_checkpoints import (
     build_checkpoint,
     write_classification_tasks,
     write_lm_tasks,

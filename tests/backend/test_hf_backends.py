@@ -169,7 +169,7 @@ def test_merge_predict_restore_gives_back_the_full_model(
         vocab = backend.config.get_text_config().vocab_size
         for p in (full, merged, soft):
             assert p.probs.shape == (12, 0) and p.ids is not None
-            assert p.ids.dtype == np.int64 and ((0 <= p.ids) & (p.ids < vocab)).all()
+            assert p.ids.dtype == np.int64 and ((p.ids >= 0) & (p.ids < vocab)).all()
 
 
 def test_outputs_are_the_models_own(case: tuple[str, str], open_hf: Callable[..., Any]) -> None:

@@ -121,7 +121,8 @@ def _transposed_reason(model: nn.Module) -> str | None:
             return (
                 f"MoE block {name!r} ({type(module).__name__}) stores its experts transposed, "
                 f"gate_up_proj (E={n}, H={hidden}, 2I={double}) and down_proj (E={n}, I={inner}, "
-                f"H={out}), without the is_transposed flag the merge needs to read them"
+                f"H={out}), and does not say so (no is_transposed flag): the merge cannot read "
+                "them"
             )
     return None
 
