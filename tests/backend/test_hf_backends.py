@@ -13,7 +13,7 @@ import torch
 from conftest import assert_reordered_close, random_plan
 from hf_checkpoints import CLASSIFIER_FAMILIES, LM_FAMILIES
 
-from tanbr.backend.hf import SIGNATURES
+from tanbr.backend.hf_signatures import SIGNATURES
 from tanbr.backend.protocol import Backend, Prediction
 from tanbr.backend.requests import Requests
 from tanbr.model.discovery import get_module

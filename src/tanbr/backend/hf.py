@@ -7,17 +7,9 @@ runs through the whole model in length-sorted, right-padded batches. The sequenc
 (:mod:`tanbr.backend.hf_classifier`) and the causal language model (:mod:`tanbr.backend.hf_lm`)
 differ only in what a batch's forward pass returns.
 
-Signatures (the estimator's input) must not depend on the merge being served:
-
-* **On the served path** (no expert runs). ``input0``: the input of the first MoE block,
-  mean-pooled over each request's real tokens. The forward pass is stopped by a hook on that
-  block before it runs, so only the embeddings and the layers before it (attention, and any
-  dense layer) are computed, whatever the block currently is (the original, a merged or a soft
-  block). ``gate0``: the first block's gate probabilities on that input, averaged over the
-  tokens. In memory-lean mode neither needs the experts in memory.
-* **Full MoE** (``gates``: every block's mean gate probabilities under the full MoE;
-  ``gates+head``: those and the model's output, see the subclasses). They cost a full-MoE
-  pass per request and belong to the one-off clustering of calibration requests.
+Signatures are those of :mod:`tanbr.backend.hf_signatures`: ``input0`` and ``gate0`` on the
+served path (the forward pass stops before the first MoE block), ``gates`` and ``gates+head``
+from a full-MoE pass.
 
 Requests whose ``rows`` index :attr:`HFBackend.texts` (the pools' texts) are cached per row:
 signatures, gate probabilities and the full MoE's predictions once, and, with ``memo``, the
@@ -37,25 +29,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from tanbr.backend.hf_signatures import (
+    SIGNATURES,
+    full_moe_gates,
+    scatter,
+    served_signatures,
+)
 from tanbr.backend.protocol import Plan, Prediction
 from tanbr.backend.requests import Requests
 from tanbr.backend.tokenizer import Batch, encode, pad_batches
-from tanbr.model import GateRecorder, LoadedModel, validate_plan
-from tanbr.model import gate_probs as block_gate_probs
-from tanbr.model.discovery import get_module
-from tanbr.model.gates import masked_mean
+from tanbr.model import LoadedModel, validate_plan
 
 log = logging.getLogger(__name__)
 
-SIGNATURES = ("input0", "gate0", "gates", "gates+head")
-#: Signatures made of what the served forward computes anyway, before any expert runs.
-SERVED_SIGNATURES = ("input0", "gate0")
-
 T = TypeVar("T")
-
-
-class _ReachedFirstBlock(Exception):
-    """Stops a forward pass at the first MoE block, once its input is recorded."""
 
 
 class HFBackend:
@@ -349,6 +336,8 @@ class HFBackend:
     ) -> np.ndarray:
         """``compute`` on the requests, reading and filling a per-row cache when they have
         rows. ``width``: the second dimension of the result (None: a vector)."""
+        if len(requests) == 0:  # (no full-MoE pass, no expert read, for nothing)
+            return np.zeros((0,) if width is None else (0, width))
         rows = self._rows(requests)
         if rows is None:
             return compute(requests)
@@ -356,8 +345,6 @@ class HFBackend:
         if todo:
             missing = Requests(tuple(self.texts[r] for r in todo), np.asarray(todo))
             cache.update(zip(todo, compute(missing), strict=True))
-        if not rows:
-            return np.zeros((0,) if width is None else (0, width))
         values = [cache[r] for r in rows]
         return np.asarray(values) if width is None else np.stack(values)
 
@@ -390,7 +377,7 @@ class HFBackend:
                 t0 = time.perf_counter()
                 parts.append((batch.pos, self._outputs(batch)))
                 spent += time.perf_counter() - t0
-        return _scatter(parts, len(texts), self._empty_outputs()), spent * 1e3
+        return scatter(parts, len(texts), self._empty_outputs()), spent * 1e3
 
     def _empty_outputs(self) -> np.ndarray:
         return np.zeros((0, self.n_labels), dtype=np.float32)
@@ -414,47 +401,13 @@ class HFBackend:
             self._sig_n += len(requests)
         return out
 
-    def _first_input(self, batch: Batch) -> torch.Tensor:
-        """(b, T, H) the input of the first MoE block; the layers after it never run."""
-        seen: list[torch.Tensor] = []
-
-        def stop(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden = args[0] if args else kwargs.get("hidden_states")
-            if not isinstance(hidden, torch.Tensor):
-                raise ValueError(f"block {self._first.name!r}: cannot find its hidden states")
-            seen.append(hidden)
-            raise _ReachedFirstBlock
-
-        block = get_module(self.model, self._first.name)  # original, merged or soft: not run
-        # first in line, before a memory-lean model's check that its experts are resident
-        handle = block.register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
-        try:
-            self._body()(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            )
-        except _ReachedFirstBlock:
-            pass
-        finally:
-            handle.remove()
-        if not seen:
-            raise RuntimeError(f"the forward pass never reached MoE block {self._first.name!r}")
-        hidden = seen[0]
-        return hidden.reshape(*batch.input_ids.shape, -1) if hidden.dim() == 2 else hidden
-
     def _prefix_signatures(self, texts: Sequence[str], kind: str) -> np.ndarray:
-        gate = get_module(self.model, self._first.gate_name)
-        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        parts = []
         with torch.inference_mode():
             for batch in self._batches(texts, self.batch_size):
-                hidden = self._first_input(batch)  # (b, T, H)
-                mask = batch.attention_mask
-                if kind == "input0":
-                    feats = masked_mean(hidden.float(), mask)  # (b, H)
-                else:
-                    probs = block_gate_probs(self._first, gate, hidden)  # (b, T, E)
-                    feats = masked_mean(probs, mask)  # (b, E)
-                parts.append((batch.pos, feats.double().numpy()))
-        return _scatter(parts, len(texts), np.zeros((0, self._width(kind))))
+                feats = served_signatures(self.model, self._body(), self._first, batch, kind)
+                parts.append((batch.pos, feats))
+        return scatter(parts, len(texts), np.zeros((0, self._width(kind))))
 
     def _full_features(self, requests: Requests) -> np.ndarray:
         """(n, sum E + head): every block's gate probabilities and the head's part under the
@@ -466,28 +419,10 @@ class HFBackend:
         return self._per_row(self._gate_cache, requests, full, self._width("gates+head"))
 
     def _full_pass(self, texts: Sequence[str]) -> np.ndarray:
-        parts: list[tuple[np.ndarray, np.ndarray]] = []
-        with torch.inference_mode(), GateRecorder(self.model, blocks=self.merger.blocks) as rec:
-            for batch in self._batches(texts, self.batch_size):
-                rec.clear()
-                rec.set_mask(batch.attention_mask)
-                head = self._head(batch)  # (b, d)
-                gates = [rec.sequence_probs(name).double().numpy() for name in self._blocks]
-                parts.append((batch.pos, np.concatenate([*gates, head], axis=1)))
-        return _scatter(parts, len(texts), np.zeros((0, self._width("gates+head"))))
-
-
-def _scatter(
-    parts: Sequence[tuple[np.ndarray, np.ndarray]], n: int, empty: np.ndarray
-) -> np.ndarray:
-    """Batch results back in request order: ``parts`` of (positions, values)."""
-    if not parts:
-        return empty
-    first = parts[0][1]
-    out = np.zeros((n, *first.shape[1:]), dtype=first.dtype)
-    for pos, values in parts:
-        out[pos] = values
-    return out
+        batches = list(self._batches(texts, self.batch_size))
+        with torch.inference_mode():
+            parts = full_moe_gates(self.model, self.merger.blocks, batches, self._head)
+        return scatter(parts, len(texts), np.zeros((0, self._width("gates+head"))))
 
 
 def _same_plan(a: Mapping[str, np.ndarray], b: Plan) -> bool:
