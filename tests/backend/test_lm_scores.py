@@ -137,3 +137,15 @@ def test_targets_travel_with_the_truth() -> None:
         Pool(("a", "b", "c"), np.zeros(3), np.zeros(3), ("x",), targets=(" t",))
     with pytest.raises(ValueError, match="truth: target 0 is int, not str or None"):
         Truth((0,), np.zeros(1), ("x",), targets=(3,))  # type: ignore[arg-type]
+
+
+def test_long_prompts_keep_their_end(open_hf: Callable[..., Any]) -> None:
+    backend, _, _ = open_hf("mixtral", "lm")
+    backend.max_length = 4
+    words = "one two three four five six"
+    ids = backend.tokenizer(words)["input_ids"]  # <s> and six words
+    assert backend._encode([words]) == [[ids[0], *ids[-3:]]]
+    scored, start = backend._scored_ids(words, " seven eight")
+    assert scored[:start] == [ids[0], ids[-1]] and len(scored) == 4
+    short = backend.predict(Requests(("four five six",))).ids
+    np.testing.assert_array_equal(backend.predict(Requests((words,))).ids, short)

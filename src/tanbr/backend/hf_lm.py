@@ -23,7 +23,7 @@ import torch
 from tanbr.backend.hf import HFBackend
 from tanbr.backend.protocol import Prediction
 from tanbr.backend.requests import Requests
-from tanbr.backend.tokenizer import Batch, pad_batches
+from tanbr.backend.tokenizer import Batch, encode, pad_batches
 
 
 class HFCausalLMBackend(HFBackend):
@@ -148,8 +148,10 @@ class HFCausalLMBackend(HFBackend):
                 prompt = [int(bos), *prompt][: self.max_length]
             return prompt, 1
         cont = list(self.tokenizer(target, add_special_tokens=False)["input_ids"])
-        cont = cont[: max(1, self.max_length - 1)]
-        prompt = prompt[-max(1, self.max_length - len(cont)) :] if prompt else []
+        if len(prompt) + len(cont) > self.max_length:  # keep the prompt's end, and its start token
+            room = max(2, self.max_length - len(cont))
+            prompt = encode(self.tokenizer, [text], max_length=room)[0]
+            cont = cont[: max(1, self.max_length - len(prompt))]
         if not prompt and start_token is not None:
             prompt = [int(start_token)]  # an empty prompt: the target starts a sequence
         if not prompt:
