@@ -221,6 +221,7 @@ def test_replica_shares_every_tensor(case: tuple[str, str], open_hf: Callable[..
     assert twin.merger is not backend.merger and twin.tokenizer is not backend.tokenizer
     own = {id(t) for t in [*backend.model.parameters(), *backend.model.buffers()]}
     assert all(id(t) in own for t in [*twin.model.parameters(), *twin.model.buffers()])
+    assert all(a is b for a, b in zip(twin._caches(), backend._caches(), strict=True))
     full = backend.predict(requests)
     plan = random_plan(backend.blocks, 4)
     twin.merge(plan)  # (a lean twin drops its own originals' experts, not the first one's)

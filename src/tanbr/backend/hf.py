@@ -239,10 +239,15 @@ class HFBackend:
         self.restore()  # the tree holds every original tensor, and no merged one
         shared: dict[int, Any] = {id(t): t for t in self.model.parameters()}
         shared.update({id(t): t for t in self.model.buffers()})
-        for value in (self._sig_cache, self._gate_cache, self._ref_cache, self._memo, self.texts):
+        for value in (*self._caches(), self.texts):
             shared[id(value)] = value
         twin: Self = copy.deepcopy(self, shared)
         return twin
+
+    def _caches(self) -> list[dict[Any, Any]]:
+        """The per-request caches and memos, which replicas share (their values depend on the
+        request and the merge, never on which replica computed them)."""
+        return [self._sig_cache, self._gate_cache, self._ref_cache, self._memo]
 
     # --- caches shared with other processes -------------------------------------------------
 

@@ -49,6 +49,9 @@ class HFCausalLMBackend(HFBackend):
         self.nll_ms = 0.0  # time spent in nll, for reports
         self._nll_memo: dict[bytes, dict[tuple[int, str | None], float]] = {}
 
+    def _caches(self) -> list[dict[Any, Any]]:
+        return [*super()._caches(), self._nll_memo]
+
     def _outputs(self, batch: Batch) -> np.ndarray:
         """(b,) int64 the greedy next token after each prompt."""
         last = batch.last.unsqueeze(1)  # (b, 1) one position per request
