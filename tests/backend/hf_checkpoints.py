@@ -49,8 +49,14 @@ CLASS_LABELS = {"sport": ("win", "lose"), "food": ("tasty", "bland")}
 ID2LABEL = dict(enumerate(f"{t}:{y}" for t, ys in CLASS_LABELS.items() for y in ys))
 
 #: Families with a causal LM built here, and those with a sequence classifier too.
-LM_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "gpt_oss")
-CLASSIFIER_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "phimoe", "gpt_oss")
+LM_FAMILIES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe",
+    "gpt_oss", "granitemoe", "minimax", "flex_olmo", "qwen3_next", "jamba",
+)  # fmt: skip
+CLASSIFIER_FAMILIES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss",
+    "minimax", "qwen3_next", "jamba",
+)  # fmt: skip
 KINDS = ("lm", "classifier")
 
 
@@ -130,6 +136,55 @@ def _config(family: str) -> Any:
             v_head_dim=8,
             **moe,
             **(common | {"num_hidden_layers": 3, "num_key_value_heads": 4}),
+        ),
+        "deepseek_v2": lambda: tf.DeepseekV2Config(
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            **moe,
+            **(common | {"num_key_value_heads": 4}),
+        ),
+        "granitemoe": lambda: tf.GraniteMoeConfig(
+            intermediate_size=48, num_local_experts=4, **moe, **common
+        ),
+        "minimax": lambda: tf.MiniMaxConfig(
+            intermediate_size=48,
+            num_local_experts=4,
+            head_dim=8,
+            layer_types=["full_attention", "full_attention"],
+            **moe,
+            **common,
+        ),
+        "flex_olmo": lambda: tf.FlexOlmoConfig(
+            intermediate_size=48, num_experts=4, **moe, **common
+        ),
+        "qwen3_next": lambda: tf.Qwen3NextConfig(
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=24,
+            num_experts=4,
+            head_dim=8,
+            layer_types=["full_attention", "full_attention"],
+            **moe,
+            **common,
+        ),
+        "jamba": lambda: tf.JambaConfig(  # layer 0 Mamba, layer 1 attention; MoE in both
+            intermediate_size=48,
+            num_experts=4,
+            expert_layer_period=1,
+            expert_layer_offset=0,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            use_mamba_kernels=False,
+            **moe,
+            **common,
         ),
         "phimoe": lambda: tf.PhimoeConfig(
             intermediate_size=48, num_local_experts=4, **moe, **common
