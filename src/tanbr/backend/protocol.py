@@ -9,7 +9,7 @@ notions of "right" are one scorer class and one line in :data:`tanbr.backend.sco
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -31,16 +31,20 @@ class Prediction:
     ``probs`` (n, n_labels): a classifier's class probabilities (an LM's next-token view is not
     kept: (n, 0)). ``latency_ms``: the model's time on the batch (MoE layers and head when the
     requests carry cached rows, end to end otherwise); ``merge_ms``: any merge the backend had
-    deferred until a forward pass needed it.
+    deferred until a forward pass needed it. ``ids`` (n,): what a language model predicts for
+    each request (its greedy next-token id), where no class probabilities exist.
     """
 
     probs: np.ndarray
     latency_ms: float
     merge_ms: float = 0.0
+    ids: np.ndarray | None = None
 
     @property
     def predictions(self) -> np.ndarray:
-        """(n,) the most probable label of each request."""
+        """(n,) the predicted token ids when set, else the most probable label of each request."""
+        if self.ids is not None:
+            return np.asarray(self.ids, dtype=np.int64)
         return np.asarray(np.asarray(self.probs).argmax(axis=1), dtype=np.int64)
 
 
@@ -106,7 +110,8 @@ class Backend(Protocol):
         ...
 
     def reference(self, requests: Requests) -> np.ndarray:
-        """(n,) the full MoE's predicted labels (the label-free proxy reward's reference)."""
+        """(n,) the full MoE's predictions, labels or token ids as :attr:`Prediction.predictions`
+        (the label-free proxy reward's reference)."""
         ...
 
     def memory_bytes(self) -> int:
@@ -117,6 +122,16 @@ class Backend(Protocol):
         """A second backend on the same weights with its own module tree (one serves while
         the other is re-merged); merging never writes an original tensor, so sharing them
         is safe."""
+        ...
+
+
+@runtime_checkable
+class LikelihoodBackend(Protocol):
+    """A backend that can say how likely its model finds a text (a language model)."""
+
+    def nll(self, requests: Requests, targets: Sequence[str | None]) -> np.ndarray:
+        """(n,) mean negative log-likelihood per token, under the model as currently set, of
+        each target as the continuation of its request (of the request's text when None)."""
         ...
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tanbr.backend.default import DefaultBackend, default_backend
+from tanbr.backend.hf_folder import HEADS, check_folder, load_backend, open_folder
 from tanbr.backend.protocol import Backend
 from tanbr.backend.requests import Pool
 from tanbr.model.default.build import build_default_model
@@ -129,8 +130,44 @@ class DefaultLoader:
         )
 
 
+class HFLoader:
+    """A Hugging Face MoE checkpoint folder with its tokenizer: a ``*ForSequenceClassification``
+    (``kind="classifier"``) or a ``*ForCausalLM`` (``kind="lm"``), served on the user's task
+    file (:mod:`tanbr.backend.hf_folder`)."""
+
+    def __init__(self, kind: str) -> None:
+        if kind not in HEADS:
+            raise ValueError(f"kind must be one of {sorted(HEADS)}, got {kind!r}")
+        self.kind = kind
+        self.name = f"hf-{kind}"
+
+    def check(self, folder: Path, config: dict[str, Any]) -> Verdict:
+        support = check_folder(folder, config, self.kind)
+        return Verdict(support.ok, support.reason)
+
+    def open(self, spec: BackendSpec, *, progress: bool) -> tuple[Backend, Pool, Pool]:
+        return open_folder(
+            self.kind,
+            spec.path,
+            spec.tasks,
+            signature=spec.signature,
+            memo=spec.memo,
+            dtype=spec.dtype,
+            lean=spec.lean,
+        )
+
+    def serving(self, spec: BackendSpec) -> Backend:
+        return load_backend(
+            self.kind, spec.path, signature=spec.signature, dtype=spec.dtype, lean=spec.lean
+        )
+
+
 #: Loaders in the order a folder is offered to them.
-BACKENDS: dict[str, BackendLoader] = {"default": DefaultLoader()}
+BACKENDS: dict[str, BackendLoader] = {
+    "default": DefaultLoader(),
+    "hf-classifier": HFLoader("classifier"),
+    "hf-lm": HFLoader("lm"),
+}
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -57,18 +57,23 @@ class Truth:
     """The hidden side of a slot: each request's task and true label, and the true mix.
 
     ``mix`` is the slot's empirical task composition over ``task_names`` (what the slot's
-    accuracy depends on); ``labels`` index the model's joint label space.
+    accuracy depends on); ``labels`` index the model's joint label space (-1 for a language
+    model's requests). ``targets``: a language model's reference continuation of each request
+    (None where a request has none), or None when the task has no targets at all.
     """
 
     tasks: tuple[int, ...]  # task index per request, into task_names
     labels: np.ndarray  # (n,) int64 joint label index per request
     task_names: tuple[str, ...]
+    targets: tuple[str | None, ...] | None = None
     mix: np.ndarray = field(init=False)  # (n_tasks,)
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels, dtype=np.int64)
         if labels.shape != (len(self.tasks),):
             raise ValueError(f"truth: labels shape {labels.shape} != ({len(self.tasks)},)")
+        if self.targets is not None:
+            object.__setattr__(self, "targets", _check_targets("truth", self.targets, len(labels)))
         n_tasks = len(self.task_names)
         tasks = np.asarray(self.tasks, dtype=np.int64)
         if tasks.size and (tasks.min() < 0 or tasks.max() >= n_tasks):
@@ -80,7 +85,8 @@ class Truth:
 
     def take(self, index: np.ndarray | Sequence[int] | slice) -> Truth:
         idx = np.arange(len(self.tasks))[index]
-        return Truth(tuple(self.tasks[i] for i in idx), self.labels[idx], self.task_names)
+        targets = None if self.targets is None else tuple(self.targets[i] for i in idx)
+        return Truth(tuple(self.tasks[i] for i in idx), self.labels[idx], self.task_names, targets)
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,7 +109,9 @@ class Slot:
 class Pool:
     """Labelled requests to draw slots from (e.g. the test split).
 
-    ``rows`` index the backend's cache of lower states (None: texts are encoded live).
+    ``rows`` index the backend's cache of lower states (None: texts are encoded live);
+    ``targets``: reference continuations of a language model's requests (passed into the
+    slots' truth), None for a classifier's pool.
     """
 
     texts: tuple[str, ...]
@@ -111,6 +119,7 @@ class Pool:
     labels: np.ndarray  # (n,) int64 joint label index
     task_names: tuple[str, ...]
     rows: np.ndarray | None = None
+    targets: tuple[str | None, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.texts)
@@ -118,6 +127,8 @@ class Pool:
         labels = np.asarray(self.labels, dtype=np.int64)
         if tasks.shape != (n,) or labels.shape != (n,):
             raise ValueError(f"pool: tasks {tasks.shape} and labels {labels.shape} must be ({n},)")
+        if self.targets is not None:
+            object.__setattr__(self, "targets", _check_targets("pool", self.targets, n))
         if n and (tasks.min() < 0 or tasks.max() >= len(self.task_names)):
             raise ValueError("pool: task index out of range")
         object.__setattr__(self, "tasks", tasks)
@@ -136,5 +147,18 @@ class Pool:
         """The slot made of pool entries ``idx`` (truth attached, kept apart)."""
         rows = None if self.rows is None else np.asarray(self.rows)[idx]
         requests = Requests(tuple(self.texts[i] for i in idx), rows)
-        truth = Truth(tuple(int(t) for t in self.tasks[idx]), self.labels[idx], self.task_names)
+        targets = None if self.targets is None else tuple(self.targets[i] for i in idx)
+        tasks = tuple(int(t) for t in self.tasks[idx])
+        truth = Truth(tasks, self.labels[idx], self.task_names, targets)
         return Slot(index, requests, truth)
+
+
+def _check_targets(owner: str, targets: Sequence[str | None], n: int) -> tuple[str | None, ...]:
+    """Targets as a tuple of n strings or None, or a ValueError naming the bad entry."""
+    out = tuple(targets)
+    if len(out) != n:
+        raise ValueError(f"{owner}: {len(out)} targets for {n} requests")
+    for i, target in enumerate(out):
+        if target is not None and not isinstance(target, str):
+            raise ValueError(f"{owner}: target {i} is {type(target).__name__}, not str or None")
+    return out

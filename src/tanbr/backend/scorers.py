@@ -1,9 +1,12 @@
 """What "right" means for a task: one scorer per notion, each a score in [0, 1] per request.
 
 ``accuracy`` compares a classifier's label with the true label that comes back; ``proxy``
-compares it with the full MoE's label on the same request, which needs no label at all (the
-full MoE runs on a small budgeted sample, off the request path in the service). Adding a
-scorer is one class and one line in :data:`SCORERS`.
+compares the served prediction (a classifier's label, a language model's greedy next token)
+with the full MoE's on the same request, which needs no label at all (the full MoE runs on a
+small budgeted sample, off the request path in the service); ``likelihood`` is a language
+model's per-token probability of the reference continuation. Adding a scorer is one class and
+one line in :data:`SCORERS`. (A scorer that compares generated text with the reference, exact
+match, is not written yet: it needs generation, not one next token.)
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tanbr.backend.protocol import Backend, Scorer
+from tanbr.backend.protocol import Backend, LikelihoodBackend, Scorer
 from tanbr.backend.requests import Requests, Truth
 
 
@@ -28,6 +31,11 @@ class LabelAccuracy:
         if truth is None:
             raise ValueError("the accuracy scorer needs the true labels of the requests")
         labels = np.asarray(truth.labels, dtype=np.int64)
+        if labels.size and labels.min() < 0:
+            raise ValueError(
+                "the accuracy scorer needs labels; these requests have none (-1: a language "
+                "model's task): use the likelihood or proxy scorer"
+            )
         predictions = np.asarray(predictions, dtype=np.int64)
         if labels.shape != predictions.shape:
             raise ValueError(f"{predictions.shape} predictions for {labels.shape} true labels")
@@ -35,7 +43,8 @@ class LabelAccuracy:
 
 
 class Agreement:
-    """1 where the served label is the full MoE's label on the same request (label-free)."""
+    """1 where the served prediction is the full MoE's on the same request (label-free): the
+    same label for a classifier, the same next token for a language model."""
 
     name = "proxy"
     needs_truth = False
@@ -47,9 +56,38 @@ class Agreement:
         return np.asarray(np.asarray(predictions, dtype=np.int64) == reference, dtype=np.float64)
 
 
+class Likelihood:
+    """exp(-nll): the geometric mean probability per token that the served model gives the
+    true continuation of each request (in (0, 1], 1 for a certain model).
+
+    The model is the one currently set, i.e. the slot's merge right after serving it. The
+    continuations are the truth's ``targets``, so the truth must come back; a request without
+    one (a task file of texts only: ``targets`` None, or a None entry) scores its own text
+    instead, a label-free likelihood of the request.
+    """
+
+    name = "likelihood"
+    needs_truth = True
+
+    def score(
+        self, backend: Backend, requests: Requests, predictions: np.ndarray, truth: Truth | None
+    ) -> np.ndarray:
+        if truth is None:
+            raise ValueError("the likelihood scorer needs the requests' truth (their targets)")
+        if not isinstance(backend, LikelihoodBackend):
+            raise ValueError(
+                f"the likelihood scorer needs a language model: the {backend.kind} backend "
+                f"{type(backend).__name__} has no nll"
+            )
+        targets = truth.targets if truth.targets is not None else (None,) * len(requests)
+        nll = np.asarray(backend.nll(requests, targets), dtype=np.float64)
+        return np.asarray(np.exp(-nll), dtype=np.float64)
+
+
 SCORERS: dict[str, Callable[[], Scorer]] = {
     "accuracy": LabelAccuracy,
     "proxy": Agreement,
+    "likelihood": Likelihood,
 }
 
 

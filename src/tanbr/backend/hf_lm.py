@@ -1,0 +1,162 @@
+"""A transformers MoE causal language model (``*ForCausalLM``) as a backend.
+
+A request's text is a prompt. What the model predicts for it is its greedy next token
+(:attr:`~tanbr.backend.protocol.Prediction.ids`); the label-free proxy compares that token with
+the full MoE's (``reference``). :meth:`HFCausalLMBackend.nll` measures how likely the model as
+set finds a reference continuation of the prompt (or, with no continuation, the text itself):
+the ``likelihood`` scorer's raw material. Prompts longer than ``max_length`` tokens keep their
+end, the part the next token depends on.
+
+Logits are computed only where they are read (the model's ``logits_to_keep``), so that a large
+vocabulary costs one row per request, not one per token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from tanbr.backend.hf import HFBackend
+from tanbr.backend.protocol import Prediction
+from tanbr.backend.requests import Requests
+from tanbr.backend.tokenizer import Batch, encode, pad_batches
+
+
+class HFCausalLMBackend(HFBackend):
+    """Serves a transformers MoE ``*ForCausalLM`` checkpoint.
+
+    ``predict`` gives each prompt's greedy next-token id (``ids``; ``probs`` is (n, 0));
+    ``reference`` the full MoE's; ``gates+head`` equals ``gates`` (a language model has no
+    class head). ``nll_batch_size`` bounds the requests scored per forward pass by
+    :meth:`nll`, whose logits cover every scored token. See
+    :class:`~tanbr.backend.hf.HFBackend` for the other parameters.
+    """
+
+    kind = "lm"
+
+    def __init__(
+        self, loaded: Any, tokenizer: Any, *, nll_batch_size: int = 8, **kwargs: Any
+    ) -> None:
+        if nll_batch_size < 1:
+            raise ValueError(f"nll_batch_size must be >= 1, got {nll_batch_size}")
+        super().__init__(loaded, tokenizer, **kwargs)
+        self.tokenizer.truncation_side = "left"  # a prompt keeps its end
+        self.nll_batch_size = nll_batch_size
+        self.nll_ms = 0.0  # time spent in nll, for reports
+        self._nll_memo: dict[bytes, dict[tuple[int, str | None], float]] = {}
+
+    def _caches(self) -> list[dict[Any, Any]]:
+        return [*super()._caches(), self._nll_memo]
+
+    def _outputs(self, batch: Batch) -> np.ndarray:
+        """(b,) int64 the greedy next token after each prompt."""
+        last = batch.last.unsqueeze(1)  # (b, 1) one position per request
+        logits = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+            logits_to_keep=last,
+        ).logits  # (b, 1, V)
+        return np.asarray(logits[:, -1].argmax(dim=-1).numpy(), dtype=np.int64)
+
+    def _head(self, batch: Batch) -> np.ndarray:
+        self._body()(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )
+        return np.zeros((batch.input_ids.shape[0], 0))
+
+    def _empty_outputs(self) -> np.ndarray:
+        return np.zeros((0,), dtype=np.int64)
+
+    def _prediction(self, values: np.ndarray, latency_ms: float, merge_ms: float) -> Prediction:
+        ids = np.asarray(values, dtype=np.int64)
+        return Prediction(np.zeros((len(ids), 0), dtype=np.float32), latency_ms, merge_ms, ids=ids)
+
+    def nll(self, requests: Requests, targets: Sequence[str | None]) -> np.ndarray:
+        """(n,) mean negative log-likelihood per token, under the model as currently set.
+
+        With a target, the target's tokens are scored as the continuation of the request's
+        prompt; with None, the request's own text is scored (each token given those before
+        it, the first given the tokenizer's begin-of-sequence token when it has one): a
+        label-free likelihood. Memoised per (served model, request row, target) with ``memo``.
+        """
+        targets = tuple(targets)
+        if len(targets) != len(requests):
+            raise ValueError(f"nll: {len(targets)} targets for {len(requests)} requests")
+        rows = self._rows(requests)
+        if not self.memo or rows is None:
+            self._sync()
+            return self._nll(requests.texts, targets)
+        cache = self._nll_memo.setdefault(self._state_key(), {})
+        keys = list(zip(rows, targets, strict=True))
+        todo = list(dict.fromkeys(k for k in keys if k not in cache))
+        if todo:
+            self._sync()
+            fresh = self._nll([self.texts[r] for r, _ in todo], [t for _, t in todo])
+            cache.update(zip(todo, fresh.tolist(), strict=True))
+        return np.array([cache[k] for k in keys], dtype=np.float64)
+
+    def _nll(self, texts: Sequence[str], targets: Sequence[str | None]) -> np.ndarray:
+        t0 = time.perf_counter()
+        sequences, starts = [], []
+        for i, (text, target) in enumerate(zip(texts, targets, strict=True)):
+            ids, start = self._scored_ids(text, target)
+            if len(ids) - start < 1:
+                what = "its text" if target is None else f"its target {target!r}"
+                raise ValueError(f"nll: request {i}: {what} has no token to score")
+            sequences.append(ids)
+            starts.append(start)
+        out = np.zeros(len(texts), dtype=np.float64)
+        pad = int(self.tokenizer.pad_token_id)
+        with torch.inference_mode():
+            for batch in pad_batches(sequences, self.nll_batch_size, pad):
+                if self.merger.mode == "soft":
+                    self.merger.set_token_mask(batch.attention_mask)
+                # position t predicts token t + 1: keep the positions before each scored token
+                width = batch.input_ids.shape[1]
+                first = torch.as_tensor([starts[p] for p in batch.pos.tolist()])  # (b,)
+                cols = torch.arange(width)
+                scored = (cols >= first[:, None]) & (cols < batch.lengths[:, None])  # (b, T)
+                keep = torch.zeros_like(scored)
+                keep[:, :-1] = scored[:, 1:]
+                logits = self.model(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    use_cache=False,
+                    logits_to_keep=keep,
+                ).logits  # (sum of scored tokens, V), row-major over (b, T)
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                tokens = batch.input_ids[scored]  # the scored tokens, in the same order
+                losses = -logp.gather(1, tokens[:, None]).squeeze(1).double()
+                owner = scored.nonzero()[:, 0]  # the request of each scored token
+                sums = torch.zeros(len(batch.pos), dtype=torch.float64).index_add_(0, owner, losses)
+                out[batch.pos] = (sums / scored.sum(dim=1)).numpy()
+        self.nll_ms += (time.perf_counter() - t0) * 1e3
+        return out
+
+    def _scored_ids(self, text: str, target: str | None) -> tuple[list[int], int]:
+        """Token ids of prompt and target (or of the text alone), and where scoring starts
+        (at least 1: a scored token needs a token before it)."""
+        prompt = self._encode([text])[0]
+        start_token = self.tokenizer.bos_token_id
+        if start_token is None:
+            start_token = self.tokenizer.eos_token_id
+        if target is None:
+            bos = self.tokenizer.bos_token_id
+            if bos is not None and (not prompt or prompt[0] != bos):
+                prompt = [int(bos), *prompt][: self.max_length]
+            return prompt, 1
+        cont = list(self.tokenizer(target, add_special_tokens=False)["input_ids"])
+        if len(prompt) + len(cont) > self.max_length:  # keep the prompt's end, and its start token
+            room = max(2, self.max_length - len(cont))
+            prompt = encode(self.tokenizer, [text], max_length=room)[0]
+            cont = cont[: max(1, self.max_length - len(prompt))]
+        if not prompt and start_token is not None:
+            prompt = [int(start_token)]  # an empty prompt: the target starts a sequence
+        if not prompt:
+            raise ValueError(f"nll: prompt {text!r} has no token and the tokenizer no start token")
+        return [*prompt, *cont], len(prompt)
