@@ -96,10 +96,12 @@ def test_oracle_candidates_cover_vertices_edges_and_centre(dim: int) -> None:
 # K = 3 task types over E = 6 experts: type k uses experts 2k and 2k + 1 most
 U3 = {
     name: np.array(
-        [[0.45, 0.35, 0.05, 0.05, 0.05, 0.05],
-         [0.05, 0.05, 0.4, 0.4, 0.05, 0.05],
-         [0.05, 0.05, 0.05, 0.05, 0.5, 0.3]]
-    )  # fmt: skip
+        [
+            [0.45, 0.35, 0.05, 0.05, 0.05, 0.05],
+            [0.05, 0.05, 0.4, 0.4, 0.05, 0.05],
+            [0.05, 0.05, 0.05, 0.05, 0.5, 0.3],
+        ]
+    )
     for name in ("b0", "b1")
 }
 
@@ -115,7 +117,7 @@ def test_grouped_with_one_expert_is_the_task_simplex() -> None:
 def test_grouped_gives_the_heaviest_types_their_own_experts(m: int) -> None:
     a = np.array([0.2, 0.5, 0.3])  # type 1 weighs most, then type 2
     plan = GroupedTaskSimplex(U3, experts=m).plan(a)
-    for name, c in plan.items():
+    for c in plan.values():
         assert c.shape == (m, 6)
         np.testing.assert_allclose(c.sum(1), 1.0)
         support = c > 0

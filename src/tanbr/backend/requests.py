@@ -153,6 +153,11 @@ class Pool:
         return Slot(index, requests, truth)
 
 
+def pool_truth(pool: Pool) -> Truth:
+    """The truth of a whole pool (every request, in pool order)."""
+    return pool.slot(0, np.arange(len(pool.texts))).truth  # type: ignore[return-value]
+
+
 def _check_targets(owner: str, targets: Sequence[str | None], n: int) -> tuple[str | None, ...]:
     """Targets as a tuple of n strings or None, or a ValueError naming the bad entry."""
     out = tuple(targets)

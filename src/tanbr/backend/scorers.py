@@ -97,3 +97,9 @@ def make_scorer(name: str) -> Scorer:
     if factory is None:
         raise ValueError(f"reward.kind must be one of {sorted(SCORERS)}, got {name!r}")
     return factory()
+
+
+def default_metric(backend: Backend) -> str:
+    """What a slot's accuracy means for a backend: label accuracy for a classifier, the
+    per-token likelihood of the reference (or of the request itself) for a language model."""
+    return "likelihood" if backend.kind == "lm" else "accuracy"

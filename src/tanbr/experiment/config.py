@@ -141,6 +141,7 @@ class EvaluationConfig:
     memo: bool = True
     workers: int = 1
     memory: bool = True  # measure the resident set of serving processes (one per kind)
+    metric: str = ""  # what "accuracy" reports: a scorer's name ("": the model's own kind)
     budget_s: float = 0.0  # wall-time budget of the whole command, checked in the report
 
     def __post_init__(self) -> None:

@@ -121,6 +121,7 @@ class System:
     mode: Mode
     reward: RewardFn = field(default_factory=RewardFn)
     scorer: Scorer = field(default_factory=LabelAccuracy)
+    metric: Scorer = field(default_factory=LabelAccuracy)  # the evaluation's "accuracy"
     labelling: Labelling = field(default_factory=Labelling)
     head: int = 0
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
@@ -161,10 +162,11 @@ class Decision:
 class Served:
     """A served batch: class probabilities, predicted labels, and costs."""
 
-    probs: np.ndarray  # (n, n_labels)
-    predictions: np.ndarray  # (n,) int64
+    probs: np.ndarray  # (n, n_labels); (n, 0) for a language model
+    predictions: np.ndarray  # (n,) int64: labels, or a language model's next-token ids
     latency_ms: float  # MoE layers + head for the whole batch
     merge_ms: float = 0.0  # merges done while serving (per-task mode, deferred merges)
+    metric: np.ndarray | None = None  # (n,) the evaluation metric's scores, given the truth
 
 
 # --- the phases ---------------------------------------------------------------------------------
@@ -244,23 +246,31 @@ def serve(
     """
     decision = decision if decision is not None else system.applied
     backend = system.backend
+    metric = system.metric
     if decision is not None and decision.kind == "per-task":
         if truth is None:
             raise ValueError("per-task serving reads task tags: pass truth")
         probs = np.zeros((len(requests), backend.n_labels), dtype=np.float32)
+        predictions = np.zeros(len(requests), dtype=np.int64)
+        scores = np.zeros(len(requests))
         latency = merge_ms = 0.0
         tasks = np.asarray(truth.tasks, dtype=np.int64)
         for k in np.unique(tasks):
             idx = np.flatnonzero(tasks == k)
+            part_requests = requests.take(idx)
             merge_ms += backend.merge(decision.task_plans[int(k)])
-            part = backend.predict(requests.take(idx))
+            part = backend.predict(part_requests)
             probs[idx] = part.probs
+            predictions[idx] = part.predictions
+            # scored under this task's merge, while it is the one applied
+            scores[idx] = metric.score(backend, part_requests, part.predictions, truth.take(idx))
             latency += part.latency_ms
             merge_ms += part.merge_ms
-        return Served(probs, probs.argmax(axis=1).astype(np.int64), latency, merge_ms)
+        return Served(probs, predictions, latency, merge_ms, scores)
     pred = backend.predict(requests)
-    probs = np.asarray(pred.probs)
-    return Served(probs, probs.argmax(axis=1).astype(np.int64), pred.latency_ms, pred.merge_ms)
+    predictions = np.asarray(pred.predictions, dtype=np.int64)
+    graded = None if truth is None else metric.score(backend, requests, predictions, truth)
+    return Served(np.asarray(pred.probs), predictions, pred.latency_ms, pred.merge_ms, graded)
 
 
 def observe(system: System, requests: Requests, *, truth: Truth | None = None) -> None:
@@ -408,8 +418,8 @@ def _record(
     est_tasks = true_mix = None
     if truth is not None and served_truth is not None:
         true_mix = truth.mix.tolist()
-        if len(served_truth.tasks):
-            accuracy = float((served.predictions == served_truth.labels).mean())
+        if len(served_truth.tasks) and served.metric is not None:
+            accuracy = float(np.mean(served.metric))
         if evaluator is not None:
             mapped = evaluator.tasks_mix(decision.mix)
             est_tasks = mapped.tolist()

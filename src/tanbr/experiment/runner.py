@@ -33,6 +33,7 @@ from tanbr.experiment.parameterization import make_space
 from tanbr.experiment.probes import last_decision, probe_latency, probe_slots, time_probes
 from tanbr.experiment.records import SlotRecord, write_json, write_trace
 from tanbr.experiment.reward import RewardFn
+from tanbr.experiment.setup import evaluation_metric
 from tanbr.experiment.summary import Costs, summarize
 from tanbr.experiment.values import PolicyRun, Progress, RunResult, Setup, SlotEvaluator
 from tanbr.experiment.workload import SCHEDULES, draw_slots, read_mix_trace, read_request_trace
@@ -115,6 +116,7 @@ def build_system(setup: Setup, name: str, seed: int) -> System:
             memory_weight=cfg.reward.memory_weight,
         ),
         scorer=make_scorer(cfg.reward.kind),
+        metric=make_scorer(evaluation_metric(cfg, setup.backend)),
         labelling=Labelling(
             fraction=cfg.reward.label_fraction,
             delay=cfg.reward.delay,

@@ -16,7 +16,8 @@ from collections.abc import Callable
 import numpy as np
 
 from tanbr.backend.protocol import Backend
-from tanbr.backend.requests import Pool, Requests
+from tanbr.backend.requests import Pool, Requests, pool_truth
+from tanbr.backend.scorers import default_metric, make_scorer
 from tanbr.experiment.config import EstimatorConfig, ExperimentConfig
 from tanbr.experiment.estimator import (
     ClusterEstimator,
@@ -44,12 +45,16 @@ def _mean_rows(probs: np.ndarray) -> np.ndarray:
     return np.asarray(c / c.sum())
 
 
-def per_task_accuracy(predictions: np.ndarray, pool: Pool) -> np.ndarray:
-    """(n_tasks,) accuracy of predictions on each task of the pool."""
-    correct = (np.asarray(predictions) == pool.labels).astype(float)
+def per_task_mean(scores: np.ndarray, pool: Pool) -> np.ndarray:
+    """(n_tasks,) the mean score of each task's requests of the pool."""
     n = len(pool.task_names)
-    hits = np.bincount(pool.tasks, weights=correct, minlength=n)
-    return np.asarray(hits / np.bincount(pool.tasks, minlength=n))
+    sums = np.bincount(pool.tasks, weights=np.asarray(scores, dtype=np.float64), minlength=n)
+    return np.asarray(sums / np.bincount(pool.tasks, minlength=n))
+
+
+def evaluation_metric(config: ExperimentConfig, backend: Backend) -> str:
+    """The scorer behind the reported accuracy: the config's, or the backend's natural one."""
+    return config.evaluation.metric or default_metric(backend)
 
 
 def first_per_task(pool: Pool, n: int) -> Pool:
@@ -177,11 +182,13 @@ def prepare(
     acc = np.zeros((len(candidates), n_tasks))
     scored = first_per_task(test, config.oracle.rows_per_task)
     test_requests = _requests(scored)
+    truth = pool_truth(scored)
+    metric = make_scorer(evaluation_metric(config, backend))
     bar = progress("oracle table", len(candidates), "merge") if progress else None
     for c, action in enumerate(candidates):
         backend.merge(absolute.plan(action))
-        probs = backend.predict(test_requests).probs
-        acc[c] = per_task_accuracy(np.asarray(probs).argmax(1), scored)
+        predictions = backend.predict(test_requests).predictions
+        acc[c] = per_task_mean(metric.score(backend, test_requests, predictions, truth), scored)
         if bar is not None:
             bar.update(1)
     if bar is not None:
