@@ -34,12 +34,13 @@ from tanbr.bandit.base import (
     argmax,
     check_action,
     check_context,
+    check_feedback,
     check_int,
     check_positive,
-    check_reward,
     check_setup,
 )
 from tanbr.bandit.chart import (
+    ANCHORED_MODEL,
     CHARTS,
     DEFAULT_FLOOR,
     anchor_weights,
@@ -53,7 +54,7 @@ from tanbr.bandit.spaces import Space
 
 REPRESENTATIVES: tuple[str, ...] = ("center", "sample")
 #: Reward-model defaults in the relative chart (see docs/algorithm.md, section 5).
-RELATIVE_MODEL: dict[str, Any] = {"encoding": "offset", "prior": 3.0, "train_steps": 8}
+RELATIVE_MODEL: dict[str, Any] = ANCHORED_MODEL
 
 
 class Tanbr:
@@ -167,12 +168,19 @@ class Tanbr:
         score = mean + self.gamma * width + self.nu * self.tree.diameters[leaves]
         return np.array(actions[argmax(score, self.rng)])
 
-    def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
+    def update(
+        self,
+        context: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        *,
+        type_rewards: np.ndarray | None = None,
+    ) -> None:
         x = check_context(context, self.context_dim)
         w = self._weights(x)
         a = check_action(action, self.space)
-        r = check_reward(reward)
-        self.model.learn(x, a, r)
+        r, per_type = check_feedback(reward, type_rewards, self.context_dim)
+        self.model.learn(x, a, r, per_type)
         self.n_updates += 1
         node = self._node_of(a if w is None else to_chart(w, a))
         self.visits[node] += 1
