@@ -81,6 +81,7 @@ def test_bench_policy_table(capsys: pytest.CaptureFixture[str]) -> None:
     [
         (["--policies", "router"], "unknown policy"),
         (["--policies", "hoo@relative"], "only tanbr"),
+        (["--policies", "tanbr@wide"], "only tanbr"),
         (["--dims", "4", "1"], "--dims"),
         (["--families", "saddle"], "unknown surface family"),
         (["--schedule", "bursty"], "unknown schedule"),

@@ -13,8 +13,10 @@ Seeds and families: by default the reporting seeds 0, 1, ... and the reporting f
 the held-out ones); ``--tuning`` switches to the tuning seeds 100, 101, ... and the tuning
 families, where defaults are chosen (see :mod:`tanbr.bandit.surfaces`).
 
-A policy named ``tanbr@absolute`` is Tanbr forced onto the absolute chart (a transparency
-row). Timing runs each of ``--timing-policies`` alone for ``--timing-slots`` slots with K of
+``tanbr@absolute`` is Tanbr forced onto the absolute chart and ``tanbr@scalar`` Tanbr with
+its former scalar reward model (transparency rows, :data:`VARIANTS`).
+
+Timing runs each of ``--timing-policies`` alone for ``--timing-slots`` slots with K of
 ``--timing-dims`` experts and ``min(K, --timing-types)`` task types (the paper: 8 types, 8 to
 192 experts), without an oracle, and reports select/update wall times over the last 10% of
 the slots, where the trees and histories are largest.
@@ -80,16 +82,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
 
 
+#: Transparency rows: Tanbr with one of its choices undone.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "relative": {"chart": "relative"},
+    "absolute": {"chart": "absolute"},
+    # the former defaults: one scalar from (context, action) with offset inputs and the prior
+    # mean -3 |a - x|^2, gamma = 0.1 at lam = 1, nu = 0.25, up to 2048 leaves
+    "scalar": dict(
+        head="scalar",
+        encoding="offset",
+        prior=3.0,
+        train_steps=8,
+        gamma=0.1,
+        lam=1.0,
+        nu=0.25,
+        max_leaves=2048,
+    ),
+}
+
+
 def _policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"tanbr@absolute"`` -> ``("tanbr", {"chart": "absolute"})``; plain names unchanged."""
-    name, _, chart = spec.partition("@")
-    if not chart:
+    name, _, variant = spec.partition("@")
+    if not variant:
         return name, {}
-    if name != "tanbr" or chart not in ("relative", "absolute"):
-        raise ValueError(
-            f"unknown policy variant {spec!r}: only tanbr@relative and tanbr@absolute exist"
-        )
-    return name, {"chart": chart}
+    if name != "tanbr" or variant not in VARIANTS:
+        known = ", ".join(f"tanbr@{v}" for v in VARIANTS)
+        raise ValueError(f"unknown policy variant {spec!r}: only {known} exist")
+    return name, dict(VARIANTS[variant])
 
 
 Job = tuple[str, str, int, int, int, str, str]

@@ -109,7 +109,8 @@ def run_policy(
     feedback: str = "per-type",
     on_slot: Callable[[int], None] | None = None,
 ) -> Trace:
-    """One seeded run of a registered policy on ``Simplex(K)`` with a task-mix schedule.
+    """One seeded run of a registered policy on ``Simplex(K)`` with a task-mix schedule (a
+    non-contextual surface shows the policy its fixed mix every slot).
 
     The seed is split into independent streams for the contexts, the policy and the reward
     noise, so every policy run with the same seed sees the same mixes and the same noise.
@@ -122,6 +123,8 @@ def run_policy(
         rng=np.random.default_rng(ctx_seed),
         **(schedule_params or {}),
     )
+    if not surface.contextual:
+        contexts = np.tile(surface.static_context(), (n_slots, 1))
     policy = make_policy(
         name,
         space=Simplex(surface.dim),

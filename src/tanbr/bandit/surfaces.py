@@ -199,6 +199,10 @@ class Surface:
 
     # --- rewards ---------------------------------------------------------------------------
 
+    def static_context(self) -> np.ndarray:
+        """The fixed mix of a non-contextual surface, (V,)."""
+        return _static_mix(self.n_types)
+
     def _context(self, x: np.ndarray) -> np.ndarray:
         if self.contextual:
             x = np.asarray(x, dtype=float)

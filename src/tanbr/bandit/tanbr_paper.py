@@ -139,7 +139,7 @@ class TanbrPaper:
         rng: np.random.Generator,
         max_nonzero: int | None = None,
         rho: float | None = None,
-        split_scale: float = 1.0,
+        split_scale: float = 0.1,
         gamma: float = 1.0,
         lam: float = 1.0,
         train_steps: int = 8,
