@@ -177,9 +177,9 @@ class Surface:
         across = d @ u  # (P, V, J)
         return np.asarray(across**2 / width**2 + (d2 - across**2) / sh.along**2)
 
-    def _kernels(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-type kernel values in [0, 1] (P, V), and the mean-shift weights of the active
-        mode (P, V) with its index (P, V) packed as a float array (P, V, 2)."""
+    def _kernels(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-type kernel values in [0, 1] (P, V), the mean-shift pull of each type's active
+        mode (P, V), and that mode's index (P, V)."""
         sh = self._shape
         _, heights = self.modes()
         q = self._distances(actions)  # (P, V, J)
@@ -195,7 +195,7 @@ class Surface:
         j = np.argmax(kern, axis=2)  # (P, V) the active mode
         value = np.take_along_axis(kern, j[..., None], axis=2)[..., 0]
         weight = np.take_along_axis(pull, j[..., None], axis=2)[..., 0]
-        return value, np.stack([weight, j.astype(float)], axis=2)
+        return value, weight, j
 
     # --- rewards ---------------------------------------------------------------------------
 
@@ -215,7 +215,7 @@ class Surface:
         """Mean reward of every type for ``actions`` (N, K) or (K,): (N, V) or (V,)."""
         a = np.asarray(actions, dtype=float)
         shape = a.shape[:-1]
-        value, _ = self._kernels(a.reshape(-1, self.dim))
+        value = self._kernels(a.reshape(-1, self.dim))[0]
         out = LOW + (HIGH - LOW) * value
         return np.asarray(out.reshape(*shape, self.n_types))
 
@@ -270,9 +270,9 @@ class Surface:
             if not len(active):
                 break
             pts, w_mix = a[active], weights[active]
-            _, pull = self._kernels(pts)
-            w = pull[..., 0] * w_mix  # (P, V)
-            c = centres[types, pull[..., 1].astype(int)]  # (P, V, K) active modes
+            _, pull, mode = self._kernels(pts)
+            w = pull * w_mix  # (P, V)
+            c = centres[types, mode]  # (P, V, K) the active modes
             total = w.sum(axis=1, keepdims=True)
             target = np.einsum("pv,pvk->pk", w, c) / np.maximum(total, 1e-300)
             direction = np.where(total > 0, target - pts, 0.0)  # an ascent direction
