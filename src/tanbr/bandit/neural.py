@@ -169,8 +169,8 @@ class RewardNet:
             h = acts[-1]  # (N, m)
             zinv = (self._zinv[:1] if self._shared else self._zinv).astype(np.float32)
             a, b, c = zinv[:, :-1, :-1], zinv[:, :-1, -1], zinv[:, -1, -1]  # (G, m, m), ...
-            ha = np.einsum("nm,gmk->ngk", h, a) if len(zinv) > 1 else (h @ a[0])[:, None, :]
-            quad = np.einsum("ngk,nk->ng", ha, h) + 2.0 * h @ b.T + c  # (N, G)
+            ha = h @ a  # (G, N, m), one BLAS product per type
+            quad = np.einsum("gnk,nk->ng", ha, h) + 2.0 * h @ b.T + c  # (N, G)
             if self._shared:
                 quad = np.broadcast_to(quad, (len(h), self.outputs))
         else:
