@@ -87,7 +87,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "relative": {"chart": "relative"},
     "absolute": {"chart": "absolute"},
     # the former defaults: one scalar from (context, action) with offset inputs and the prior
-    # mean -3 |a - x|^2, gamma = 0.1 at lam = 1, nu = 0.25, up to 2048 leaves
+    # mean -3 |a - x|^2, gamma = 0.1 at lam = 1, nu = 0.25, up to 2048 leaves, 8 visits
     "scalar": dict(
         head="scalar",
         encoding="offset",
@@ -97,6 +97,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         lam=1.0,
         nu=0.25,
         max_leaves=2048,
+        split_visits=8,
     ),
 }
 
