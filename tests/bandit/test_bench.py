@@ -13,20 +13,45 @@ TINY = ["--slots", "240", "--at", "220", "--seeds", "2", "--families", "bump,rid
 
 def test_bench_policy_json(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "policy", "--json", *TINY, "--policies", "tanbr,plug-in,fixed"]
-    assert cli.main([*argv, "--timing-slots", "60"]) == 0
+    timing = ["--timing-slots", "60", "--timing-dims", "8", "24", "--timing-types", "4"]
+    assert cli.main([*argv, *timing]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["surfaces"]) == {"bump-4", "ridge-4"}
+    assert out["settings"]["seeds"] == [0, 1] and out["settings"]["feedback"] == "per-type"
     for rows in out["surfaces"].values():
         assert set(rows) == {"tanbr", "plug-in", "fixed"}
         for row in rows.values():
-            assert set(row) == {"regret_mean", "regret_std", "slope"}
+            assert set(row) == {"regret_mean", "regret_std", "slope", "select_ms_p50"}
             assert row["regret_mean"] > 0 and row["regret_std"] >= 0
+            assert row["select_ms_p50"] > 0
     # the fixed (uniform) merge has linear regret
     assert out["surfaces"]["bump-4"]["fixed"]["slope"] == pytest.approx(1.0, abs=0.05)
-    timing = out["timing"]
-    assert set(timing) == {"slots", "select_ms_p50", "select_ms_p99", "update_ms_p50", "leaves"}
-    assert timing["slots"] == 60 and timing["leaves"] >= 64
-    assert 0 < timing["select_ms_p50"] <= timing["select_ms_p99"]
+    runs = out["timing"]
+    assert [(t["policy"], t["experts"], t["types"]) for t in runs] == [
+        ("tanbr", 8, 4), ("tanbr-paper", 8, 4), ("tanbr", 24, 4), ("tanbr-paper", 24, 4)
+    ]  # fmt: skip
+    for t in runs:
+        assert t["slots"] == 60 and t["leaves"] >= 1
+        assert 0 < t["select_ms_p50"] <= t["select_ms_p99"]
+
+
+def test_bench_policy_tuning_seeds_and_families(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "policy", "--json", "--slots", "240", "--at", "220", "--seeds", "1",
+            "--tuning", "--policies", "plug-in", "--timing-slots", "0",
+            "--feedback", "scalar"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["seeds"] == [100] and out["settings"]["held_out"] == []
+    assert set(out["surfaces"]) == {"bump-4", "multimodal-4", "ridge-4", "flat-4"}
+
+
+def test_bench_policy_reports_the_held_out_families(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "policy", "--json", "--slots", "240", "--at", "220", "--seeds", "1",
+            "--policies", "fixed", "--timing-slots", "0"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["held_out"] == ["shifted", "plateau"]
+    assert "flat-4" not in out["surfaces"] and "plateau-4" in out["surfaces"]
 
 
 def test_bench_policy_several_dims(capsys: pytest.CaptureFixture[str]) -> None:
@@ -34,7 +59,7 @@ def test_bench_policy_several_dims(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([*argv, "--policies", "tanbr,tanbr@absolute,plug-in"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["surfaces"]) == {"bump-2", "ridge-2", "bump-6", "ridge-6"}
-    assert out["settings"]["dims"] == [2, 6] and out["timing"] == {}
+    assert out["settings"]["dims"] == [2, 6] and out["timing"] == []
     for rows in out["surfaces"].values():
         assert set(rows) == {"tanbr", "tanbr@absolute", "plug-in"}
     # the two charts are different policies
@@ -56,9 +81,12 @@ def test_bench_policy_table(capsys: pytest.CaptureFixture[str]) -> None:
     [
         (["--policies", "router"], "unknown policy"),
         (["--policies", "hoo@relative"], "only tanbr"),
+        (["--policies", "tanbr@wide"], "only tanbr"),
         (["--dims", "4", "1"], "--dims"),
         (["--families", "saddle"], "unknown surface family"),
         (["--schedule", "bursty"], "unknown schedule"),
+        (["--feedback", "labels"], "--feedback"),
+        (["--timing-dims", "1"], "--timing-dims"),
         (["--slots", "100"], "--slots"),
         (["--at", "5000"], "--at"),
     ],

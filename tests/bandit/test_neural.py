@@ -11,7 +11,7 @@ from tanbr.bandit.spaces import Simplex
 
 
 def torch_loss(
-    net: RewardNet, z: np.ndarray, r: np.ndarray
+    net: RewardNet, z: np.ndarray, r: np.ndarray, w: np.ndarray | None = None
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The same regularised loss written with torch autograd: the reference."""
     params = [torch.tensor(p, requires_grad=True) for p in net.params]
@@ -20,8 +20,10 @@ def torch_loss(
     act = torch.relu if net.activation == "relu" else torch.tanh
     for layer in range(net.depth):
         h = act(h @ params[2 * layer].T + params[2 * layer + 1])
-    out = h @ params[-2] + params[-1][0]
-    loss = torch.mean((out - torch.tensor(r)) ** 2)
+    out = h @ params[-2].T + params[-1]  # (B, V)
+    target = torch.tensor(np.nan_to_num(r.reshape(len(z), -1)))
+    weight = torch.ones_like(out) if w is None else torch.tensor(w)
+    loss = torch.sum(weight * (out - target) ** 2) / len(z)
     loss = loss + net.weight_decay * sum(
         torch.sum((p - q) ** 2) for p, q in zip(params, init, strict=True)
     )
@@ -38,7 +40,7 @@ def per_sample_gradients(net: RewardNet, z: np.ndarray) -> np.ndarray:
         h = torch.tensor(zn[None, :])
         for layer in range(net.depth):
             h = act(h @ params[2 * layer].T + params[2 * layer + 1])
-        out = (h @ params[-2] + params[-1][0]).sum()
+        out = (h @ params[-2].T + params[-1]).sum()
         grads = torch.autograd.grad(out, params)
         rows.append(torch.cat([g.reshape(-1) for g in grads]).numpy())
     return np.stack(rows)
@@ -59,6 +61,50 @@ def test_hand_gradients_match_autograd(activation: str, depth: int) -> None:
     assert loss == pytest.approx(float(ref_loss.detach()), rel=1e-10)
     for g, ref in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, ref.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_per_type_loss_and_gradients_match_autograd() -> None:
+    """V outputs, per-(sample, type) weights, and NaN targets where the weight is 0."""
+    rng = np.random.default_rng(7)
+    net = RewardNet(input_dim=4, rng=rng, hidden=6, depth=2, outputs=3, weight_decay=0.01)
+    for p in net.params:
+        p += rng.normal(0, 0.1, p.shape)
+    z, r = rng.normal(size=(9, 4)), rng.uniform(size=(9, 3))
+    w = rng.uniform(size=(9, 3))
+    w[2, 1] = w[5, 0] = 0.0
+    r[2, 1] = r[5, 0] = np.nan
+    loss, grads = net.loss_and_grads(z, r, w)
+    ref_loss, ref_grads = torch_loss(net, z, r, w)
+    assert loss == pytest.approx(float(ref_loss.detach()), rel=1e-10)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, ref.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_per_type_widths_use_one_weighted_inverse_per_type() -> None:
+    """Z_v = lam I + sum_s w_sv g_s g_s^T with g = (h, 1), one inverse per type, kept by
+    weighted Sherman-Morrison steps and rebuilt identically by refresh()."""
+    rng = np.random.default_rng(8)
+    net = RewardNet(input_dim=3, rng=rng, hidden=5, depth=2, outputs=3, lam=2.0)
+    played = rng.normal(size=(10, 3))
+    weights = np.ones((10, 3))
+    weights[4:] = rng.uniform(size=(6, 3))  # equal weights first (one shared inverse), then not
+    for z, w in zip(played, weights, strict=True):
+        net.observe(z, w)
+    _, acts, _ = net._forward(played)
+    g = np.concatenate([acts[-1], np.ones((10, 1))], axis=1)
+    cand = rng.normal(size=(4, 3))
+    _, acts_c, _ = net._forward(cand)
+    gc = np.concatenate([acts_c[-1], np.ones((4, 1))], axis=1)
+    inverses = [np.linalg.inv(2.0 * np.eye(6) + (g * w[:, None]).T @ g) for w in weights.T]
+    expected = np.stack(
+        [np.sqrt(np.einsum("ni,ij,nj->n", gc, inv, gc)) for inv in inverses],
+        axis=1,
+    )  # fmt: skip
+    np.testing.assert_allclose(net.predict_types(cand)[1], expected, rtol=1e-4)
+    net.refresh(played, weights)
+    np.testing.assert_allclose(net.predict_types(cand)[1], expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="outputs"):
+        net.predict(cand)
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])

@@ -148,5 +148,5 @@ def test_bad_input_is_rejected() -> None:
     tree.split(0)
     with pytest.raises(ValueError, match="already split"):
         tree.split(0)
-    with pytest.raises(ValueError, match="Simplex or a Box"):
+    with pytest.raises(ValueError, match="Simplex, SparseSimplex or Box"):
         PartitionTree("simplex")  # type: ignore[arg-type]

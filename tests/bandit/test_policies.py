@@ -7,11 +7,19 @@ import pickle
 import numpy as np
 import pytest
 
-from tanbr.bandit import POLICIES, Box, Policy, Simplex, make_policy
+from tanbr.bandit import POLICIES, Box, Policy, Simplex, SparseSimplex, make_policy
 from tanbr.bandit.spaces import Space
 
 NAMES = sorted(POLICIES)
-SPACES: list[Space] = [Simplex(4), Box(low=(0.0, -1.0, 0.5), high=(1.0, 1.0, 2.0))]
+SPACES: list[Space] = [
+    Simplex(4),
+    Box(low=(0.0, -1.0, 0.5), high=(1.0, 1.0, 2.0)),
+    SparseSimplex(5, 2),
+]
+#: Policies that keep their actions B-sparse; the others refuse a binding SparseSimplex.
+SPARSE = {"tanbr-paper", "nucb", "nucb-anchored", "random", "fixed"}
+#: Policies of merge coefficients, or anchored at the mix: no Box.
+NO_BOX = {"plug-in", "tanbr-paper", "nucb", "nucb-anchored", "neural-grid-anchored"}
 
 
 def build(name: str, space: Space, seed: int = 0) -> Policy:
@@ -36,19 +44,26 @@ def run(policy: Policy, xs: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def supports(name: str, space: Space) -> bool:
+    if isinstance(space, Box):
+        return name not in NO_BOX
+    if isinstance(space, SparseSimplex):
+        return name in SPARSE
+    return True
+
+
 def cases() -> list[tuple[str, Space]]:
-    return [
-        (name, space)
-        for name in NAMES
-        for space in SPACES
-        if not (name == "plug-in" and isinstance(space, Box))
-    ]
+    return [(name, space) for name in NAMES for space in SPACES if supports(name, space)]
 
 
 def test_registry_names() -> None:
     assert set(POLICIES) == {
         "tanbr",
+        "tanbr-paper",
+        "nucb",
+        "nucb-anchored",
         "neural-grid",
+        "neural-grid-anchored",
         "hoo",
         "linucb-grid",
         "egreedy-grid",
@@ -110,6 +125,41 @@ def test_bad_rewards_are_rejected(name: str, space: Space, reward: object) -> No
 
 
 @pytest.mark.parametrize(("name", "space"), cases())
+def test_per_type_feedback_is_accepted_and_checked(name: str, space: Space) -> None:
+    """Every policy takes ``type_rewards`` (V = context_dim rewards, NaN where a type had no
+    scored request), and rejects a malformed one with an error that names it."""
+    policy = build(name, space)
+    xs = contexts(space, 6, seed=8)
+    for i, x in enumerate(xs):
+        a = policy.select(x)
+        per_type = np.full(space.dim, reward_of(a))
+        per_type[i % space.dim] = np.nan
+        policy.update(x, a, reward_of(a), type_rewards=per_type)
+    x = xs[0]
+    a = policy.select(x)
+    good = np.full(space.dim, 0.5)
+    for bad in (
+        good[:-1],  # wrong shape
+        np.append(good, 0.5),
+        np.full(space.dim, np.nan),  # no finite entry
+        np.where(np.arange(space.dim) == 0, np.inf, 0.5),
+        np.where(np.arange(space.dim) == 0, -0.1, 0.5),  # outside [0, 1]
+        np.where(np.arange(space.dim) == 0, 1.2, 0.5),
+        "high",
+    ):
+        with pytest.raises(ValueError, match="type_rewards"):
+            policy.update(x, a, 0.5, type_rewards=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - SPARSE))
+def test_policies_that_cannot_stay_sparse_refuse_a_sparse_space(name: str) -> None:
+    with pytest.raises(ValueError, match=r"SparseSimplex|cannot keep"):
+        build(name, SparseSimplex(5, 2))
+    # a cap that does not bind is the plain simplex
+    build(name, SparseSimplex(4, 4))
+
+
+@pytest.mark.parametrize(("name", "space"), cases())
 def test_bad_contexts_and_actions_are_rejected(name: str, space: Space) -> None:
     policy = build(name, space)
     x = contexts(space, 1)[0]
@@ -157,7 +207,7 @@ def test_make_policy_names_bad_requests() -> None:
         make_policy("random", space=Simplex(3), context_dim=0, rng=rng)
     with pytest.raises(ValueError, match="rng"):
         make_policy("random", space=Simplex(3), context_dim=3, rng=0)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="Simplex or a Box"):
+    with pytest.raises(ValueError, match="Simplex, SparseSimplex or Box"):
         make_policy("hoo", space=[0, 1], context_dim=3, rng=rng)  # type: ignore[arg-type]
 
 

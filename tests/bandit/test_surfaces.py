@@ -7,7 +7,24 @@ import pytest
 
 from tanbr.bandit import Simplex, make_policy
 from tanbr.bandit.simulate import loglog_slope, run_policy, simulate
-from tanbr.bandit.surfaces import FAMILIES, HIGH, LOW, SCHEDULES, Surface, make_mixes, sharpen
+from tanbr.bandit.surfaces import (
+    FAMILIES,
+    HELD_OUT_FAMILIES,
+    HIGH,
+    LOW,
+    REPORT_FAMILIES,
+    REPORT_SEEDS,
+    SCHEDULES,
+    TUNING_FAMILIES,
+    TUNING_SEEDS,
+    Surface,
+    make_mixes,
+)
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-12, 1.0)
+    return np.asarray(-(p * np.log(p)).sum(axis=-1))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -15,49 +32,76 @@ from tanbr.bandit.surfaces import FAMILIES, HIGH, LOW, SCHEDULES, Surface, make_
 def test_known_optimum_beats_every_other_action(family: str, k: int) -> None:
     rng = np.random.default_rng(k)
     surface = Surface(family=family, dim=k)
-    for x in rng.dirichlet(np.ones(k), 20):
-        best = surface.best_action(x)
-        assert Simplex(k).contains(best)
-        assert float(surface.mean(x, best)) == pytest.approx(HIGH)
+    xs = rng.dirichlet(np.ones(k), 12)
+    best, values = surface.optimum(xs)
+    for x, a, v in zip(xs, best, values, strict=True):
+        assert Simplex(k).contains(a)
+        assert float(surface.mean(x, a)) == pytest.approx(v)
         others = Simplex(k).sample(rng, 2000)
         # local perturbations too: the optimum is a true maximum, not just a good point
-        near = np.clip(best + rng.normal(0, 0.02, (500, k)), 0, None)
+        near = np.clip(a + rng.normal(0, 0.02, (500, k)), 0, None)
         near /= near.sum(axis=1, keepdims=True)
-        values = surface.mean(x, np.concatenate([others, near]))
-        assert values.max() <= HIGH + 1e-12
-        assert values.min() >= LOW - 1e-12
+        found = surface.mean(x, np.concatenate([others, near]))
+        assert found.max() <= v + 1e-6
+        assert found.min() >= LOW - 1e-12 and v <= HIGH + 1e-12
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_slot_reward_is_the_mix_weighted_sum_of_per_type_rewards(family: str) -> None:
+    rng = np.random.default_rng(1)
+    surface = Surface(family=family, dim=3, noise=0.1)
+    x, a = np.array([0.2, 0.5, 0.3]), np.array([0.3, 0.3, 0.4])
+    g = surface.type_means(a)
+    assert g.shape == (3,) and float(surface.mean(x, a)) == pytest.approx(float(g @ x))
+    draws = [surface.feedback(x, a, rng) for _ in range(4000)]
+    slot = np.array([r for r, _ in draws])
+    per_type = np.array([t for _, t in draws])  # (4000, 3)
+    np.testing.assert_allclose(slot, per_type @ x)
+    assert per_type.min() >= 0.0 and per_type.max() <= 1.0
+    assert np.abs(per_type - g).max() <= 0.1 + 1e-12  # per-type noise, bounded
+    np.testing.assert_allclose(per_type.mean(axis=0), g, atol=0.005)  # and unbiased
+    assert np.std(per_type[:, 0] - per_type[:, 1]) > 0.05  # independent across types
 
 
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_best_action_is_a_non_linear_function_of_the_context(k: int) -> None:
     rng = np.random.default_rng(0)
     xs = rng.dirichlet(np.ones(k), 200)
-    best = np.array([Surface(family="bump", dim=k).best_action(x) for x in xs])
+    best, _ = Surface(family="bump", dim=k).optimum(xs)
     # not the context itself ...
     assert np.mean(np.linalg.norm(best - xs, axis=1)) > 0.05
     # ... and not any affine map of it: least squares leaves a clear residual
     design = np.concatenate([xs, np.ones((len(xs), 1))], axis=1)
     coef, *_ = np.linalg.lstsq(design, best, rcond=None)
     assert np.sqrt(np.mean((design @ coef - best) ** 2)) > 0.01
-    np.testing.assert_allclose(best, sharpen(xs))
+
+
+def test_the_families_optima_are_what_their_names_say() -> None:
+    """bump sharpens the mix, flat flattens it, shifted moves it towards the last expert."""
+    k = 6
+    xs = np.random.default_rng(3).dirichlet(np.ones(k), 100)
+    sharp, _ = Surface(family="bump", dim=k).optimum(xs)
+    flat, _ = Surface(family="flat", dim=k).optimum(xs)
+    shifted, _ = Surface(family="shifted", dim=k).optimum(xs)
+    assert np.mean(entropy(sharp) - entropy(xs)) < -0.2
+    assert np.mean(entropy(flat) - entropy(xs)) > 0.1
+    assert np.mean(shifted[:, -1] - xs[:, -1]) > 0.2
+
+
+def test_tuning_and_reporting_are_kept_apart() -> None:
+    assert set(TUNING_FAMILIES) | set(REPORT_FAMILIES) == set(FAMILIES)
+    assert set(TUNING_FAMILIES) - set(REPORT_FAMILIES)  # a family used only for tuning
+    assert not set(HELD_OUT_FAMILIES) & set(TUNING_FAMILIES)
+    assert set(HELD_OUT_FAMILIES) <= set(REPORT_FAMILIES)
+    assert not set(TUNING_SEEDS) & set(REPORT_SEEDS) and min(TUNING_SEEDS) >= 100
 
 
 def test_plug_in_and_uniform_are_suboptimal() -> None:
     surface = Surface(family="bump", dim=4)
     x = np.array([0.5, 0.3, 0.15, 0.05])
-    assert float(surface.mean(x, x)) < HIGH - 0.05
+    best = surface.best_value(x)
+    assert float(surface.mean(x, x)) < best - 0.02
     assert float(surface.mean(x, np.full(4, 0.25))) < float(surface.mean(x, x))
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_rewards_are_bounded_and_unbiased(family: str) -> None:
-    rng = np.random.default_rng(1)
-    surface = Surface(family=family, dim=3, noise=0.1)
-    x, a = np.array([0.2, 0.5, 0.3]), np.array([0.3, 0.3, 0.4])
-    draws = np.array([surface.reward(x, a, rng) for _ in range(4000)])
-    assert draws.min() >= 0.0 and draws.max() <= 1.0
-    assert abs(draws - float(surface.mean(x, a))).max() <= 0.1 + 1e-12
-    assert draws.mean() == pytest.approx(float(surface.mean(x, a)), abs=0.005)
 
 
 def test_static_surfaces_ignore_the_context() -> None:
@@ -65,6 +109,15 @@ def test_static_surfaces_ignore_the_context() -> None:
     a = np.array([0.1, 0.2, 0.3, 0.4])
     assert surface.mean(np.full(4, 0.25), a) == surface.mean(np.array([1.0, 0, 0, 0]), a)
     assert surface.name == "multimodal-static-4"
+
+
+def test_more_experts_than_types() -> None:
+    surface = Surface(family="bump", dim=12, types=4)
+    a = Simplex(12).sample(np.random.default_rng(0), 5)
+    assert surface.type_means(a).shape == (5, 4)
+    own = surface.own_experts()
+    np.testing.assert_allclose(own.sum(axis=1), 1.0)
+    assert np.all((own > 0).sum(axis=1) == 3)
 
 
 def test_surface_settings_are_checked() -> None:
@@ -113,7 +166,7 @@ def test_simulate_records_pseudo_regret() -> None:
     mixes = make_mixes("stationary", dim=3, n_slots=50, rng=rng)
     policy = make_policy("fixed", space=Simplex(3), context_dim=3, rng=rng)
     trace = simulate(policy, surface, mixes, rng=rng)
-    expected = [HIGH - float(surface.mean(x, np.full(3, 1 / 3))) for x in mixes]
+    expected = [surface.best_value(x) - float(surface.mean(x, np.full(3, 1 / 3))) for x in mixes]
     np.testing.assert_allclose(trace.regret, expected)
     np.testing.assert_allclose(trace.cumulative, np.cumsum(expected))
     assert trace.actions.shape == (50, 3) and np.all(trace.select_ms >= 0)
@@ -129,6 +182,21 @@ def test_run_policy_uses_common_random_numbers() -> None:
     )
     assert not np.allclose(a.regret, b.regret)
     assert np.all(a.rewards >= 0) and np.all(a.rewards <= 1)
+
+
+def test_scalar_and_per_type_feedback_share_the_noise() -> None:
+    """A policy that has no use for per-type rewards runs identically under both kinds of
+    feedback; a per-type learner does not."""
+    surface = Surface(family="bump", dim=3)
+    scalar = run_policy("neural-grid", surface, n_slots=40, seed=2, feedback="scalar")
+    typed = run_policy("neural-grid", surface, n_slots=40, seed=2, feedback="per-type")
+    np.testing.assert_array_equal(scalar.actions, typed.actions)
+    np.testing.assert_array_equal(scalar.rewards, typed.rewards)
+    paper_s = run_policy("tanbr-paper", surface, n_slots=40, seed=2, feedback="scalar")
+    paper_t = run_policy("tanbr-paper", surface, n_slots=40, seed=2, feedback="per-type")
+    assert not np.array_equal(paper_s.actions, paper_t.actions)
+    with pytest.raises(ValueError, match="feedback"):
+        run_policy("random", surface, n_slots=3, seed=0, feedback="labels")
 
 
 def test_loglog_slope() -> None:

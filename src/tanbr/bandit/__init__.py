@@ -1,8 +1,9 @@
 """Policies over continuous action spaces: Tanbr and the baselines it must beat.
 
 Every policy has two verbs, ``select(context) -> action`` and
-``update(context, action, reward)``, takes an explicit ``numpy.random.Generator`` and survives
-a pickle round trip. Build one by name with :func:`make_policy`::
+``update(context, action, reward, *, type_rewards=None)``, takes an explicit
+``numpy.random.Generator`` and survives a pickle round trip. Build one by name with
+:func:`make_policy`::
 
     policy = make_policy("tanbr", space=Simplex(4), context_dim=4, rng=np.random.default_rng(0))
 """
@@ -17,15 +18,21 @@ from tanbr.bandit.base import ActionSpace, Policy, PolicyFactory
 from tanbr.bandit.egreedy import EpsilonGreedyGrid
 from tanbr.bandit.hoo import HOO
 from tanbr.bandit.linucb import LinUCBGrid
-from tanbr.bandit.neural_grid import NeuralGrid
+from tanbr.bandit.neural_grid import NeuralGrid, neural_grid_anchored
+from tanbr.bandit.nucb import NeuralUCBRandom, nucb_anchored
 from tanbr.bandit.partition import PartitionTree
 from tanbr.bandit.simple import FixedPolicy, PlugIn, RandomPolicy
-from tanbr.bandit.spaces import Box, Simplex, lattice
+from tanbr.bandit.spaces import Box, Simplex, SparseSimplex, lattice
 from tanbr.bandit.tanbr import Tanbr
+from tanbr.bandit.tanbr_paper import TanbrPaper
 
 POLICIES: dict[str, PolicyFactory] = {
     "tanbr": Tanbr,
+    "tanbr-paper": TanbrPaper,
+    "nucb": NeuralUCBRandom,
+    "nucb-anchored": nucb_anchored,
     "neural-grid": NeuralGrid,
+    "neural-grid-anchored": neural_grid_anchored,
     "hoo": HOO,
     "linucb-grid": LinUCBGrid,
     "egreedy-grid": EpsilonGreedyGrid,
@@ -61,13 +68,16 @@ __all__ = [
     "FixedPolicy",
     "LinUCBGrid",
     "NeuralGrid",
+    "NeuralUCBRandom",
     "PartitionTree",
     "PlugIn",
     "Policy",
     "PolicyFactory",
     "RandomPolicy",
     "Simplex",
+    "SparseSimplex",
     "Tanbr",
+    "TanbrPaper",
     "lattice",
     "make_policy",
 ]

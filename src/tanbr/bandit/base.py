@@ -1,9 +1,12 @@
 """The policy contract and the input checks every policy shares.
 
-A policy has two verbs, ``select(context) -> action`` and ``update(context, action, reward)``,
-always with the context (non-contextual policies ignore it). ``update`` recovers everything it
-needs from its arguments, never from a remembered "last action", so late and out-of-order
-feedback works.
+A policy has two verbs, ``select(context) -> action`` and
+``update(context, action, reward, *, type_rewards=None)``, always with the context
+(non-contextual policies ignore it). ``type_rewards`` is the optional per-type feedback of the
+slot: the reward of each of the V = ``context_dim`` task types, NaN where no scored request
+was assigned to that type; policies that cannot use it ignore it. ``update`` recovers
+everything it needs from its arguments, never from a remembered "last action", so late and
+out-of-order feedback works.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from tanbr.bandit.spaces import ActionSpace, Box, Simplex, Space, check_space
+from tanbr.bandit.spaces import ActionSpace, Box, Simplex, Space, SparseSimplex, check_space
 
 
 @runtime_checkable
@@ -25,7 +28,14 @@ class Policy(Protocol):
 
     def select(self, context: np.ndarray) -> np.ndarray: ...
 
-    def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None: ...
+    def update(
+        self,
+        context: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        *,
+        type_rewards: np.ndarray | None = None,
+    ) -> None: ...
 
 
 #: ``factory(space=..., context_dim=..., rng=..., **params) -> Policy``
@@ -75,9 +85,52 @@ def check_reward(reward: Any) -> float:
     return r
 
 
-def check_setup(space: Any, context_dim: Any, rng: Any) -> Space:
-    """Validate the arguments every factory takes; returns the space."""
+def check_type_rewards(type_rewards: Any, dim: int) -> np.ndarray | None:
+    """Per-type rewards as a float copy of shape ``(dim,)``, or None when not given.
+
+    Each entry is a reward in [0, 1], or NaN where no scored request was assigned to that
+    type; ValueError (naming ``type_rewards``) for a wrong shape, a non-number, an infinite
+    value, a value outside [0, 1], or no finite entry at all (then pass None).
+    """
+    if type_rewards is None:
+        return None
+    if isinstance(type_rewards, str | bytes | bool):
+        raise ValueError(f"type_rewards must be a numeric vector, got {type_rewards!r}")
+    try:
+        v = np.array(type_rewards, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"type_rewards must be a numeric vector, got {type_rewards!r}") from err
+    if v.shape != (dim,):
+        raise ValueError(f"type_rewards must have shape ({dim},), got {v.shape}")
+    seen = ~np.isnan(v)
+    if not np.any(seen):
+        raise ValueError("type_rewards has no finite entry; pass None when no type was scored")
+    if not np.all(np.isfinite(v[seen])):
+        raise ValueError(f"type_rewards must be finite or NaN, got {v.tolist()}")
+    if np.any(v[seen] < 0.0) or np.any(v[seen] > 1.0):
+        raise ValueError(f"type_rewards must be in [0, 1] (or NaN), got {v.tolist()}")
+    return v
+
+
+def check_feedback(
+    reward: Any, type_rewards: Any, context_dim: int
+) -> tuple[float, np.ndarray | None]:
+    """``check_reward`` and ``check_type_rewards`` together: what every ``update`` validates."""
+    return check_reward(reward), check_type_rewards(type_rewards, context_dim)
+
+
+def check_setup(space: Any, context_dim: Any, rng: Any, *, sparse: bool = False) -> Space:
+    """Validate the arguments every factory takes; returns the space.
+
+    ``sparse=False`` (a policy that cannot keep its actions B-sparse) refuses a
+    ``SparseSimplex`` whose cap binds.
+    """
     checked = check_space(space)
+    if isinstance(checked, SparseSimplex) and not sparse:
+        raise ValueError(
+            f"this policy cannot keep actions inside {checked}; use tanbr-paper or nucb, or "
+            f"Simplex({checked.dim})"
+        )
     if isinstance(context_dim, bool) or not isinstance(context_dim, int | np.integer):
         raise ValueError(f"context_dim must be an int, got {context_dim!r}")
     if context_dim < 1:
@@ -130,9 +183,11 @@ __all__ = [
     "argmax",
     "check_action",
     "check_context",
+    "check_feedback",
     "check_int",
     "check_positive",
     "check_reward",
     "check_setup",
+    "check_type_rewards",
     "nearest",
 ]

@@ -16,19 +16,25 @@ task reachable when the mix gives it no weight.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from tanbr.bandit.base import check_positive
-from tanbr.bandit.spaces import Simplex, Space
+from tanbr.bandit.spaces import Simplex, Space, SparseSimplex
 
 CHARTS: tuple[str, ...] = ("relative", "absolute")
 DEFAULT_FLOOR = 0.02
+#: The reward model in the relative chart: the anchor's other two parts (inputs that hold the
+#: step ``a - x`` away from the plug-in merge, and the prior mean ``-3 |a - x|^2``), with the
+#: training steps they were measured with (docs/algorithm.md, section 5).
+ANCHORED_MODEL: dict[str, Any] = {"encoding": "offset", "prior": 3.0, "train_steps": 8}
 
 
 def is_anchored(space: Space, context_dim: int) -> bool:
     """Whether actions live on the task simplex of the context (``Simplex(K)``, K-mix context):
     the only case where the context is itself an action, the plug-in merge."""
-    return isinstance(space, Simplex) and space.dim == context_dim
+    return isinstance(space, Simplex | SparseSimplex) and space.dim == context_dim
 
 
 def anchor_weights(context: np.ndarray, floor: float) -> np.ndarray:

@@ -16,9 +16,9 @@ from tanbr.bandit.base import (
     argmax,
     check_action,
     check_context,
+    check_feedback,
     check_int,
     check_positive,
-    check_reward,
     check_setup,
 )
 from tanbr.bandit.neural import RewardModel
@@ -68,7 +68,15 @@ class EpsilonGreedyGrid:
             return np.array(self.arms[self.rng.integers(len(self.arms))])
         return np.array(self.arms[argmax(self.model.mean(x, self.arms), self.rng)])
 
-    def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
+    def update(
+        self,
+        context: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        *,
+        type_rewards: np.ndarray | None = None,
+    ) -> None:
         x = check_context(context, self.context_dim)
         a = check_action(action, self.space)
-        self.model.learn(x, a, check_reward(reward))
+        r, per_type = check_feedback(reward, type_rewards, self.context_dim)
+        self.model.learn(x, a, r, per_type)

@@ -22,9 +22,9 @@ import numpy as np
 from tanbr.bandit.base import (
     check_action,
     check_context,
+    check_feedback,
     check_int,
     check_positive,
-    check_reward,
     check_setup,
 )
 from tanbr.bandit.partition import PartitionTree
@@ -81,10 +81,17 @@ class HOO:
             node = kids[int(self.rng.integers(2)) if tie else int(np.argmax(b))]
         return self.tree.center(node)
 
-    def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
+    def update(
+        self,
+        context: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        *,
+        type_rewards: np.ndarray | None = None,
+    ) -> None:
         check_context(context, self.context_dim)
         a = check_action(action, self.space)
-        r = check_reward(reward)
+        r = check_feedback(reward, type_rewards, self.context_dim)[0]
         path = self._path_to(a)
         self.counts[path] += 1.0
         self.sums[path] += r

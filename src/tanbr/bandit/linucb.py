@@ -13,9 +13,9 @@ from tanbr.bandit.base import (
     argmax,
     check_action,
     check_context,
+    check_feedback,
     check_int,
     check_positive,
-    check_reward,
     check_setup,
     nearest,
 )
@@ -67,10 +67,17 @@ class LinUCBGrid:
         width = np.sqrt(np.einsum("i,nij,j->n", phi, self.a_inv, phi))  # (N,)
         return np.array(self.arms[argmax(theta @ phi + self.alpha * width, self.rng)])
 
-    def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
+    def update(
+        self,
+        context: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        *,
+        type_rewards: np.ndarray | None = None,
+    ) -> None:
         phi = self._features(check_context(context, self.context_dim))
         arm = nearest(self.arms, check_action(action, self.space))
-        r = check_reward(reward)
+        r = check_feedback(reward, type_rewards, self.context_dim)[0]
         ap = self.a_inv[arm] @ phi  # (d,)
         self.a_inv[arm] -= np.outer(ap, ap) / (1.0 + phi @ ap)
         self.b[arm] += r * phi

@@ -13,6 +13,13 @@ candidate is ``sqrt(g^T Z^-1 g)`` where ``g`` is a gradient feature of the netwo
   per-candidate gradients: for a weight matrix ``W_l`` the per-candidate gradient is the outer
   product ``delta_l h_{l-1}^T``, so ``sum (delta_l^2 h_{l-1}^2) / D_l`` is a matrix product.
 
+With ``outputs = V > 1`` the network predicts one reward per task type (the per-type head):
+the squared loss is weighted per (sample, type), so a type without feedback in a slot simply
+does not count, and each type has its own last-layer ``Z_v = lam I + sum_s w_sv g_s g_s^T``
+(the gradient of output v with respect to the output layer is ``(h, 1)`` in v's block, so the
+full last-layer ``Z`` is block diagonal with these blocks). While every sample weighs every
+type the same, the blocks are equal and one inverse serves them all.
+
 Training is a few warm-started Adam steps per slot on a minibatch of the history, with the
 newest sample always in the batch and an L2 pull towards the initial weights (NeuralUCB's
 ``m lam ||theta - theta_0||^2`` regulariser). The network is small enough that numpy with
@@ -37,7 +44,8 @@ from tanbr.bandit.spaces import Space
 
 BONUSES: tuple[str, ...] = ("last-layer", "diagonal")
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh")
-ENCODINGS: tuple[str, ...] = ("plain", "offset")
+ENCODINGS: tuple[str, ...] = ("plain", "offset", "action")
+HEADS: tuple[str, ...] = ("scalar", "per-type")
 _BLAS: list[Any] = []  # the threadpoolctl controller, created on first use
 
 
@@ -83,6 +91,8 @@ class RewardNet:
         Prior precision of ``Z``: the width of a never-seen input is ``|g| / sqrt(lam)``.
     activation
         ``"relu"`` or ``"tanh"`` hidden units.
+    outputs
+        Number of predicted rewards V (1: one scalar reward; V: one per task type).
     """
 
     def __init__(
@@ -97,8 +107,10 @@ class RewardNet:
         bonus: str = "last-layer",
         lam: float = 1.0,
         activation: str = "relu",
+        outputs: int = 1,
     ) -> None:
         self.input_dim = check_int("input_dim", input_dim, minimum=1)
+        self.outputs = check_int("outputs", outputs, minimum=1)
         self.hidden = check_int("hidden", hidden, minimum=1)
         self.depth = check_int("depth", depth, minimum=1)
         self.lr = check_positive("lr", lr)
@@ -107,6 +119,10 @@ class RewardNet:
         if bonus not in BONUSES:
             raise ValueError(f"bonus must be one of {BONUSES}, got {bonus!r}")
         self.bonus: str = bonus
+        if bonus == "diagonal" and self.outputs > 1:
+            raise ValueError(
+                "bonus='diagonal' needs outputs=1; the per-type head uses 'last-layer'"
+            )
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.activation = activation
@@ -119,8 +135,9 @@ class RewardNet:
             bound = math.sqrt(6.0 / fan_in)
             arrays.append(rng.uniform(-bound, bound, size=(fan_out, fan_in)))
             arrays.append(np.zeros(fan_out))
-        arrays.append(rng.uniform(-1.0, 1.0, size=self.hidden) / math.sqrt(self.hidden))
-        arrays.append(np.zeros(1))
+        out_shape = (self.outputs, self.hidden)
+        arrays.append(rng.uniform(-1.0, 1.0, size=out_shape) / math.sqrt(self.hidden))
+        arrays.append(np.zeros(self.outputs))
         self.params = arrays
         self._init = [a.copy() for a in arrays]
         self._adam_m = [np.zeros_like(a) for a in arrays]
@@ -134,6 +151,14 @@ class RewardNet:
     def predict(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted rewards and widths ``sqrt(g^T Z^-1 g)`` of inputs ``z`` (N, D): (N,), (N,).
 
+        The scalar network's view (``outputs == 1``); see :meth:`predict_types` for V outputs.
+        """
+        mean, width = self.predict_types(z)
+        return self._scalar(mean), self._scalar(width)
+
+    def predict_types(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-output predictions and widths of inputs ``z`` (N, D): (N, V), (N, V).
+
         Scored in float32, see :meth:`_forward`.
         """
         z = np.atleast_2d(np.asarray(z, dtype=np.float32))
@@ -141,34 +166,55 @@ class RewardNet:
         slopes, acts, mean = self._forward(z, slopes=not last)
         if last:
             # g = (h, 1): g^T Z^-1 g = h^T A h + 2 h^T b + c for Z^-1 = [[A, b], [b^T, c]]
-            h, zinv = acts[-1], self._zinv.astype(np.float32)  # (N, m), (m+1, m+1)
-            quad = np.sum((h @ zinv[:-1, :-1]) * h, axis=1) + 2.0 * h @ zinv[:-1, -1] + zinv[-1, -1]
+            h = acts[-1]  # (N, m)
+            zinv = (self._zinv[:1] if self._shared else self._zinv).astype(np.float32)
+            a, b, c = zinv[:, :-1, :-1], zinv[:, :-1, -1], zinv[:, -1, -1]  # (G, m, m), ...
+            ha = h @ a  # (G, N, m), one BLAS product per type
+            quad = np.einsum("gnk,nk->ng", ha, h) + 2.0 * h @ b.T + c  # (N, G)
+            if self._shared:
+                quad = np.broadcast_to(quad, (len(h), self.outputs))
         else:
-            quad = self._diag_quadratic(slopes, acts)
+            quad = self._diag_quadratic(slopes, acts)[:, None]
         return mean.astype(float), np.sqrt(np.maximum(quad, 0.0)).astype(float)
 
     def mean(self, z: np.ndarray) -> np.ndarray:
-        """Predicted rewards of inputs ``z`` (N, D), shape (N,)."""
+        """Predicted rewards of inputs ``z`` (N, D), shape (N,) (``outputs == 1``)."""
+        return self._scalar(self.mean_types(z))
+
+    def mean_types(self, z: np.ndarray) -> np.ndarray:
+        """Per-output predictions of inputs ``z`` (N, D), shape (N, V)."""
         z = np.atleast_2d(np.asarray(z, dtype=np.float32))
         return self._forward(z, slopes=False)[2].astype(float)
 
+    def _scalar(self, values: np.ndarray) -> np.ndarray:
+        if self.outputs != 1:
+            raise ValueError(f"this network has {self.outputs} outputs; use the *_types methods")
+        return np.asarray(values[:, 0])
+
     # --- exploration statistics -----------------------------------------------------------
 
-    def observe(self, z: np.ndarray) -> None:
-        """Add the gradient feature of one played input ``z`` (D,) to ``Z``."""
+    def observe(self, z: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Add the gradient feature of one played input ``z`` (D,) to ``Z``, with per-output
+        ``weights`` (V,) (default 1: every output observed once)."""
         z = np.asarray(z, dtype=float).reshape(1, -1)
+        w = self._weights(weights, 1)[0]  # (V,)
         slopes, acts, _ = self._forward(z)
         if self.bonus == "last-layer":
+            self._unshare_if(w)
             g = self._last_features(acts[-1])[0]  # (m+1,)
-            zg = self._zinv @ g
-            self._zinv -= np.outer(zg, zg) / (1.0 + g @ zg)
+            zinv = self._zinv[:1] if self._shared else self._zinv  # (G, m+1, m+1)
+            wg = w[:1] if self._shared else w  # (G,)
+            zg = zinv @ g  # (G, m+1)
+            denom = 1.0 + wg * (zg @ g)  # (G,)
+            zinv -= (wg / denom)[:, None, None] * zg[:, :, None] * zg[:, None, :]
         else:
             for acc, sq in zip(self._diag, self._diag_squares(slopes, acts), strict=True):
                 acc += sq
         self.n_observed += 1
 
-    def refresh(self, z: np.ndarray) -> None:
-        """Rebuild ``Z`` from all played inputs ``z`` (n, D) with the current weights.
+    def refresh(self, z: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Rebuild ``Z`` from all played inputs ``z`` (n, D), with their per-output ``weights``
+        (n, V), using the current network weights.
 
         Gradient features drift as the network trains; NeuralUCB's rank-one updates keep
         features from old weights. Rebuilding now and then keeps the widths honest.
@@ -177,11 +223,14 @@ class RewardNet:
         z = np.atleast_2d(np.asarray(z, dtype=float))
         if len(z) == 0:
             return
+        w = self._weights(weights, len(z))  # (n, V)
         slopes, acts, _ = self._forward(z)
         if self.bonus == "last-layer":
             g = self._last_features(acts[-1])  # (n, m+1)
-            precision = self.lam * np.eye(g.shape[1]) + g.T @ g
-            self._zinv = np.linalg.inv(precision)
+            self._shared = bool(np.all(w == w[:, :1]))
+            cols = w[:, :1] if self._shared else w  # (n, G)
+            eye = self.lam * np.eye(g.shape[1])
+            self._zinv = np.stack([np.linalg.inv(eye + (g * c[:, None]).T @ g) for c in cols.T])
         else:
             for acc, sq in zip(self._diag, self._diag_squares(slopes, acts), strict=True):
                 acc += sq
@@ -189,8 +238,17 @@ class RewardNet:
 
     # --- training -------------------------------------------------------------------------
 
-    def fit(self, z: np.ndarray, r: np.ndarray, *, steps: int, batch_size: int) -> float:
-        """A few Adam steps on minibatches of ``(z (n, D), r (n,))``; returns the last loss.
+    def fit(
+        self,
+        z: np.ndarray,
+        r: np.ndarray,
+        *,
+        steps: int,
+        batch_size: int,
+        weights: np.ndarray | None = None,
+    ) -> float:
+        """A few Adam steps on minibatches of ``(z (n, D), r (n,) or (n, V))`` with per-output
+        ``weights`` (n, V) (default 1); returns the last loss.
 
         Each minibatch holds the newest sample plus ``batch_size - 1`` drawn uniformly (with
         replacement) from the history, so the cost per call is bounded whatever ``n`` is.
@@ -202,25 +260,33 @@ class RewardNet:
         for _ in range(steps):
             idx = self.rng.integers(0, n, size=min(batch_size, n))
             idx[0] = n - 1
-            loss, grads = self.loss_and_grads(z[idx], r[idx])
+            w = None if weights is None else weights[idx]
+            loss, grads = self.loss_and_grads(z[idx], r[idx], w)
             self._adam_step(grads)
         return loss
 
-    def loss_and_grads(self, z: np.ndarray, r: np.ndarray) -> tuple[float, list[np.ndarray]]:
-        """Regularised squared loss on a batch ``(z (B, D), r (B,))`` and its gradients.
+    def loss_and_grads(
+        self, z: np.ndarray, r: np.ndarray, weights: np.ndarray | None = None
+    ) -> tuple[float, list[np.ndarray]]:
+        """Regularised squared loss on a batch ``(z (B, D), r (B,) or (B, V))`` and its
+        gradients.
 
-        ``mean((f(z) - r)^2) + weight_decay * |theta - theta_0|^2``, back-propagated by hand
-        (the tests check it against torch autograd).
+        ``sum_{b,v} w_bv (f_v(z_b) - r_bv)^2 / B + weight_decay * |theta - theta_0|^2``
+        (``w = 1``: the mean squared error), back-propagated by hand (the tests check it
+        against torch autograd). Targets whose weight is 0 may be NaN.
         """
-        slopes, acts, out = self._forward(z)
+        slopes, acts, out = self._forward(z)  # out (B, V)
         w = self.params
-        resid = out - r  # (B,)
-        loss = float(np.mean(resid**2))
-        dout = 2.0 * resid / len(r)  # (B,) d loss / d out
+        n = len(z)
+        wts = self._weights(weights, n)  # (B, V)
+        target = np.asarray(r, dtype=float).reshape(n, -1)
+        resid = np.where(wts > 0, out - np.where(wts > 0, target, 0.0), 0.0)  # (B, V)
+        loss = float(np.sum(wts * resid**2) / n)
+        dout = 2.0 * wts * resid / n  # (B, V) d loss / d out
         grads: list[np.ndarray] = [np.empty(0)] * len(w)
-        grads[-2] = acts[-1].T @ dout  # (m,)
-        grads[-1] = np.array([dout.sum()])
-        delta = dout[:, None] * w[-2][None, :] * slopes[-1]  # (B, m)
+        grads[-2] = dout.T @ acts[-1]  # (V, m)
+        grads[-1] = dout.sum(axis=0)  # (V,)
+        delta = (dout @ w[-2]) * slopes[-1]  # (B, m)
         for layer in range(self.depth - 1, -1, -1):
             grads[2 * layer] = delta.T @ acts[layer]  # (m, fan_in)
             grads[2 * layer + 1] = delta.sum(axis=0)  # (m,)
@@ -257,7 +323,7 @@ class RewardNet:
                 if slopes:
                     slope.append(1.0 - h * h)
             acts.append(h)
-        out = h @ w[-2] + w[-1][0]  # (N,)
+        out = h @ w[-2].T + w[-1]  # (N, V)
         return slope, acts, out
 
     @staticmethod
@@ -267,7 +333,7 @@ class RewardNet:
     def _deltas(self, slopes: list[np.ndarray]) -> list[np.ndarray]:
         """d out / d pre-activation of every hidden layer, first to last, each (N, m)."""
         w = self.params
-        delta = w[-2][None, :] * slopes[-1]  # (N, m)
+        delta = w[-2][0][None, :] * slopes[-1]  # (N, m), one output (diagonal widths)
         deltas = [delta]
         for layer in range(self.depth - 1, 0, -1):
             delta = (delta @ w[2 * layer]) * slopes[layer - 1]  # (N, m)
@@ -282,7 +348,7 @@ class RewardNet:
             d2 = delta**2  # (N, m)
             out.append(d2.T @ acts[layer] ** 2)  # (m, fan_in)
             out.append(d2.sum(axis=0))  # (m,)
-        out.append((acts[-1] ** 2).sum(axis=0))  # (m,)
+        out.append((acts[-1] ** 2).sum(axis=0)[None, :])  # (1, m)
         out.append(np.array([float(len(acts[-1]))]))  # (1,)
         return out
 
@@ -295,12 +361,26 @@ class RewardNet:
             d2 = delta**2  # (N, m)
             quad += np.einsum("nf,nf->n", d2 @ inv[2 * layer], acts[layer] ** 2)
             quad += d2 @ inv[2 * layer + 1]
-        quad += (acts[-1] ** 2) @ inv[-2] + inv[-1][0]
+        quad += (acts[-1] ** 2) @ inv[-2][0] + inv[-1][0]
         return quad
 
     def _reset_precision(self) -> None:
-        self._zinv = np.eye(self.hidden + 1) / self.lam
+        eye = np.eye(self.hidden + 1) / self.lam
+        self._zinv = np.repeat(eye[None], self.outputs, axis=0)  # (V, m+1, m+1)
+        self._shared = True  # every sample so far weighed every output the same
         self._diag = [np.full(p.shape, self.lam) for p in self.params]
+
+    def _weights(self, weights: np.ndarray | None, n: int) -> np.ndarray:
+        """Per-(sample, output) weights as an (n, V) array (default: all ones)."""
+        if weights is None:
+            return np.ones((n, self.outputs))
+        return np.asarray(weights, dtype=float).reshape(n, self.outputs)
+
+    def _unshare_if(self, w: np.ndarray) -> None:
+        """Give every output its own ``Z^-1`` once a sample weighs the outputs differently."""
+        if self._shared and not np.all(w == w[0]):
+            self._zinv[1:] = self._zinv[0]
+            self._shared = False
 
     def _adam_step(self, grads: list[np.ndarray]) -> None:
         beta1, beta2, eps = 0.9, 0.999, 1e-8
@@ -315,20 +395,44 @@ class RewardNet:
             p -= self.lr * (m / c1) / (np.sqrt(v / c2) + eps)
 
 
-class History:
-    """Growing arrays of the played (input, reward) pairs; amortised O(1) appends."""
+def type_targets(
+    context: np.ndarray, reward: float, type_rewards: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """What a per-type learner trains on: targets (V,) and weights (V,) for one slot.
 
-    def __init__(self, input_dim: int) -> None:
+    With per-type feedback each type with a reward is one observation of its own reward
+    (weight 1) and a type without one (NaN) does not count (weight 0). Without it, the slot's
+    scalar reward stands for every type, weighted by the type's share of the mix: the slot
+    reward is the mix-weighted sum of the per-type rewards, so a type that hardly took part
+    hardly explains it.
+    """
+    if type_rewards is not None:
+        seen = ~np.isnan(type_rewards)
+        return np.where(seen, type_rewards, 0.0), seen.astype(float)
+    p = np.clip(np.asarray(context, dtype=float), 0.0, None)
+    total = float(p.sum())
+    weights = p / total if total > 0 else np.full(len(p), 1.0 / len(p))
+    return np.full(len(p), float(reward)), weights
+
+
+class History:
+    """Growing arrays of the played inputs, their targets and the targets' weights (one
+    column per network output); amortised O(1) appends."""
+
+    def __init__(self, input_dim: int, outputs: int = 1) -> None:
         self._z = np.zeros((64, input_dim))
-        self._r = np.zeros(64)
+        self._r = np.zeros((64, outputs))
+        self._w = np.zeros((64, outputs))
         self.n = 0
 
-    def append(self, z: np.ndarray, r: float) -> None:
+    def append(self, z: np.ndarray, r: Any, w: Any = 1.0) -> None:
         if self.n == len(self._r):
             self._z = np.concatenate([self._z, np.zeros_like(self._z)])
             self._r = np.concatenate([self._r, np.zeros_like(self._r)])
+            self._w = np.concatenate([self._w, np.zeros_like(self._w)])
         self._z[self.n] = z
         self._r[self.n] = r
+        self._w[self.n] = w
         self.n += 1
 
     @property
@@ -338,7 +442,14 @@ class History:
 
     @property
     def rewards(self) -> np.ndarray:
-        return self._r[: self.n]
+        """Targets, shape (n,) for one output, else (n, V)."""
+        r = self._r[: self.n]
+        return r[:, 0] if r.shape[1] == 1 else r
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Weights of the targets, shape (n, V)."""
+        return self._w[: self.n]
 
     def __len__(self) -> int:
         return self.n
@@ -351,12 +462,19 @@ class RewardModel:
     mixes of ``d`` tasks, which keeps the network's inputs of unit order whatever K is. With
     ``encoding="offset"`` (actions on the task simplex of the context) the step
     ``(a - x) * d`` away from the plug-in merge is appended: a reward that peaks near the
-    plug-in becomes a bump near the origin of these coordinates.
+    plug-in becomes a bump near the origin of these coordinates. ``encoding="action"`` feeds
+    the action alone, as the paper's network does: with the per-type head the context then
+    enters only through the scoring ``psi . f(a)``.
 
     ``prior > 0`` gives the network a prior mean ``m0(x, a) = -prior * |a - x|^2`` ("merges far
     from the plug-in are worse"): the network learns the residual ``r - m0`` and predicts
     ``m0 + f``. Without it an untrained network ranks candidates at random, and the first
     hundreds of slots cost more than the plug-in merge would.
+
+    ``head="per-type"`` predicts one reward per task type (V = ``context_dim`` outputs) and
+    scores a candidate by the mix-weighted sum ``psi . f`` (its width likewise ``psi . w``,
+    ``psi`` the context normalised to a mix). It learns from the per-type feedback when the
+    slot has it (:func:`type_targets`).
 
     Parameters
     ----------
@@ -368,9 +486,11 @@ class RewardModel:
         Rebuild ``Z`` from the whole history with the current weights every this many updates
         (rank-one updates in between).
     encoding
-        ``"plain"`` or ``"offset"`` network inputs (see above).
+        ``"plain"``, ``"offset"`` or ``"action"`` network inputs (see above).
     prior
         Curvature of the prior mean ``-prior * |a - x|^2`` (0: none).
+    head
+        ``"scalar"`` (one predicted reward) or ``"per-type"`` (see above).
     **net_params
         Passed to :class:`RewardNet` (hidden, depth, lr, weight_decay, bonus, lam,
         activation).
@@ -387,6 +507,7 @@ class RewardModel:
         refresh_every: int = 32,
         encoding: str = "plain",
         prior: float = 0.0,
+        head: str = "scalar",
         **net_params: Any,
     ) -> None:
         self.space = space
@@ -403,13 +524,25 @@ class RewardModel:
                 f"encoding={encoding!r} and prior={prior!r} need the action space Simplex(K) "
                 f"of the context's dimension K={context_dim}, got {space}"
             )
-        width = context_dim + space.dim * (2 if encoding == "offset" else 1)
-        self.net = RewardNet(input_dim=width, rng=rng, **net_params)
-        self.history = History(width)
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if encoding == "action" and (head != "per-type" or self.prior):
+            raise ValueError(
+                "encoding='action' (no context in the input) needs head='per-type' and no "
+                "prior: the context must enter somewhere, and the prior mean depends on it"
+            )
+        self.head = head
+        outputs = context_dim if head == "per-type" else 1
+        width = {"plain": context_dim + space.dim, "offset": context_dim + 2 * space.dim,
+                 "action": space.dim}[encoding]  # fmt: skip
+        self.net = RewardNet(input_dim=width, rng=rng, outputs=outputs, **net_params)
+        self.history = History(width, outputs)
 
     def inputs(self, context: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """Encoded network inputs for one context and ``actions`` (N, dim): (N, D)."""
         actions = np.atleast_2d(actions)
+        if self.encoding == "action":
+            return np.asarray(self.space.encode(actions))
         k = self.context_dim
         xc = (context - 1.0 / k) * k  # (Dx,)
         parts = [np.broadcast_to(xc, (len(actions), k)), self.space.encode(actions)]
@@ -424,30 +557,55 @@ class RewardModel:
         d = np.atleast_2d(actions) - context
         return np.asarray(-self.prior * np.sum(d * d, axis=1))
 
+    def _mix(self, context: np.ndarray) -> np.ndarray:
+        """The per-type head's scoring weights: the context as a mix (V,)."""
+        return type_targets(context, 0.0, None)[1]
+
     def predict(self, context: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted rewards and widths of ``actions`` (N, dim) for one context: (N,), (N,)."""
         with single_threaded_blas():
-            mean, width = self.net.predict(self.inputs(context, actions))
-        return mean + self.prior_mean(context, actions), width
+            mean, width = self.net.predict_types(self.inputs(context, actions))  # (N, V)
+        if self.head == "per-type":
+            psi = self._mix(context)
+            return mean @ psi + self.prior_mean(context, actions), width @ psi
+        return mean[:, 0] + self.prior_mean(context, actions), width[:, 0]
 
     def mean(self, context: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """Predicted rewards of ``actions`` (N, dim) for one context, shape (N,)."""
         with single_threaded_blas():
-            out = self.net.mean(self.inputs(context, actions))
-        return np.asarray(out + self.prior_mean(context, actions))
+            out = self.net.mean_types(self.inputs(context, actions))  # (N, V)
+        score = out @ self._mix(context) if self.head == "per-type" else out[:, 0]
+        return np.asarray(score + self.prior_mean(context, actions))
 
-    def learn(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
-        """Record one slot's feedback and train a little (inputs already validated)."""
+    def learn(
+        self,
+        context: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        type_rewards: np.ndarray | None = None,
+    ) -> None:
+        """Record one slot's feedback and train a little (inputs already validated).
+
+        The scalar head learns from ``reward``; the per-type head from ``type_rewards`` when
+        given, else from ``reward`` weighted by the mix (:func:`type_targets`).
+        """
         z = self.inputs(context, action[None, :])[0]
-        self.history.append(z, reward - float(self.prior_mean(context, action[None, :])[0]))
+        m0 = float(self.prior_mean(context, action[None, :])[0])
+        if self.head == "per-type":
+            target, weight = type_targets(context, reward, type_rewards)
+            self.history.append(z, target - m0, weight)
+        else:
+            weight = np.ones(1)
+            self.history.append(z, reward - m0, weight)
         with single_threaded_blas():
             if len(self.history) % self.refresh_every == 0:
-                self.net.refresh(self.history.inputs)
+                self.net.refresh(self.history.inputs, self.history.weights)
             else:
-                self.net.observe(z)
+                self.net.observe(z, weight)
             self.net.fit(
                 self.history.inputs,
                 self.history.rewards,
                 steps=self.train_steps,
                 batch_size=self.batch_size,
+                weights=self.history.weights,
             )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tanbr.bandit.spaces import ATOL, Box, Simplex, Space, check_space
+from tanbr.bandit.spaces import ATOL, Box, Simplex, Space, SparseSimplex, check_space
 
 
 class PartitionTree:
@@ -30,7 +30,10 @@ class PartitionTree:
     """
 
     def __init__(self, space: Space) -> None:
-        self.space: Space = check_space(space)
+        checked = check_space(space)
+        # A sparse simplex is covered by the tree of its hull; policies keep their candidates
+        # feasible themselves (see tanbr_paper.py).
+        self.space: Simplex | Box = checked.hull if isinstance(checked, SparseSimplex) else checked
         self.dim: int = self.space.dim
         self._n = 0
         cap = 64

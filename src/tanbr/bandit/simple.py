@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from tanbr.bandit.base import check_action, check_context, check_reward, check_setup
+from tanbr.bandit.base import check_action, check_context, check_feedback, check_setup
 from tanbr.bandit.spaces import Simplex, Space
 
 
@@ -16,7 +16,7 @@ class RandomPolicy:
     name = "random"
 
     def __init__(self, *, space: Space, context_dim: int, rng: np.random.Generator) -> None:
-        self.space = check_setup(space, context_dim, rng)
+        self.space = check_setup(space, context_dim, rng, sparse=True)
         self.context_dim = int(context_dim)
         self.rng = rng
 
@@ -24,10 +24,17 @@ class RandomPolicy:
         check_context(context, self.context_dim)
         return np.asarray(self.space.sample(self.rng, 1)[0])
 
-    def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
+    def update(
+        self,
+        context: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        *,
+        type_rewards: np.ndarray | None = None,
+    ) -> None:
         check_context(context, self.context_dim)
         check_action(action, self.space)
-        check_reward(reward)
+        check_feedback(reward, type_rewards, self.context_dim)
 
 
 class FixedPolicy:
@@ -43,7 +50,7 @@ class FixedPolicy:
         rng: np.random.Generator,
         action: Any = None,
     ) -> None:
-        self.space = check_setup(space, context_dim, rng)
+        self.space = check_setup(space, context_dim, rng, sparse=True)
         self.context_dim = int(context_dim)
         self.action = self.space.center() if action is None else check_action(action, self.space)
 
@@ -51,10 +58,17 @@ class FixedPolicy:
         check_context(context, self.context_dim)
         return np.array(self.action)
 
-    def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
+    def update(
+        self,
+        context: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        *,
+        type_rewards: np.ndarray | None = None,
+    ) -> None:
         check_context(context, self.context_dim)
         check_action(action, self.space)
-        check_reward(reward)
+        check_feedback(reward, type_rewards, self.context_dim)
 
 
 class PlugIn:
@@ -80,7 +94,14 @@ class PlugIn:
             raise ValueError(f"plug-in needs a context that is a mix (weights >= 0), got {x}")
         return np.asarray(x / x.sum())  # tolerate a mix estimate that does not sum to 1
 
-    def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
+    def update(
+        self,
+        context: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        *,
+        type_rewards: np.ndarray | None = None,
+    ) -> None:
         check_context(context, self.context_dim)
         check_action(action, self.space)
-        check_reward(reward)
+        check_feedback(reward, type_rewards, self.context_dim)

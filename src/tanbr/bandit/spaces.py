@@ -1,8 +1,10 @@
-"""Action spaces of the policies: the probability simplex and the axis-aligned box.
+"""Action spaces of the policies: the probability simplex, its sparse subset, and the box.
 
 The real system acts on ``Simplex(K)``, "how much each task's experts count", so actions are
-mixes of the K task types. ``Box`` serves a direct parameterization and the cross-check against
-PyXAB, whose algorithms work on boxes.
+mixes of the K task types. ``SparseSimplex(K, B)`` is the paper's feasible set of merge
+coefficients: one per expert, summing to 1, at most B of them non-zero (a resource cap).
+``Box`` serves a direct parameterization and the cross-check against PyXAB, whose algorithms
+work on boxes.
 """
 
 from __future__ import annotations
@@ -156,14 +158,100 @@ class Box:
         return np.asarray(2.0 * (np.asarray(a, dtype=float) - lo) / (hi - lo) - 1.0)
 
 
-Space = Simplex | Box
+@dataclass(frozen=True)
+class SparseSimplex:
+    """Mixes with at most ``max_nonzero`` non-zero entries: ``{a in Simplex(dim), |supp a| <= B}``.
+
+    The paper's feasible merge coefficients (B = 8 in its runs). It is a union of faces of the
+    simplex, not convex, so policies that average actions cannot stay inside it; the ones that
+    can (``tanbr-paper``, ``nucb``, ``random``, ``fixed``) accept it. With ``max_nonzero >= dim``
+    it is the plain simplex, and :func:`check_space` hands the policies ``Simplex(dim)``.
+
+    Examples
+    --------
+    >>> s = SparseSimplex(4, 2)
+    >>> s.contains(np.array([0.5, 0.5, 0.0, 0.0])), s.contains(np.full(4, 0.25))
+    (True, False)
+    >>> s.center().tolist()
+    [0.5, 0.5, 0.0, 0.0]
+    """
+
+    dim: int
+    max_nonzero: int
+
+    def __post_init__(self) -> None:
+        Simplex(self.dim)  # the same checks on dim
+        b = self.max_nonzero
+        if isinstance(b, bool) or not isinstance(b, int | np.integer) or b < 1:
+            raise ValueError(f"SparseSimplex max_nonzero must be an int >= 1, got {b!r}")
+        object.__setattr__(self, "dim", int(self.dim))
+        object.__setattr__(self, "max_nonzero", int(b))
+
+    @property
+    def hull(self) -> Simplex:
+        """The simplex the feasible set lies in (and is dense in when ``B >= dim``)."""
+        return Simplex(self.dim)
+
+    @property
+    def intrinsic_dim(self) -> int:
+        """Degrees of freedom of one face: ``min(B, dim) - 1``."""
+        return min(self.max_nonzero, self.dim) - 1
+
+    @property
+    def diameter(self) -> float:
+        return math.sqrt(2.0)
+
+    def contains(self, a: np.ndarray) -> bool:
+        a = np.asarray(a, dtype=float)
+        return bool(self.hull.contains(a) and np.count_nonzero(a > ATOL) <= self.max_nonzero)
+
+    def center(self) -> np.ndarray:
+        """The uniform mix of the first ``B`` coordinates (the uniform merge when B >= dim)."""
+        b = min(self.max_nonzero, self.dim)
+        out = np.zeros(self.dim)
+        out[:b] = 1.0 / b
+        return out
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` feasible points, shape (n, dim): a uniform support of size ``min(B, dim)``,
+        then a uniform point of that face."""
+        b = min(self.max_nonzero, self.dim)
+        out = np.zeros((n, self.dim))
+        if n == 0:
+            return out
+        support = np.argsort(rng.random((n, self.dim)), axis=1)[:, :b]  # (n, b)
+        np.put_along_axis(out, support, rng.dirichlet(np.ones(b), size=n), axis=1)
+        return out
+
+    def vertices(self) -> np.ndarray:
+        return np.eye(self.dim)
+
+    def encode(self, a: np.ndarray) -> np.ndarray:
+        """As for the simplex: centred on the barycentre, unit-order scale."""
+        return self.hull.encode(a)
+
+
+Space = Simplex | Box | SparseSimplex
 
 
 def check_space(space: object) -> Space:
-    """The space itself if it is one we can partition, else ValueError."""
-    if not isinstance(space, Simplex | Box):
-        raise ValueError(f"space must be a Simplex or a Box, got {type(space).__name__}")
+    """The space itself if it is one we know, else ValueError.
+
+    A ``SparseSimplex`` whose cap does not bind (``max_nonzero >= dim``) is the plain
+    ``Simplex(dim)``.
+    """
+    if isinstance(space, SparseSimplex) and space.max_nonzero >= space.dim:
+        return space.hull
+    if not isinstance(space, Simplex | Box | SparseSimplex):
+        raise ValueError(
+            f"space must be a Simplex, SparseSimplex or Box, got {type(space).__name__}"
+        )
     return space
+
+
+def support_sizes(points: np.ndarray) -> np.ndarray:
+    """Number of non-zero entries of each row of ``points`` (n, dim), shape (n,)."""
+    return np.asarray(np.count_nonzero(np.asarray(points) > ATOL, axis=-1))
 
 
 def lattice(space: Space, max_points: int) -> np.ndarray:
@@ -182,6 +270,8 @@ def lattice(space: Space, max_points: int) -> np.ndarray:
     if isinstance(max_points, bool) or not isinstance(max_points, int | np.integer):
         raise ValueError(f"max_points must be an int, got {max_points!r}")
     space = check_space(space)
+    if isinstance(space, SparseSimplex):
+        raise ValueError(f"lattice needs a Simplex or a Box, got {space}")
     if isinstance(space, Simplex):
         k = space.dim
         if max_points < k:

@@ -1,13 +1,16 @@
-"""Tanbr: the tree-structured adaptive neural contextual bandit.
+"""Tanbr: the tree-structured adaptive neural contextual bandit (the project's default).
 
 Every slot the candidates are the representative points of the leaves of a binary partition of
 the action space. A reward network scores them all in one batched forward pass for the slot's
 context, and the policy plays the leaf with the highest optimistic score
 
-    score(C) = f(x, a_C) + gamma * sqrt(g^T Z^-1 g) + nu * diam(C)
+    score(C) = psi . (f(a_C) + gamma * w(a_C)) + nu * diam(C)
 
-(the network's prediction, the NeuralUCB width, and the cell term that bounds how much better
-an untried point of the cell can be under a ``nu``-Lipschitz reward). A played leaf splits once
+(the per-type predictions and NeuralUCB widths weighted by the mix ``psi``, as in the paper,
+and the cell term that bounds how much better an untried point of the cell can be under a
+``nu``-Lipschitz reward). The reward network is the paper's: the action in, one reward per
+task type out, learnt from per-type feedback when the slot has it (``head="scalar"`` restores
+the former one-reward network of (context, action)). A played leaf splits once
 its confidence width has fallen below its cell term (the data can no longer tell its points
 apart), or after ``split_visits`` visits, so candidates get finer only where the policy keeps
 playing, i.e. where the reward is high. Depth is capped at
@@ -16,10 +19,9 @@ the ``1/sqrt(t)`` statistical resolution: O(log T).
 
 When the action space is the task simplex of the context's dimension, the tree partitions the
 context-anchored chart (:mod:`tanbr.bandit.chart`) instead of the absolute simplex: its centre
-is the plug-in merge, so the policy starts at plug-in quality and refines the correction. The
-reward network then sees the step ``a - x`` away from the plug-in and has the prior mean
-``-prior * |a - x|^2``. Actions handed out and taken back are always absolute merges; the
-chart is recomputed from the context, so no state is kept between ``select`` and ``update``.
+is the plug-in merge, so the candidates crowd around it and the tree refines the correction.
+Actions handed out and taken back are always absolute merges; the chart is recomputed from the
+context, so no state is kept between ``select`` and ``update``.
 See docs/algorithm.md for every formula.
 """
 
@@ -34,12 +36,13 @@ from tanbr.bandit.base import (
     argmax,
     check_action,
     check_context,
+    check_feedback,
     check_int,
     check_positive,
-    check_reward,
     check_setup,
 )
 from tanbr.bandit.chart import (
+    ANCHORED_MODEL,
     CHARTS,
     DEFAULT_FLOOR,
     anchor_weights,
@@ -52,8 +55,18 @@ from tanbr.bandit.partition import PartitionTree, split_to_depth
 from tanbr.bandit.spaces import Space
 
 REPRESENTATIVES: tuple[str, ...] = ("center", "sample")
-#: Reward-model defaults in the relative chart (see docs/algorithm.md, section 5).
-RELATIVE_MODEL: dict[str, Any] = {"encoding": "offset", "prior": 3.0, "train_steps": 8}
+#: Tanbr's reward model (docs/algorithm.md, section 5), chosen on the tuning seeds and
+#: families: the paper's network (the action in, one reward per task type out, scored by the
+#: mix) trained with 8 Adam steps per slot. ``lam`` defaults to the width m (64): NeuralUCB's
+#: lam = 1 in its normalisation ``g / sqrt(m)``.
+DEFAULT_MODEL: dict[str, Any] = {
+    "head": "per-type",
+    "encoding": "action",
+    "prior": 0.0,
+    "train_steps": 8,
+}
+#: The former default reward model in the relative chart (``tanbr@scalar`` in the bench).
+SCALAR_MODEL: dict[str, Any] = {"head": "scalar", **ANCHORED_MODEL}
 
 
 class Tanbr:
@@ -64,10 +77,11 @@ class Tanbr:
     space, context_dim, rng
         The action space, the length of the context, the only source of randomness.
     gamma
-        Weight of the NeuralUCB width in the score.
+        Weight of the NeuralUCB width in the score, in NeuralUCB's normalisation
+        (``lam = m``); the paper's 1 explored too much on the tuning seeds.
     nu
         Lipschitz constant of the cell term ``nu * diam(C)`` (reward per unit distance in the
-        partitioned chart). Default 0.25 in the relative chart, 0.5 in the absolute one.
+        partitioned chart).
     init_depth
         The tree starts split uniformly to this depth. Default in the absolute chart
         ``max(6, n)``: at least 64 candidates, every direction cut at least once; in the
@@ -89,7 +103,7 @@ class Tanbr:
         Reward-model settings (:class:`~tanbr.bandit.neural.RewardModel` and
         :class:`~tanbr.bandit.neural.RewardNet`): hidden, depth, lr, weight_decay, lam, bonus,
         train_steps, batch_size, refresh_every, encoding, prior. In the relative chart the
-        defaults become ``encoding="offset"``, ``prior=3.0`` and ``train_steps=8``.
+        defaults are :data:`DEFAULT_MODEL`, with ``lam`` equal to ``hidden``.
     """
 
     name = "tanbr"
@@ -101,10 +115,10 @@ class Tanbr:
         context_dim: int,
         rng: np.random.Generator,
         gamma: float = 0.1,
-        nu: float | None = None,
+        nu: float = 0.05,
         init_depth: int | None = None,
-        split_visits: int = 8,
-        max_leaves: int = 2048,
+        split_visits: int = 4,
+        max_leaves: int = 512,
         representative: str = "center",
         chart: str | None = None,
         floor: float = DEFAULT_FLOOR,
@@ -126,7 +140,6 @@ class Tanbr:
         relative = chart == "relative"
         self.floor = check_positive("floor", floor)
         self.gamma = check_positive("gamma", gamma, allow_zero=True)
-        nu = (0.25 if relative else 0.5) if nu is None else nu
         self.nu = check_positive("nu", nu, allow_zero=True)
         n = self.space.intrinsic_dim
         self.split_visits = check_int("split_visits", split_visits, minimum=1)
@@ -145,8 +158,8 @@ class Tanbr:
                 f"representative must be one of {REPRESENTATIVES}, got {representative!r}"
             )
         self.representative = representative
-        if relative:
-            model_params = {**RELATIVE_MODEL, **model_params}
+        model_params = {**DEFAULT_MODEL, **model_params}
+        model_params.setdefault("lam", float(model_params.get("hidden", 64)))
         self.tree = PartitionTree(self.space)
         split_to_depth(self.tree, self.init_depth)
         self.model = RewardModel(
@@ -167,12 +180,19 @@ class Tanbr:
         score = mean + self.gamma * width + self.nu * self.tree.diameters[leaves]
         return np.array(actions[argmax(score, self.rng)])
 
-    def update(self, context: np.ndarray, action: np.ndarray, reward: float) -> None:
+    def update(
+        self,
+        context: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        *,
+        type_rewards: np.ndarray | None = None,
+    ) -> None:
         x = check_context(context, self.context_dim)
         w = self._weights(x)
         a = check_action(action, self.space)
-        r = check_reward(reward)
-        self.model.learn(x, a, r)
+        r, per_type = check_feedback(reward, type_rewards, self.context_dim)
+        self.model.learn(x, a, r, per_type)
         self.n_updates += 1
         node = self._node_of(a if w is None else to_chart(w, a))
         self.visits[node] += 1

@@ -1,0 +1,120 @@
+"""The paper's reward network: input the merge coefficients x, output one reward per task type.
+
+``f(x; theta)`` is an MLP (width 64, depth 2) from the encoded merge to a V-vector, the
+predicted reward of each task type under that merge. The context does not enter the network:
+the slot's score of a merge is the inner product of its UCB vector with the mix ``psi``,
+
+    U_v(x) = f_v(x) + gamma * sqrt(phi^T Z_v^-1 phi),     score(x) = psi . U(x)
+
+with NeuralUCB's normalised gradient feature ``phi = g / sqrt(m)`` (m the width) and
+``Z_v = lam I + sum_s w_sv phi_s phi_s^T`` over the played merges (``w_sv`` = 1 when type v
+had feedback in slot s). ``g`` is the gradient of output v with respect to the output layer,
+``(h_L(x), 1)``: the last-layer choice of NeuralUCB, exact and cheap (see
+docs/algorithm.md, section 10). Because ``U`` does not depend on the context, a policy can
+compute it once per update for all its candidates and score them at decision time with one
+(N, V) @ (V,) product.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tanbr.bandit.base import check_int, check_positive
+from tanbr.bandit.neural import History, RewardNet, single_threaded_blas, type_targets
+from tanbr.bandit.spaces import Simplex, SparseSimplex
+
+
+class TypeRewardModel:
+    """V-output reward network over merges, with per-type NeuralUCB vectors.
+
+    Parameters
+    ----------
+    space
+        The merges' simplex (its ``encode`` gives the network input).
+    types
+        V, the number of task types (the context's length).
+    gamma, lam
+        NeuralUCB's exploration coefficient and prior precision in its own normalisation
+        (``phi = g / sqrt(m)``); the paper's values are 1 and 1.
+    train_steps
+        J, the Adam steps on minibatches of the history after every update.
+    batch_size, refresh_every, hidden, depth, lr, weight_decay
+        As for :class:`~tanbr.bandit.neural.RewardModel`.
+    """
+
+    def __init__(
+        self,
+        *,
+        space: Simplex | SparseSimplex,
+        types: int,
+        rng: np.random.Generator,
+        gamma: float = 1.0,
+        lam: float = 1.0,
+        train_steps: int = 8,
+        batch_size: int = 64,
+        refresh_every: int = 32,
+        hidden: int = 64,
+        depth: int = 2,
+        **net_params: Any,
+    ) -> None:
+        self.space = space
+        self.types = check_int("types", types, minimum=1)
+        self.gamma = check_positive("gamma", gamma, allow_zero=True)
+        self.lam = check_positive("lam", lam)
+        self.train_steps = check_int("train_steps", train_steps, minimum=0)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
+        hidden = check_int("hidden", hidden, minimum=1)
+        # NeuralUCB's sqrt(phi^T (lam I + sum phi phi^T)^-1 phi) with phi = g / sqrt(m) is
+        # sqrt(g^T (m lam I + sum g g^T)^-1 g): the network's unnormalised form at m * lam.
+        self.net = RewardNet(
+            input_dim=space.dim, rng=rng, hidden=hidden, depth=depth, lam=self.lam * hidden,
+            bonus="last-layer", outputs=self.types, **net_params,
+        )  # fmt: skip
+        self.history = History(space.dim, self.types)
+
+    def ucb(self, actions: np.ndarray) -> np.ndarray:
+        """The UCB vectors ``f(x) + gamma * width(x)`` of merges (N, K): (N, V)."""
+        with single_threaded_blas():
+            mean, width = self.net.predict_types(self.space.encode(np.atleast_2d(actions)))
+        return np.asarray(mean + self.gamma * width)
+
+    def mean(self, actions: np.ndarray) -> np.ndarray:
+        """Predicted per-type rewards of merges (N, K): (N, V)."""
+        with single_threaded_blas():
+            return self.net.mean_types(self.space.encode(np.atleast_2d(actions)))
+
+    def learn(
+        self,
+        context: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        type_rewards: np.ndarray | None,
+    ) -> None:
+        """One slot's feedback (already validated), then J Adam steps.
+
+        Per-type rewards when given; otherwise the slot reward for every type, weighted by
+        the mix (:func:`~tanbr.bandit.neural.type_targets`).
+        """
+        target, weight = type_targets(context, reward, type_rewards)
+        z = self.space.encode(action[None, :])[0]
+        self.history.append(z, target, weight)
+        with single_threaded_blas():
+            if len(self.history) % self.refresh_every == 0:
+                self.net.refresh(self.history.inputs, self.history.weights)
+            else:
+                self.net.observe(z, weight)
+            self.net.fit(
+                self.history.inputs,
+                self.history.rewards,
+                steps=self.train_steps,
+                batch_size=self.batch_size,
+                weights=self.history.weights,
+            )
+
+
+def mix_of(context: np.ndarray) -> np.ndarray:
+    """The scoring weights ``psi`` of a context: clipped at 0 and normalised (V,)."""
+    return type_targets(context, 0.0, None)[1]
