@@ -98,7 +98,7 @@ def test_delayed_and_partial_labels(fake: Fake) -> None:
     system = build_system(setup, "tanbr", 0)
     updates: list[tuple[float, ...]] = []
     learn = system.mode.learn
-    system.mode.learn = lambda m, a, r: (updates.append(tuple(a)), learn(m, a, r))  # type: ignore[method-assign]
+    system.mode.learn = lambda m, a, r, **kw: (updates.append(tuple(a)), learn(m, a, r, **kw))  # type: ignore[method-assign]
     records = [run_slot(system, s) for s in make_slots(setup, 0)[:10]]
     assert all(r.n_scored == 8 for r in records)  # 25% of 32
     assert len(updates) == 10 - 3  # slots 0..6 delivered by slot 9

@@ -85,7 +85,14 @@ class Mode(Protocol):
 
     def choose(self, mix: np.ndarray, *, truth: Truth | None = None) -> Choice: ...
 
-    def learn(self, mix: np.ndarray, action: np.ndarray, reward: float) -> None: ...
+    def learn(
+        self,
+        mix: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        *,
+        type_rewards: np.ndarray | None = None,
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -291,7 +298,8 @@ def feedback(system: System, decision: Decision, outcomes: Outcomes) -> float | 
     finds what to update from the arguments. Returns the reward (None if nothing to score)."""
     reward = system.reward(outcomes)
     if reward is not None and system.mode.learns and decision.action is not None:
-        system.mode.learn(decision.mix, decision.action, reward)
+        types = None if outcomes.type_rewards is None else np.asarray(outcomes.type_rewards)
+        system.mode.learn(decision.mix, decision.action, reward, type_rewards=types)
     return reward
 
 
@@ -319,15 +327,39 @@ def score(
     else:
         m = min(n, system.labelling.probe)
     idx = np.sort(system.rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
-    scores = scorer.score(
-        system.backend,
-        requests.take(idx),
-        served.predictions[idx],
-        truth.take(idx) if truth is not None else None,
-    )
+    scored = requests.take(idx)
+    scored_truth = truth.take(idx) if truth is not None else None
+    scores = scorer.score(system.backend, scored, served.predictions[idx], scored_truth)
+    hits = float(np.sum(scores))
+    by_type = type_means(system, scored, scores, scored_truth)
     return Outcomes(
-        float(np.sum(scores)), int(idx.size), latency_ms=latency_ms, memory_bytes=memory
+        hits, int(idx.size), latency_ms=latency_ms, memory_bytes=memory, type_rewards=by_type
     )
+
+
+def type_means(
+    system: System, requests: Requests, scores: np.ndarray, truth: Truth | None
+) -> tuple[float, ...] | None:
+    """The mean score of the scored requests of each task type (NaN where none), the types
+    given by the estimator from their signatures (no tag; the oracle estimator reads them)."""
+    if len(requests) == 0:
+        return None
+    estimator = system.estimator
+    if estimator.reads_tags:
+        if truth is None:
+            return None
+        types = np.asarray(truth.tasks, dtype=np.int64)
+    else:
+        assign = getattr(estimator, "assign", None)
+        if assign is None:
+            return None
+        types = np.asarray(assign(system.backend.signatures(requests)), dtype=np.int64)
+    k = estimator.n_types
+    sums = np.bincount(types, weights=np.asarray(scores, dtype=np.float64), minlength=k)
+    counts = np.bincount(types, minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return tuple(float(v) for v in means[:k])
 
 
 # --- the loop -----------------------------------------------------------------------------------

@@ -89,8 +89,15 @@ class BanditMode:
         action = np.asarray(self.policy.select(mix), dtype=np.float64)
         return Choice("merge", action=action, plan=self.plan_of(action, mix))
 
-    def learn(self, mix: np.ndarray, action: np.ndarray, reward: float) -> None:
-        self.policy.update(mix, action, reward)
+    def learn(
+        self,
+        mix: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        *,
+        type_rewards: np.ndarray | None = None,
+    ) -> None:
+        self.policy.update(mix, action, reward, type_rewards=type_rewards)
 
 
 class _Fixed:
@@ -99,7 +106,14 @@ class _Fixed:
     reads_mix = False
     name = "fixed"
 
-    def learn(self, mix: np.ndarray, action: np.ndarray, reward: float) -> None:
+    def learn(
+        self,
+        mix: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        *,
+        type_rewards: np.ndarray | None = None,
+    ) -> None:
         raise ValueError(f"mode {self.name!r} does not learn")
 
 

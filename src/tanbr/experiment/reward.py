@@ -28,6 +28,7 @@ class Outcomes:
     latency_ms: float | None = None
     memory_bytes: int | None = None
     reward: float | None = None
+    type_rewards: tuple[float, ...] | None = None  # mean score per task type, NaN where none
 
     def __post_init__(self) -> None:
         if self.n_scored < 0 or self.n_hits < 0 or self.n_hits > self.n_scored:

@@ -28,8 +28,8 @@ from tanbr.experiment.config import ExperimentConfig, write_config
 from tanbr.experiment.estimator import ClusterEstimator
 from tanbr.experiment.loop import Decision, Labelling, System, run_slot
 from tanbr.experiment.memory import measure_run_memory
-from tanbr.experiment.modes import MODES, make_mode
-from tanbr.experiment.parameterization import make_space
+from tanbr.experiment.modes import MODES, PlanOf, make_mode
+from tanbr.experiment.parameterization import Direct, make_space
 from tanbr.experiment.probes import last_decision, probe_latency, probe_slots, time_probes
 from tanbr.experiment.records import SlotRecord, write_json, write_trace
 from tanbr.experiment.reward import RewardFn
@@ -95,14 +95,16 @@ def build_system(setup: Setup, name: str, seed: int) -> System:
     estimator = copy.deepcopy(setup.estimator)
     if isinstance(estimator, ClusterEstimator):
         estimator.rng = np.random.default_rng([seed, 7])
+    params = _policy_params(cfg, name)
+    plan_of, dim = _action_of(setup, name, params.pop("action", None))
     mode = make_mode(
         name,
         baselines=setup.baselines,
-        space=make_space(setup.dim),
+        space=make_space(dim),
         context_dim=estimator.n_types,
-        plan_of=setup.plan_of,
+        plan_of=plan_of,
         rng=rng,
-        params=_policy_params(cfg, name),
+        params=params,
     )
     return System(
         backend=setup.backend,
@@ -126,6 +128,36 @@ def build_system(setup: Setup, name: str, seed: int) -> System:
         head=cfg.estimator.head,
         rng=np.random.default_rng([seed, zlib.crc32(name.encode()), 1]),
     )
+
+
+#: Policies that act on one coefficient per expert by default (the paper's action), not on the
+#: task simplex; ``[policy.NAME] action = "tasks" | "experts"`` chooses for any bandit policy.
+EXPERT_ACTION = ("tanbr-paper", "nucb")
+ACTIONS = ("tasks", "experts")
+
+
+def _action_of(setup: Setup, name: str, action: Any) -> tuple[PlanOf, int]:
+    """What a bandit policy acts on: the parameterization's action (``tasks``), or one
+    coefficient per expert shared by every block (``experts``)."""
+    if action is None:
+        action = "experts" if name in EXPERT_ACTION else "tasks"
+    if action not in ACTIONS:
+        raise ValueError(f"[policy.{name}] action must be one of {ACTIONS}, got {action!r}")
+    if action == "tasks":
+        return setup.plan_of, setup.dim
+    if setup.config.merge.experts > 1:
+        raise ValueError(
+            f"policy {name!r} acts on expert coefficients (one merge per block); merge.experts"
+            ' > 1 groups experts by task type: set [policy.{name}] action = "tasks"'
+        )
+    sizes = set(setup.backend.blocks.values())
+    if len(sizes) != 1:
+        raise ValueError(
+            f"policy {name!r} acts on one coefficient per expert, shared by every block; the "
+            f"model's blocks have different numbers of experts {sorted(sizes)}"
+        )
+    direct = Direct(setup.backend.blocks)
+    return direct.plan, direct.dim
 
 
 def _policy_params(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
