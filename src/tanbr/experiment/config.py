@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STATIC_POLICIES = ("full-moe", "uniform", "frequency", "smear", "task-oracle", "slot-oracle")
-
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -10,7 +10,6 @@ import numpy as np
 
 from tanbr.backend.protocol import Backend
 from tanbr.backend.requests import Requests, Slot
-from tanbr.experiment.config import STATIC_POLICIES
 from tanbr.experiment.runner import run_policy
 from tanbr.experiment.values import PolicyRun, Setup
 
@@ -69,13 +68,16 @@ def run_parallel(
     return [results[job] for job in jobs]
 
 
-def submission_order(jobs: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
-    """Longest jobs first, so that no worker starts a long run while the other idles at the end.
+#: Relative cost of a run: a policy whose merge changes every slot (bandits, plug-in, the slot
+#: oracle) gets no memo hit and costs most; soft merging runs one merge per request (memoised);
+#: the static merges and the full MoE are computed once per request.
+RUN_COST = {"uniform": 0, "frequency": 0, "full-moe": 1, "task-oracle": 1, "smear": 2}
 
-    A policy that merges anew every slot (bandits, plug-in) costs several times a static one,
-    whose merges are prepared once and whose predictions are memoised; within each group the
-    configured order is kept."""
-    return sorted(jobs, key=lambda job: job[1] in STATIC_POLICIES)
+
+def submission_order(jobs: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Longest jobs first, so that no worker starts a long run while the other idles at the end;
+    within a cost the configured order is kept."""
+    return sorted(jobs, key=lambda job: -RUN_COST.get(job[1], 3))
 
 
 def _init_worker(
