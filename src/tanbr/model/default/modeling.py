@@ -162,6 +162,7 @@ class TanbrMoELayer(nn.Module):
         ffn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         keep: torch.Tensor | None = None,
         tap: list[torch.Tensor] | None = None,
+        attended: torch.Tensor | None = None,
     ) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
         """``ffn`` (training only) stands in for the MoE block, (B, T, H) -> (B, T, H).
 
@@ -169,8 +170,11 @@ class TanbrMoELayer(nn.Module):
         (1, N, H) sequence, and the padding positions get no feed-forward output (attention
         never reads them as keys and pooling skips them, so every real token's output is
         unchanged while the block's work drops by the padding share). ``tap``: the MoE block's
-        input is appended to it (what a signature of the served path reads, for free)."""
-        attended, _ = self.attention(hidden_states, attention_mask)
+        input is appended to it (what a signature of the served path reads, for free).
+        ``attended``: the attention's output, computed before (it does not depend on any merge
+        in the first MoE layer): the attention is skipped."""
+        if attended is None:
+            attended, _ = self.attention(hidden_states, attention_mask)
         if tap is not None:
             tap.append(attended)
         if ffn is not None:
@@ -273,6 +277,7 @@ class TanbrMoEClassifier(PreTrainedModel):  # type: ignore[misc]
         ffn: Callable[[int, TanbrExperts, torch.Tensor], torch.Tensor] | None = None,
         pack: bool = False,
         tap: list[torch.Tensor] | None = None,
+        first: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """MoE layers, masked mean pooling and the joint head: logits (B, n_labels).
 
@@ -280,7 +285,8 @@ class TanbrMoEClassifier(PreTrainedModel):  # type: ignore[misc]
         (the upper layers are all MoE layers): training's differentiable merges use it.
         ``pack``: the MoE blocks run on the real tokens only (see :class:`TanbrMoELayer`); not
         for blocks that need each sequence whole (soft merging) or a per-sequence gate record.
-        ``tap``: receives the first MoE block's input (B, T, H), which no merge changes."""
+        ``tap``: receives the first MoE block's input (B, T, H), which no merge changes;
+        ``first``: that input, computed before (the first layer's attention is skipped)."""
         dtype = self.classifier.weight.dtype
         hidden = states.hidden.to(dtype)  # (B, T, H)
         keep = states.attention_mask.to(dtype)  # (B, T)
@@ -288,7 +294,13 @@ class TanbrMoEClassifier(PreTrainedModel):  # type: ignore[misc]
         if ffn is None:
             real = states.attention_mask.bool() if pack else None
             for i, layer in enumerate(self.layers[self.n_lower :]):
-                hidden = layer(hidden, mask, keep=real, tap=tap if i == 0 else None)
+                hidden = layer(
+                    hidden,
+                    mask,
+                    keep=real,
+                    tap=tap if i == 0 else None,
+                    attended=first if i == 0 else None,
+                )
         else:
             for i, moe in enumerate(self.moe_layers()):
                 hidden = moe(hidden, mask, ffn=functools.partial(ffn, i, moe.mlp.experts))
