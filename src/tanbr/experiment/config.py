@@ -140,6 +140,7 @@ class EvaluationConfig:
     workers: int = 1
     memory: bool = True  # measure the resident set of serving processes (one per kind)
     metric: str = ""  # what "accuracy" reports: a scorer's name ("": the model's own kind)
+    tail: int = 0  # also report accuracy over the last `tail` slots (0: not)
     budget_s: float = 0.0  # wall-time budget of the whole command, checked in the report
 
     def __post_init__(self) -> None:

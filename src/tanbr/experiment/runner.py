@@ -342,6 +342,7 @@ def execute(
         batch_size=cfg.latency.batch_size,
         signature_ms=float(getattr(setup.backend, "signature_cost", 0.0)),
         memory=memory,
+        tail=cfg.evaluation.tail,
     )
     summary = summarize(runs, costs)
     summary["signature"] = cfg.estimator.signature

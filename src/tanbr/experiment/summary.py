@@ -22,6 +22,8 @@ from tanbr.experiment.values import PolicyRun
 PUBLIC_KEYS = (
     "accuracy",
     "accuracy_ci95",
+    "accuracy_tail",
+    "accuracy_tail_ci95",
     "reward",
     "regret",
     "of_slot_oracle",
@@ -49,6 +51,7 @@ class Costs:
     batch_size: int
     signature_ms: float = 0.0
     memory: Mapping[str, MemoryProbe] = field(default_factory=dict)
+    tail: int = 0  # the last slots whose accuracy is reported apart (0: none)
 
 
 def _pct(values: Iterable[float | None], q: float) -> float | None:
@@ -66,6 +69,23 @@ def ci95(values: Sequence[float]) -> list[float] | None:
     half = float(t.ppf(0.975, arr.size - 1) * arr.std(ddof=1) / math.sqrt(arr.size))
     mean = float(arr.mean())
     return [mean - half, mean + half]
+
+
+def batch_means_ci95(values: Sequence[float], n_batches: int = 20) -> list[float] | None:
+    """The 95% interval of a series' mean from the means of ``n_batches`` contiguous batches
+    (slots next to each other are correlated; batch means are close to independent)."""
+    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if arr.size < 2 * n_batches:
+        return None
+    batches = [float(b.mean()) for b in np.array_split(arr, n_batches)]
+    return ci95(batches)
+
+
+def _accuracy_ci(per_seed: list[list[float]]) -> list[float] | None:
+    """Over seeds when there are several; over slots (batch means) for one seed."""
+    if len(per_seed) > 1:
+        return ci95([float(np.mean(s)) for s in per_seed if s])
+    return batch_means_ci95(per_seed[0]) if per_seed else None
 
 
 def serving_kind(run: PolicyRun) -> str:
@@ -122,7 +142,14 @@ def summarize(runs: Sequence[PolicyRun], costs: Costs) -> dict[str, Any]:
     tvs: list[float] = []
     for name, group in by_policy.items():
         accs, regrets, shares, rewards = [], [], [], []
+        slot_accs: list[list[float]] = []
+        tails: list[list[float]] = []
         for run in group:
+            ordered = sorted(run.records, key=lambda r: r.slot)
+            series = [r.accuracy for r in ordered if r.accuracy is not None]
+            slot_accs.append(series)
+            if costs.tail:
+                tails.append(series[-costs.tail :])
             got = [r.reward for r in run.records if r.reward is not None]
             if got:
                 rewards.append(float(np.mean(got)))
@@ -148,7 +175,9 @@ def summarize(runs: Sequence[PolicyRun], costs: Costs) -> dict[str, Any]:
         probe = costs.memory.get(kind)
         policies[name] = {
             "accuracy": _mean_or_none(a for a in accs if math.isfinite(a)),
-            "accuracy_ci95": ci95(accs),
+            "accuracy_ci95": _accuracy_ci(slot_accs),
+            "accuracy_tail": _mean_or_none(float(np.mean(t)) for t in tails if t),
+            "accuracy_tail_ci95": _accuracy_ci(tails) if tails else None,
             "reward": float(np.mean(rewards)) if rewards else None,
             "regret": float(np.mean(regrets)) if regrets else None,
             "of_slot_oracle": float(np.mean(shares)) if shares else None,

@@ -1,0 +1,147 @@
+"""A user's checkpoint and task file, end to end from the command line: ``tanbr compare`` on
+tiny checkpoints of every supported family, and ``tanbr serve`` on a classifier (requests, a
+slot turnover, feedback, and learning with no feedback at all).
+
+One family of each head runs in the default suite; the others are marked slow (each is a
+whole comparison: set-up, runs, latency probes).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hf_checkpoints import CLASSIFIER_FAMILIES, LM_FAMILIES
+from tanbr import cli
+from tanbr.experiment.records import read_trace
+from tanbr.serve.bench import ServerProcess
+from tanbr.serve.state import DB_NAME
+
+FAST = [
+    "--set", "n_slots=5",
+    "--set", "seeds=[0]",
+    "--set", "workload.slot_size=16",
+    "--set", "workload.period=2",
+    "--set", "estimator.head=8",
+    "--set", "estimator.n_types=2",
+    "--set", "oracle.n_candidates=2",
+    "--set", "evaluation.sample=8",
+    "--set", "evaluation.workers=1",
+    "--set", "evaluation.memory=false",
+    "--set", "latency.batches=1",
+    "--set", "latency.batch_size=4",
+    "--set", "model.dtype=float32",
+    "--set", "policies=['tanbr', 'plug-in', 'uniform', 'full-moe']",
+]  # fmt: skip
+DEFAULT_FAMILIES = {"classifier": "qwen2_moe", "lm": "mixtral"}
+
+
+def _cases() -> list[Any]:
+    cases = []
+    for kind, families in (("classifier", CLASSIFIER_FAMILIES), ("lm", LM_FAMILIES)):
+        for family in families:
+            marks = [] if DEFAULT_FAMILIES[kind] == family else [pytest.mark.slow]
+            cases.append(pytest.param(family, kind, marks=marks, id=f"{kind}-{family}"))
+    return cases
+
+
+@pytest.mark.parametrize(("family", "kind"), _cases())
+def test_compare_on_a_users_checkpoint_and_task_file(
+    family: str,
+    kind: str,
+    checkpoint: Callable[[str, str], Path],
+    task_files: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder = checkpoint(family, kind)
+    args = ["-q", "compare", "--model", str(folder), "--tasks", str(task_files[kind]), *FAST]
+    if kind == "lm":  # no head to type requests with: types from the full MoE's gates
+        args += ["--set", "estimator.types=gates", "--set", "reward.kind=likelihood"]
+    assert cli.main([*args, "--json", "--no-plots", "--out", str(tmp_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    policies = summary["policies"]
+    assert set(policies) >= {"tanbr", "plug-in", "uniform", "full-moe", "slot-oracle"}
+    for row in policies.values():
+        assert 0.0 <= row["accuracy"] <= 1.0
+    assert policies["slot-oracle"]["regret"] == 0.0
+    assert policies["tanbr"]["param_bytes"] < policies["full-moe"]["param_bytes"]
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    records = list(read_trace(run / "trace.jsonl"))
+    assert {r.policy for r in records} >= {"tanbr", "full-moe"}
+    assert all(r.reward is not None for r in records if r.policy == "tanbr")
+
+
+def test_a_folder_the_project_cannot_use_is_refused_before_any_weight_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], task_files: dict[str, Path]
+) -> None:
+    folder = tmp_path / "dense"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "bert", "architectures": ["BertForSequenceClassification"]})
+    )
+    code = cli.main(["compare", "--model", str(folder), "--tasks", str(task_files["classifier"])])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"tanbr cannot serve {folder}" in err[0]
+
+
+def _wait(fetch: Callable[[], dict[str, Any]], ok: Callable[[dict[str, Any]], bool]) -> Any:
+    deadline = time.monotonic() + 120
+    while True:
+        value = fetch()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached; last value {value}")
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(600)
+def test_serve_a_users_classifier_checkpoint(
+    checkpoint: Callable[[str, str], Path], task_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Requests, a slot turnover seen in /v1/status, client feedback, and the shadow reward
+    that learns with no feedback at all (the proxy scorer against the full MoE)."""
+    folder = checkpoint(DEFAULT_FAMILIES["classifier"], "classifier")
+    proc = ServerProcess(
+        ["--model", str(folder), "--tasks", str(task_files["classifier"]), "--threads", "1",
+         "--slot-size", "4", "--shadow", "2",
+         "--set", "estimator.n_types=2", "--set", "model.dtype=float32"],
+        state_dir=tmp_path / "state",
+        log_path=tmp_path / "server.log",
+    )  # fmt: skip
+    proc.start(timeout=300)
+    texts = [f"ball goal team match {i}" for i in range(4)] + [
+        f"bread soup salt cake {i}" for i in range(4)
+    ]
+    try:
+        with httpx.Client(base_url=proc.url, timeout=120.0) as http:
+            r = http.post("/v1/predict", json={"texts": texts[:4]})
+            assert r.status_code == 200, r.text
+            first = r.json()["predictions"]
+            assert {p["label"] for p in first} <= {"sport:win", "sport:lose", "food:tasty",
+                                                    "food:bland"}  # fmt: skip
+            _wait(lambda: http.get("/v1/status").json(), lambda s: s["slot"] >= 1)
+            r = http.post(
+                "/v1/feedback", json={"request_id": first[0]["request_id"], "label": "sport:win"}
+            )
+            assert r.status_code == 200, r.text
+            assert http.post("/v1/predict", json={"texts": texts[4:]}).status_code == 200
+            status = _wait(
+                lambda: http.get("/v1/status").json(),
+                lambda s: s["slot"] >= 2 and s["policy_updates"] >= 2,
+            )
+            assert status["feedback"] == 1
+    finally:
+        proc.kill()
+    with sqlite3.connect(tmp_path / "state" / DB_NAME) as db:
+        updates = db.execute("SELECT slot, n_feedback FROM updates ORDER BY slot").fetchall()
+    assert updates  # client feedback and shadow rewards both became policy updates
