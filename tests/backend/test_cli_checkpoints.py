@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from hf_checkpoints import CLASSIFIER_FAMILIES, LM_FAMILIES
+
 from tanbr import cli
 from tanbr.experiment.records import read_trace
 from tanbr.serve.bench import ServerProcess
