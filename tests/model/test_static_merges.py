@@ -422,6 +422,8 @@ def test_static_merges_need_the_full_moe_in_memory(make_case: Any, tmp_path: Pat
     with pytest.raises(ValueError, match=r"not resident.*Merger\.restore"):
         fisher_plan(lean.model, lean.blocks, _batches(case), _token_ll())
     lean.merger.restore()  # the experts read back: now it calibrates
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"outside torch\.inference_mode"):
+        fisher_plan(lean.model, lean.blocks, _batches(case), _token_ll())
     plan = fisher_plan(lean.model, lean.blocks, _batches(case), _token_ll())
     lean.merger.apply(plan)
 
@@ -470,7 +472,8 @@ def test_fisher_with_every_token_on_one_expert_is_that_expert(make_case: Any, na
 def test_fisher_is_an_elementwise_convex_combination(case: Any) -> None:
     blocks = find_moe_blocks(case.model)
     grads_before = [(p.requires_grad, p.grad) for p in case.model.parameters()]
-    plan = fisher_plan(case.model, blocks, _batches(case, shape=(2, 6)), _token_ll())
+    with torch.no_grad():  # the caller's no_grad: the Fisher enables what it needs
+        plan = fisher_plan(case.model, blocks, _batches(case, shape=(2, 6)), _token_ll())
     assert [(p.requires_grad, p.grad) for p in case.model.parameters()] == grads_before
     for b in blocks:
         for t in b.targets:

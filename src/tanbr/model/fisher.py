@@ -119,6 +119,7 @@ def _expert_params(model: nn.Module, block: MoEBlock) -> dict[str, list[nn.Param
     return {t.name: [m.get_parameter(t.name) for m in members] for t in block.targets}
 
 
+@torch.no_grad()  # gradients only inside the forward passes of loss_fn, into the experts
 def expert_fisher(
     model: nn.Module, blocks: Sequence[MoEBlock], batches: Batches, loss_fn: LossFn
 ) -> dict[str, dict[str, torch.Tensor]]:
@@ -149,7 +150,7 @@ def expert_fisher(
                         f"calibration batch {i} is a {type(batch).__name__}; each batch is a "
                         "mapping of the model's keyword arguments (model(**batch))"
                     )
-                with torch.enable_grad():  # gradients only here, into the experts only
+                with torch.enable_grad():
                     ll = loss_fn(model, batch)
                 n_samples += _accumulate(blocks, params, flat, sums, ll, i)
     finally:
@@ -183,9 +184,10 @@ def _accumulate(
     if not bool(torch.isfinite(ll).all()):
         raise ValueError(f"loss_fn returned NaN or infinity for batch {batch_index}")
     for s in range(ll.shape[0]):
-        grads = torch.autograd.grad(
-            ll[s], flat, retain_graph=s < ll.shape[0] - 1, allow_unused=True
-        )
+        with torch.enable_grad():  # the sample's own node in the graph
+            grads = torch.autograd.grad(
+                ll[s], flat, retain_graph=s < ll.shape[0] - 1, allow_unused=True
+            )
         it = iter(grads)
         for b in blocks:
             for target, ps in params[b.name].items():
@@ -194,11 +196,8 @@ def _accumulate(
                     g = next(it)
                     if g is None:
                         continue  # an expert this sample never reached
-                    square = g.detach().double().square()
-                    if len(ps) == 1:  # fused (E, ...)
-                        acc.add_(square)
-                    else:
-                        acc[e].add_(square)
+                    # a float32 square is exact in float64: no rounding before the sum
+                    (acc if len(ps) == 1 else acc[e]).addcmul_(g, g)
     return int(ll.shape[0])
 
 

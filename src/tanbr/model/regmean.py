@@ -265,8 +265,9 @@ def _solve_map(
         g = gram
     else:
         g = gram[:, :d, :d]
-    diag = torch.diag_embed(torch.diagonal(g, dim1=1, dim2=2))
-    g = alpha * g + (1.0 - alpha) * diag  # G~_e
+    diag = torch.diagonal(g, dim1=1, dim2=2)  # (E, d')
+    g = g * alpha  # G~_e = alpha G_e + (1 - alpha) diag(G_e), one (E, d', d') copy
+    torch.diagonal(g, dim1=1, dim2=2).add_(diag, alpha=1.0 - alpha)
     a = g.sum(dim=0)  # (d', d')
     num = torch.einsum("eoi,eij->oj", w, g)  # (out, d')
     scale = float(torch.diagonal(a).mean())
