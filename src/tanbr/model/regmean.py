@@ -120,9 +120,9 @@ class _GramAccumulator:
         self.maps = {b.name: linear_maps(model, b) for b in blocks}
         self.grams = {
             b.name: {
-                m.name: torch.zeros(b.n_experts, m.in_features + 1, m.in_features + 1)
-                .double()
-                .contiguous()
+                m.name: torch.zeros(
+                    b.n_experts, m.in_features + 1, m.in_features + 1, dtype=torch.float64
+                )
                 for m in self.maps[b.name]
             }
             for b in blocks
