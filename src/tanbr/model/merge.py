@@ -8,8 +8,8 @@ dense experts, and the block becomes a :class:`~tanbr.model.blocks.GroupedBlock`
 every token to its best merged experts with the block's own gate. A block's plan value may
 also be :class:`~tanbr.model.coeffs.MergedWeights`, the merged expert's tensors computed
 elsewhere (RegMean, Fisher-weighted averaging): they are copied in as they are, and no
-original expert is read for that block. The original block is kept
-aside, untouched, so :meth:`Merger.restore` gives bit-identical logits. Re-merging for the next
+original expert is read for that block. The original block is kept aside, untouched, so
+:meth:`Merger.restore` gives bit-identical logits. Re-merging for the next
 slot writes into the merged tensors in place whenever a block keeps its form (one merged
 expert, or the same number m): nothing is allocated.
 
