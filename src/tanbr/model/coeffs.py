@@ -11,21 +11,60 @@ A plan maps each block name to its coeffs, in one of two forms:
 The group of a merged expert is its support, whatever the size of the weights inside it: the
 weights only shape the parameter average, and the router scores a group by the sum of its
 members' gate probabilities (see :class:`~tanbr.model.blocks.GroupedBlock`).
+
+A block's value may also be :class:`MergedWeights`: the merged dense expert's tensors
+themselves, for merges that are not a weighted average with one scalar per expert (RegMean,
+Fisher-weighted averaging, see :mod:`tanbr.model.static_merges`). :func:`validate_merge_plan`
+checks plans that mix both kinds; :func:`validate_plan` stays the check of coeffs plans.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+import torch
 
 from tanbr.model.discovery import MoEBlock
 
 SUM_ATOL = 1e-5  # how far from 1 the coeffs of a block may sum (float32 rounding of policies)
 
 Groups = Sequence[Sequence[int]]
+
+
+@dataclass(frozen=True, eq=False)
+class MergedWeights:
+    """One block's merged dense expert given by its tensors instead of coeffs.
+
+    ``tensors`` maps every target of the block (:attr:`MoEBlock.targets`: ``gate_up_proj``,
+    ``down_proj``, biases, or a per-expert module's parameter names) to a tensor of exactly that
+    target's shape, in the layout the experts store it (transposed layouts stay transposed).
+    Merges that are not one weighted average per expert (RegMean, Fisher-weighted averaging)
+    produce this; :meth:`~tanbr.model.merge.Merger.apply` installs it as it installs a coeffs
+    merge. ``method`` names the merge that made it, for logs.
+    """
+
+    tensors: Mapping[str, Any]
+    method: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensors, Mapping):
+            raise ValueError(
+                f"merged weights map target names to tensors, got {type(self.tensors).__name__}"
+            )
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors (what installing them copies)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+PlanValue = np.ndarray | MergedWeights  # a validated plan value: coeffs, or merged weights
 
 
 def validate_coeffs(coeffs: Any, n_experts: int, *, block: str = "") -> np.ndarray:
@@ -40,6 +79,11 @@ def validate_coeffs(coeffs: Any, n_experts: int, *, block: str = "") -> np.ndarr
         ``SUM_ATOL``), or two rows sharing an expert.
     """
     where = f" of block {block!r}" if block else ""
+    if isinstance(coeffs, MergedWeights):
+        raise ValueError(
+            f"block {block!r}: merged weights where coeffs are expected; a plan with merged "
+            "weights is checked by validate_merge_plan and served by Merger.apply"
+        )
     try:
         arr = np.asarray(coeffs, dtype=np.float64)
     except (TypeError, ValueError) as err:
@@ -81,6 +125,12 @@ def validate_coeffs(coeffs: Any, n_experts: int, *, block: str = "") -> np.ndarr
 def validate_plan(plan: Mapping[str, Any], blocks: Sequence[MoEBlock]) -> dict[str, np.ndarray]:
     """Check a plan (block name -> coeffs (E,) or (m, E)) against the model's blocks; every
     block is needed."""
+    known = _check_names(plan, blocks)
+    return {name: validate_coeffs(plan[name], b.n_experts, block=name) for name, b in known.items()}
+
+
+def _check_names(plan: Mapping[str, Any], blocks: Sequence[MoEBlock]) -> dict[str, MoEBlock]:
+    """The plan names every block of the model and nothing else; returns name -> block."""
     if not isinstance(plan, Mapping):
         raise ValueError(f"a plan maps block names to coeffs, got {type(plan).__name__}")
     known = {b.name: b for b in blocks}
@@ -95,7 +145,7 @@ def validate_plan(plan: Mapping[str, Any], blocks: Sequence[MoEBlock]) -> dict[s
     missing = [name for name in known if name not in plan]
     if missing:
         raise ValueError(f"plan has no coeffs for block(s) {missing}")
-    return {name: validate_coeffs(plan[name], b.n_experts, block=name) for name, b in known.items()}
+    return known
 
 
 def uniform_plan(blocks: Sequence[MoEBlock]) -> dict[str, np.ndarray]:
@@ -186,4 +236,79 @@ def grouped_plan(
         else:
             these = groups
         out[name] = group_coeffs(coeffs, these, block=name)
+    return out
+
+
+# --- merged weights ---------------------------------------------------------------------------
+
+
+def validate_weights(value: MergedWeights, block: MoEBlock) -> MergedWeights:
+    """Check one block's merged weights; return them as tensors of the block's dtype.
+
+    The tensors are detached, on the CPU and cast to the block's dtype (they are copied into
+    the merged expert when installed, so the caller's tensors are never aliased).
+
+    Raises
+    ------
+    ValueError
+        Naming the block and the target: a target missing or unknown, a value that is not a
+        floating-point tensor, a shape other than the target's, NaN or infinity (also after
+        the cast, e.g. a float64 value beyond the range of float16).
+    """
+    where = f"merged weights of block {block.name!r}"
+    names = [t.name for t in block.targets]
+    given = list(value.tensors)
+    missing = [n for n in names if n not in value.tensors]
+    if missing:
+        raise ValueError(f"{where} miss target(s) {missing}; the block's targets are {names}")
+    extra = [n for n in given if n not in names]
+    if extra:
+        hint = difflib.get_close_matches(str(extra[0]), names, n=1)
+        near = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(
+            f"{where} name unknown target(s) {extra}{near}; the block's targets are {names}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for target in block.targets:
+        raw = value.tensors[target.name]
+        if isinstance(raw, np.ndarray):
+            raw = torch.from_numpy(raw)
+        if not isinstance(raw, torch.Tensor):
+            raise ValueError(
+                f"{where}: target {target.name!r} is not a tensor (got {type(raw).__name__})"
+            )
+        if not raw.is_floating_point():
+            raise ValueError(
+                f"{where}: target {target.name!r} must be floating point, got {raw.dtype}"
+            )
+        if tuple(raw.shape) != target.shape:
+            raise ValueError(
+                f"{where}: target {target.name!r} has shape {tuple(raw.shape)}, expected "
+                f"{target.shape}"
+            )
+        t = raw.detach().to(device="cpu", dtype=block.dtype)
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            cast = f" after the cast to {block.dtype}" if raw.dtype != block.dtype else ""
+            raise ValueError(
+                f"{where}: target {target.name!r} has {bad} NaN or infinite value(s){cast}"
+            )
+        out[target.name] = t
+    return MergedWeights(out, method=value.method)
+
+
+def validate_merge_plan(
+    plan: Mapping[str, Any], blocks: Sequence[MoEBlock]
+) -> dict[str, PlanValue]:
+    """Check a plan whose values are coeffs ((E,) or (m, E)) or :class:`MergedWeights`, each
+    block its own kind, against the model's blocks; every block is needed. Coeffs get the
+    checks of :func:`validate_plan`, merged weights those of :func:`validate_weights`."""
+    known = _check_names(plan, blocks)
+    out: dict[str, PlanValue] = {}
+    for name, block in known.items():
+        value = plan[name]
+        if isinstance(value, MergedWeights):
+            out[name] = validate_weights(value, block)
+        else:
+            out[name] = validate_coeffs(value, block.n_experts, block=name)
     return out

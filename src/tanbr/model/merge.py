@@ -5,8 +5,11 @@ merged as ``W_l = sum_e c_{l,e} W_{l,e}`` (biases too), and the block is replace
 :class:`~tanbr.model.blocks.MergedBlock` that runs that single expert on every token and never
 calls the token gate. With grouped coeffs (m, E) each row is merged the same way into one of m
 dense experts, and the block becomes a :class:`~tanbr.model.blocks.GroupedBlock` that routes
-every token to its best merged experts with the block's own gate. The original block is kept
-aside, untouched, so :meth:`Merger.restore` gives bit-identical logits. Re-merging for the next
+every token to its best merged experts with the block's own gate. A block's plan value may
+also be :class:`~tanbr.model.coeffs.MergedWeights`, the merged expert's tensors computed
+elsewhere (RegMean, Fisher-weighted averaging): they are copied in as they are, and no
+original expert is read for that block. The original block is kept aside, untouched, so
+:meth:`Merger.restore` gives bit-identical logits. Re-merging for the next
 slot writes into the merged tensors in place whenever a block keeps its form (one merged
 expert, or the same number m): nothing is allocated.
 
@@ -29,7 +32,7 @@ from torch import nn
 
 from tanbr.model.accumulate import accumulate
 from tanbr.model.blocks import FusedExpert, GroupedBlock, MergedBlock, SoftMergedBlock, TokenMask
-from tanbr.model.coeffs import groups_of, validate_plan
+from tanbr.model.coeffs import MergedWeights, PlanValue, groups_of, validate_merge_plan
 from tanbr.model.discovery import MoEBlock, find_moe_blocks, get_module, parent_of
 from tanbr.model.lean import ExpertSource, ModuleExpertSource, Pieces, split_rows
 
@@ -172,12 +175,15 @@ class Merger:
 
     @torch.no_grad()
     def apply(self, plan: Mapping[str, Any]) -> MergeStats:
-        """Serve ``plan`` (block name -> coeffs (E,) or (m, E)): merge every block, swap in.
+        """Serve ``plan`` (block name -> coeffs (E,) or (m, E), or :class:`MergedWeights`):
+        merge every block, swap in.
 
         On an already merged model, a block that keeps its form (one merged expert, or the same
-        m) is re-merged in place, its groups re-mapped; any other block is built afresh.
+        m) is re-merged in place, its groups re-mapped; any other block is built afresh. Merged
+        weights are one merged expert: they are copied into it, and nothing is read from the
+        original experts (in memory-lean mode, nothing from disk).
         """
-        coeffs = validate_plan(plan, self.blocks)
+        coeffs = validate_merge_plan(plan, self.blocks)
         if self._mode != "merged":
             prepared = self._build(coeffs)
             self._install(prepared.modules, "merged")
@@ -190,12 +196,12 @@ class Merger:
             module = self._installed[block.name]
             if _same_form(module, c):
                 read += self._merge_into(block, c, _merged_tensors(block, module))
-                if isinstance(module, GroupedBlock):
+                if isinstance(module, GroupedBlock) and not isinstance(c, MergedWeights):
                     module.set_routing(groups_of(c), self._group_top_k)
             else:
                 rebuilt[block.name], bytes_read = self._build_block(block, c)
                 read += bytes_read
-            rows = 1 if c.ndim == 1 else c.shape[0]
+            rows = _n_merged(c)
             written += rows * block.expert_bytes
             n_merged += rows
         for name, module in rebuilt.items():
@@ -213,7 +219,7 @@ class Merger:
     @torch.no_grad()
     def prepare(self, plan: Mapping[str, Any]) -> PreparedMerge:
         """Build the merged blocks of ``plan`` without touching the model (fresh tensors)."""
-        return self._build(validate_plan(plan, self.blocks))
+        return self._build(validate_merge_plan(plan, self.blocks))
 
     def commit(self, prepared: PreparedMerge) -> None:
         """Swap in blocks built by :meth:`prepare`; the previous merged blocks are dropped."""
@@ -280,14 +286,14 @@ class Merger:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _build(self, coeffs: Mapping[str, np.ndarray]) -> PreparedMerge:
+    def _build(self, coeffs: Mapping[str, PlanValue]) -> PreparedMerge:
         start = time.perf_counter()
         read = written = n_merged = 0
         modules: dict[str, nn.Module] = {}
         for block in self.blocks:
             c = coeffs[block.name]
             modules[block.name], bytes_read = self._build_block(block, c)
-            rows = 1 if c.ndim == 1 else c.shape[0]
+            rows = _n_merged(c)
             read += bytes_read
             written += rows * block.expert_bytes
             n_merged += rows
@@ -298,24 +304,31 @@ class Merger:
         logger.debug("merged %d blocks in %.1f ms", len(self.blocks), ms)
         return PreparedMerge(modules=modules, stats=stats, owner=id(self))
 
-    def _build_block(self, block: MoEBlock, coeffs: np.ndarray) -> tuple[nn.Module, int]:
-        """A fresh merged block for coeffs (E,) or (m, E), and the bytes its merge read."""
-        rows = np.atleast_2d(coeffs)
+    def _build_block(self, block: MoEBlock, coeffs: PlanValue) -> tuple[nn.Module, int]:
+        """A fresh merged block for coeffs (E,) or (m, E) or merged weights, and the bytes its
+        merge read."""
         outs = [
-            {t.name: torch.empty(t.shape, dtype=block.dtype) for t in block.targets} for _ in rows
+            {t.name: torch.empty(t.shape, dtype=block.dtype) for t in block.targets}
+            for _ in range(_n_merged(coeffs))
         ]
         read = self._merge_into(block, coeffs, outs)
         original = self._originals[block.name]
         experts = [self._expert_module(block, out) for out in outs]
-        if coeffs.ndim == 1:
+        if isinstance(coeffs, MergedWeights) or coeffs.ndim == 1:
             return MergedBlock(block, original, experts[0]), read
         grouped = GroupedBlock(block, original, experts, groups_of(coeffs), self._group_top_k)
         return grouped, read
 
     def _merge_into(
-        self, block: MoEBlock, coeffs: np.ndarray, outs: list[dict[str, torch.Tensor]]
+        self, block: MoEBlock, coeffs: PlanValue, outs: list[dict[str, torch.Tensor]]
     ) -> int:
-        """Merge each row of coeffs into its tensors, reading the block's experts once."""
+        """Merge each row of coeffs into its tensors, reading the block's experts once; merged
+        weights are copied in (the source of the original experts is not opened)."""
+        if isinstance(coeffs, MergedWeights):
+            (out,) = outs
+            for t in block.targets:
+                copy_into(out[t.name], coeffs.tensors[t.name])
+            return coeffs.nbytes
         read = 0
         with self.source.open(block) as pieces:
             for row, out in zip(np.atleast_2d(coeffs), outs, strict=True):
@@ -421,9 +434,25 @@ def _experts_of(block_module: nn.Module) -> nn.Module:
     return experts
 
 
-def _same_form(module: nn.Module, coeffs: np.ndarray) -> bool:
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[...] = src``, also into tensors a first merge made under ``inference_mode``."""
+    if dst.is_inference() and not torch.is_inference_mode_enabled():
+        with torch.inference_mode():
+            dst.copy_(src)
+        return
+    dst.copy_(src)
+
+
+def _n_merged(coeffs: PlanValue) -> int:
+    """Merged experts a plan value builds: 1 for (E,) or merged weights, m for (m, E)."""
+    if isinstance(coeffs, MergedWeights) or coeffs.ndim == 1:
+        return 1
+    return int(coeffs.shape[0])
+
+
+def _same_form(module: nn.Module, coeffs: PlanValue) -> bool:
     """Whether an installed merged block can be re-merged in place for these coeffs."""
-    if coeffs.ndim == 1:
+    if isinstance(coeffs, MergedWeights) or coeffs.ndim == 1:
         return isinstance(module, MergedBlock)
     return isinstance(module, GroupedBlock) and module.n_groups == coeffs.shape[0]
 
