@@ -162,3 +162,25 @@ def test_live_signatures_are_a_by_product_of_serving(tiny: Any, kind: str) -> No
     assert not calls  # nothing ran again
     np.testing.assert_allclose(recorded, alone.signatures(texts), atol=1e-5)
     served.restore()
+
+
+@pytest.mark.parametrize("kind", ["regmean", "fisher"])
+def test_static_merges_serve_through_the_backend(tiny: Any, kind: str) -> None:
+    """RegMean and Fisher come from unlabeled calibration requests and serve like any plan:
+    the memo keys them, the model's outputs change, and restore gives the full MoE back."""
+    from tanbr.model import MergedWeights
+
+    backend, calib, test = tiny
+    requests = Requests(test.texts[:16], test.rows[:16])
+    backend.restore()
+    full = backend.predict(requests).probs
+    plan = backend.static_plan(kind, Requests(calib.texts[:32]))
+    assert set(plan) == set(backend.blocks)
+    assert all(isinstance(v, MergedWeights) for v in plan.values())
+    backend.merge(plan)
+    merged = backend.predict(requests).probs
+    assert not np.allclose(merged, full)
+    merged_bytes = backend.memory_bytes()  # one merged expert per block
+    backend.restore()
+    assert merged_bytes < backend.memory_bytes()
+    np.testing.assert_allclose(backend.predict(requests).probs, full, atol=1e-5)

@@ -37,9 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from tanbr.backend.plans import CheckedPlan, checked_plan, merged_experts, plan_key, same_plan
 from tanbr.backend.protocol import Plan, Prediction
 from tanbr.backend.requests import Pool, Requests
-from tanbr.model import GateRecorder, Merger, validate_plan
+from tanbr.model import (
+    GateRecorder,
+    Merger,
+    fisher_plan,
+    regmean_plan,
+    sampled_label_log_likelihood,
+)
 from tanbr.model import gate_probs as block_gate_probs
 from tanbr.model.checkpoint import expert_store
 from tanbr.model.default.build import build_default_model
@@ -54,6 +61,7 @@ log = logging.getLogger(__name__)
 SIGNATURES = ("input0", "gate0", "gates", "gates+head", "embedding", "gate0+embedding")
 #: Signatures made of what the served forward computes anyway, before any expert runs.
 SERVED_SIGNATURES = ("input0", "gate0", "embedding", "gate0+embedding")
+STATIC_MERGES = ("regmean", "fisher")
 LIVE_SIGNATURES = 8192  # live texts whose signature the service keeps from their forward
 
 
@@ -131,7 +139,7 @@ class DefaultBackend:
         self._blocks = {b.name: b.n_experts for b in self.merger.blocks}
         self._n_gates = sum(self._blocks.values())  # width of the joined gate probabilities
         self._first = self.merger.blocks[0]
-        self._plan: dict[str, np.ndarray] | None = None
+        self._plan: CheckedPlan | None = None
         self._sig_cache: dict[str, dict[int, np.ndarray]] = {}  # kind -> row -> signature
         self._sig_ms = 0.0  # time spent computing the configured signature, and for how many
         self._sig_n = 0
@@ -144,7 +152,7 @@ class DefaultBackend:
         self._gate_cache: dict[int, np.ndarray] = {}
         self.memo = memo
         self._memo: dict[bytes, dict[int, np.ndarray]] = {}
-        self._target: tuple[str, dict[str, np.ndarray] | None] = ("full", None)
+        self._target: tuple[str, CheckedPlan | None] = ("full", None)
         # (n_labels, K): which task each joint label "task:label" belongs to
         self._label_task = np.eye(len(model.tasks))[model.task_of_label()]
 
@@ -300,9 +308,43 @@ class DefaultBackend:
     def merge(self, plan: Plan) -> float:
         """Merge now, or (with the memo) when a forward pass first needs it: a slot whose
         predictions all come from the memo needs no merge at all."""
-        wanted = validate_plan(plan, self.merger.blocks)
-        self._target = ("merged", {k: np.asarray(v, dtype=np.float64) for k, v in wanted.items()})
+        self._target = ("merged", checked_plan(plan, self.merger.blocks))
         return 0.0 if self.memo else self._sync()
+
+    def static_plan(self, kind: str, requests: Requests) -> Plan:
+        """A static merge computed on unlabeled calibration requests with the full MoE:
+        ``regmean`` (RegMean's least-squares merge of each expert map, from the inputs the
+        router sends each expert) or ``fisher`` (Fisher-weighted averaging, the Fisher taken at
+        labels the model samples from its own predictions: no label is read)."""
+        if kind not in STATIC_MERGES:
+            raise ValueError(f"static merge must be one of {STATIC_MERGES}, got {kind!r}")
+        target = self._target
+        self.restore()  # the full MoE, every expert in memory
+        try:
+            batches = self._token_batches(requests.texts, 16)
+            if kind == "regmean":
+                return regmean_plan(self.model, self.merger.blocks, batches)
+            generator = torch.Generator().manual_seed(0)
+            loss_fn = functools.partial(sampled_label_log_likelihood, generator=generator)
+            return fisher_plan(self.model, self.merger.blocks, batches, loss_fn)
+        finally:
+            self._target = target
+            if not self.memo:
+                self._sync()
+
+    def _token_batches(self, texts: Sequence[str], batch_size: int) -> list[dict[str, Any]]:
+        """Tokenised batches the model's own forward takes (``model(**batch)``)."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            enc = self.dm.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.dm.max_length,
+                return_tensors="pt",
+            )
+            out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        return out
 
     def merge_soft(self) -> float:
         self._target = ("soft", None)
@@ -353,8 +395,7 @@ class DefaultBackend:
         mode, plan = self._target
         if mode == "merged" and plan is not None:
             merged = sum(
-                int(np.atleast_2d(plan[name]).shape[0]) * size
-                for name, size in self._expert_bytes.items()
+                merged_experts(plan[name]) * size for name, size in self._expert_bytes.items()
             )
             return int(self._shared_bytes + merged)
         return self._shared_bytes + self._all_experts_bytes
@@ -365,7 +406,7 @@ class DefaultBackend:
         """Make the model compute what the last merge / merge_soft / restore asked for."""
         mode, plan = self._target
         if mode == "merged" and plan is not None:
-            if self.merger.merged and self._plan is not None and _same_plan(self._plan, plan):
+            if self.merger.merged and self._plan is not None and same_plan(self._plan, plan):
                 return 0.0  # the same merge is already being served
             stats = self.merger.apply(plan)
             self._plan = plan
@@ -385,7 +426,7 @@ class DefaultBackend:
         mode, plan = self._target
         if plan is None:
             return mode.encode()
-        return b"merged" + b"".join(plan[name].tobytes() for name in sorted(plan))
+        return plan_key(plan)
 
     def _predict(
         self, requests: Requests, batch_size: int | None = None
@@ -506,10 +547,6 @@ class DefaultBackend:
         for pos, block_feats in parts:
             out[pos] = block_feats
         return out
-
-
-def _same_plan(a: Mapping[str, np.ndarray], b: Plan) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(a[k], np.asarray(b[k])) for k in a)
 
 
 # --- loading the default model and its task pools -----------------------------------------------

@@ -19,6 +19,7 @@ outputs of every (served model, request) pair. Live requests (no rows) are never
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,10 +36,17 @@ from tanbr.backend.hf_signatures import (
     scatter,
     served_signatures,
 )
+from tanbr.backend.plans import CheckedPlan, checked_plan, merged_experts, plan_key, same_plan
 from tanbr.backend.protocol import Plan, Prediction
 from tanbr.backend.requests import Requests
 from tanbr.backend.tokenizer import Batch, encode, pad_batches
-from tanbr.model import LoadedModel, validate_plan
+from tanbr.model import (
+    LoadedModel,
+    fisher_plan,
+    regmean_plan,
+    sampled_label_log_likelihood,
+    sampled_token_log_likelihood,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +121,11 @@ class HFBackend:
         total = sum(t.numel() * t.element_size() for t in tensors)
         self._shared_bytes = int(total - expert_bytes)
         self._all_experts_bytes = int(expert_bytes)
-        self._merged_bytes = int(sum(b.expert_bytes for b in blocks))
         self._blocks = {b.name: b.n_experts for b in blocks}
         self._n_gates = sum(self._blocks.values())
         self._first = blocks[0]
-        self._plan: dict[str, np.ndarray] | None = None
-        self._target: tuple[str, dict[str, np.ndarray] | None] = ("full", None)
+        self._plan: CheckedPlan | None = None
+        self._target: tuple[str, CheckedPlan | None] = ("full", None)
         self._sig_cache: dict[str, dict[int, np.ndarray]] = {}  # kind -> row -> signature
         self._sig_ms = 0.0  # time spent computing the configured signature, and for how many
         self._sig_n = 0
@@ -188,9 +195,37 @@ class HFBackend:
 
     def merge(self, plan: Plan) -> float:
         """Merge now, or (with the memo) when a forward pass first needs it."""
-        wanted = validate_plan(plan, self.merger.blocks)
-        self._target = ("merged", {k: np.asarray(v, dtype=np.float64) for k, v in wanted.items()})
+        self._target = ("merged", checked_plan(plan, self.merger.blocks))
         return 0.0 if self.memo else self._sync()
+
+    def static_plan(self, kind: str, requests: Requests) -> Plan:
+        """A static merge computed with the full MoE on unlabeled calibration ``requests``:
+        ``regmean`` or ``fisher`` (the Fisher taken at outputs the model samples from its own
+        predictions: no label or target is read)."""
+        if kind not in ("regmean", "fisher"):
+            raise ValueError(f"static merge must be one of ('regmean', 'fisher'), got {kind!r}")
+        target = self._target
+        self.restore()
+        try:
+            batches = [
+                {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+                for b in self._batches(requests.texts, 8)
+            ]
+            with torch.inference_mode(False):
+                if kind == "regmean":
+                    return regmean_plan(self.model, self.merger.blocks, batches)
+                generator = torch.Generator().manual_seed(0)
+                sampled = (
+                    sampled_token_log_likelihood
+                    if self.kind == "lm"
+                    else sampled_label_log_likelihood
+                )
+                loss_fn = functools.partial(sampled, generator=generator)
+                return fisher_plan(self.model, self.merger.blocks, batches, loss_fn)
+        finally:
+            self._target = target
+            if not self.memo:
+                self._sync()
 
     def merge_soft(self) -> float:
         self._target = ("soft", None)
@@ -228,8 +263,10 @@ class HFBackend:
         """Parameter bytes the model as set needs resident: everything but the routed experts
         and one merged expert per block when merged (memory-lean serving keeps the originals
         on disk); every expert for the full MoE and soft merging."""
-        if self._target[0] == "merged":
-            return self._shared_bytes + self._merged_bytes
+        mode, plan = self._target
+        if mode == "merged" and plan is not None:
+            merged = sum(merged_experts(plan[b.name]) * b.expert_bytes for b in self.merger.blocks)
+            return int(self._shared_bytes + merged)
         return self._shared_bytes + self._all_experts_bytes
 
     def replica(self) -> Self:
@@ -285,7 +322,7 @@ class HFBackend:
         mode, plan = self._target
         with torch.inference_mode(False):
             if mode == "merged" and plan is not None:
-                if self.merger.merged and self._plan is not None and _same_plan(self._plan, plan):
+                if self.merger.merged and self._plan is not None and same_plan(self._plan, plan):
                     return 0.0  # the same merge is already being served
                 stats = self.merger.apply(plan)
                 self._plan = plan
@@ -305,7 +342,7 @@ class HFBackend:
         mode, plan = self._target
         if plan is None:
             return mode.encode()
-        return b"merged" + b"".join(plan[name].tobytes() for name in sorted(plan))
+        return plan_key(plan)
 
     def _with_full(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the full MoE, then ask for the served merge again."""
@@ -428,7 +465,3 @@ class HFBackend:
         with torch.inference_mode():
             parts = full_moe_gates(self.model, self.merger.blocks, batches, self._head)
         return scatter(parts, len(texts), np.zeros((0, self._width("gates+head"))))
-
-
-def _same_plan(a: Mapping[str, np.ndarray], b: Plan) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(a[k], np.asarray(b[k])) for k in a)

@@ -17,9 +17,11 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from tanbr.backend.requests import Requests, Truth
+from tanbr.model.coeffs import MergedWeights
 
-Plan = Mapping[str, np.ndarray]
-"""Merge coefficients of every MoE block: block name -> coeffs (E,) on the simplex."""
+Plan = Mapping[str, "np.ndarray | MergedWeights"]
+"""Every MoE block's merge: block name -> coeffs (E,) on the simplex, (m, E) for m merged
+experts, or merged weights (a static merge that is not one weight per expert)."""
 
 BACKEND_KINDS = ("classifier", "lm")
 
@@ -99,6 +101,11 @@ class Backend(Protocol):
 
     def merge_soft(self) -> float:
         """Serve each input with its own gate-weighted merge (SMEAR style); returns ms."""
+        ...
+
+    def static_plan(self, kind: str, requests: Requests) -> Plan:
+        """A static merge (``regmean``, ``fisher``) computed with the full MoE on unlabeled
+        calibration ``requests``."""
         ...
 
     def restore(self) -> float:

@@ -6,7 +6,9 @@ estimated mix and the parameterization turns it into a plan. The other baselines
 non-learning modes, and take precedence over a bandit policy of the same name:
 
 - ``full-moe``: the original model with its top-k gate (no merging);
-- ``uniform``: every expert weighted equally, every slot;
+- ``uniform``: every expert weighted equally, every slot (the paper's plain average);
+- ``regmean``, ``fisher``: RegMean and Fisher-weighted averaging, computed once with the full
+  MoE on unlabeled calibration requests (the paper's static merges);
 - ``frequency``: the usage-frequency merge (MC-SMoE style): each block's coeffs are its overall
   mean gate probabilities on unlabeled calibration requests, static;
 - ``smear``: token-level soft merging (SMEAR style): each input gets its own merge from its
@@ -22,6 +24,7 @@ Adding a non-bandit mode is one class and one line in :data:`MODES`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +70,7 @@ class Baselines:
     oracle: OracleTable | None = None
     plan_of: Callable[[np.ndarray], Plan] | None = None  # absolute merges: oracle, plug-in
     task_simplex: bool = True  # plan_of is the task simplex (its actions are mixes)
+    static_plans: Mapping[str, Plan] = field(default_factory=dict)  # regmean, fisher
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -159,6 +163,22 @@ class Frequency(_Fixed):
         return Choice("merge", plan=self.plan)
 
 
+class StaticMerge(_Fixed):
+    """A static merge computed once on unlabeled calibration requests with the full MoE and
+    served every slot: RegMean (``regmean``) or Fisher-weighted averaging (``fisher``), the
+    paper's static baselines beside the plain average (``uniform``)."""
+
+    def __init__(self, baselines: Baselines, name: str) -> None:
+        plan = baselines.static_plans.get(name)
+        if plan is None:
+            raise ValueError(f"the {name!r} merge was not computed in the set-up")
+        self.name = name
+        self.plan = plan
+
+    def choose(self, mix: np.ndarray, *, truth: Truth | None = None) -> Choice:
+        return Choice("merge", plan=self.plan)
+
+
 class PlugIn(_Fixed):
     """The estimated mix is the action in the task simplex (task-aware, no learning).
 
@@ -219,6 +239,8 @@ MODES: dict[str, ModeFactory] = {
     "frequency": Frequency,
     "smear": Smear,
     "plug-in": PlugIn,
+    "regmean": functools.partial(StaticMerge, name="regmean"),
+    "fisher": functools.partial(StaticMerge, name="fisher"),
     "task-oracle": TaskOracle,
     "slot-oracle": SlotOracle,
 }

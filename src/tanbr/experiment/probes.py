@@ -109,7 +109,7 @@ def time_probes(
             n = min(size, len(slot.requests))
             truth = slot.truth.take(slice(0, n)) if slot.truth is not None else None
             if decision.kind == "merge" and decision.plan is not None:
-                backend.merge(_other_plan(decision.plan))
+                backend.merge(_other_plan(decision.plan, backend.blocks))
                 merges.append(backend.merge(decision.plan))
             apply_decision(system, decision)
             cached = slot.requests.take(slice(0, n))
@@ -124,12 +124,16 @@ def time_probes(
     return Timed(e2e, moe, tuple(merges))
 
 
-def _other_plan(plan: Plan) -> dict[str, np.ndarray]:
-    """A plan of the same shape and grouping that differs from ``plan`` (each row's weight all
-    on an expert of its group that it weighs least), so that merging ``plan`` after it does the
-    whole work of an in-place re-merge."""
-    out = {}
+def _other_plan(plan: Plan, blocks: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """A plan that differs from ``plan`` in every block with the same shape and grouping (each
+    row's weight all on an expert of its group that it weighs least; a block of merged weights
+    gets the plain average), so that merging ``plan`` after it does the whole work of a
+    re-merge."""
+    out: dict[str, np.ndarray] = {}
     for name, coeffs in plan.items():
+        if not isinstance(coeffs, np.ndarray):  # merged weights (RegMean, Fisher)
+            out[name] = np.full(blocks[name], 1.0 / blocks[name])
+            continue
         c = np.atleast_2d(np.asarray(coeffs, dtype=np.float64))  # (m, E)
         other = np.zeros_like(c)
         for g, row in enumerate(c):

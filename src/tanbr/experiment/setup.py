@@ -35,6 +35,9 @@ from tanbr.experiment.values import Estimator, Progress, Setup
 
 log = logging.getLogger(__name__)
 
+#: Static merges the set-up computes when a config's policies name them.
+STATIC_MERGES = ("regmean", "fisher")
+
 
 def _requests(pool: Pool) -> Requests:
     return Requests(pool.texts, pool.rows)
@@ -202,6 +205,13 @@ def prepare(
         len(candidates),
         np.round(acc.max(0), 3).tolist(),
     )
+    t0 = time.perf_counter()
+    static_plans = {
+        name: backend.static_plan(name, calib_requests)
+        for name in STATIC_MERGES
+        if name in config.policies
+    }  # label-free: calibration requests without their tags
+    timings["static_merges_s"] = time.perf_counter() - t0
     baselines = Baselines(
         blocks=backend.blocks,
         frequency_plan=frequency_plan,
@@ -209,6 +219,7 @@ def prepare(
         oracle=oracle,
         plan_of=absolute.plan,
         task_simplex=isinstance(absolute, TaskSimplex),
+        static_plans=static_plans,
     )
     return Setup(
         config=config,
