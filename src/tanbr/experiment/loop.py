@@ -457,7 +457,9 @@ def _record(
             est_tasks = mapped.tolist()
             tv = float(0.5 * np.abs(mapped - truth.mix).sum())
     coeffs = None
-    if decision.plan is not None:
+    if decision.plan is not None and all(
+        isinstance(c, np.ndarray) for c in decision.plan.values()
+    ):  # merged weights (a static merge) have no coefficients to record
         coeffs = {
             name: np.asarray(c, dtype=float).round(5).tolist() for name, c in decision.plan.items()
         }

@@ -10,16 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-STATIC = ("uniform", "frequency")
-NOT_CONTENDERS = (
-    "tanbr",
-    "full-moe",
-    "uniform",
-    "frequency",
-    "task-oracle",
-    "slot-oracle",
-    "smear",
-)
+STATIC = ("uniform", "frequency", "regmean", "fisher")
+NOT_CONTENDERS = ("tanbr", "full-moe", *STATIC, "task-oracle", "slot-oracle", "smear")
 
 
 def load_summary(folder: str | Path) -> dict[str, Any]:
