@@ -59,10 +59,11 @@ class MemoryRequest:
     folder: str
     dtype: str
     texts: tuple[str, ...]
-    plans: tuple[dict[str, list[float]], ...] = ()  # merge: one plan; per-task: one per group
+    plans: tuple[dict[str, Any], ...] = ()  # merge: one plan; per-task: one per group
     groups: tuple[int, ...] = ()  # per-task: the plan index of each text
     batch_size: int = 32
     threads: int = 1
+    label: str = ""  # what the probe stands for (e.g. "merge-m2"; default: the kind)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -131,7 +132,8 @@ def serve_and_measure(request: MemoryRequest) -> MemoryProbe:
             backend.predict(Requests(tuple(texts[a : a + size])))
         param_bytes = backend.memory_bytes()
     _trim()
-    return MemoryProbe(request.kind, _status("VmHWM"), _status("VmRSS"), param_bytes, lean=lean)
+    label = request.label or request.kind
+    return MemoryProbe(label, _status("VmHWM"), _status("VmRSS"), param_bytes, lean=lean)
 
 
 def measure(requests: Sequence[MemoryRequest], *, parallel: int = 2) -> dict[str, MemoryProbe]:
@@ -169,7 +171,11 @@ def measure_run_memory(
     cfg = setup.config
     slot = next(iter(streams.values()))[0]
     texts = tuple(slot.requests.texts)
-    kinds = {serving_kind(run): run for run in runs}
+    kinds: dict[str, PolicyRun] = {}
+    for run in runs:  # a run of each kind whose plans are coefficients (merged weights serve
+        kind = serving_kind(run)  # one dense expert per block, as a coefficient merge does)
+        if kind not in kinds and not (kind.startswith("merge") and not _coeff_plans(run)):
+            kinds[kind] = run
     base = MemoryRequest(
         kind="none",
         folder=str(folder),
@@ -180,11 +186,9 @@ def measure_run_memory(
     )
     requests = [base]
     for kind, run in sorted(kinds.items()):
-        if kind == "merge":
-            plans = [d.plan for d in run.probes if d.plan is not None]
-            plans += [r.coeffs for r in run.records if r.coeffs is not None]  # type: ignore[misc]
-            if plans:
-                requests.append(dataclasses.replace(base, kind=kind, plans=(_plain(plans[0]),)))
+        if kind.startswith("merge"):
+            plan = _coeff_plans(run)[0]
+            requests.append(dataclasses.replace(base, kind="merge", label=kind, plans=(plan,)))
         elif kind == "per-task":
             if slot.truth is None or not setup.baselines.task_plans:
                 continue
@@ -196,8 +200,15 @@ def measure_run_memory(
     return measure(requests)
 
 
-def _plain(plan: Mapping[str, Any]) -> dict[str, list[float]]:
+def _plain(plan: Mapping[str, Any]) -> dict[str, Any]:
     return {k: np.asarray(v, dtype=np.float64).tolist() for k, v in plan.items()}
+
+
+def _coeff_plans(run: PolicyRun) -> list[dict[str, Any]]:
+    """A run's plans made of coefficients, as plain data (probes first)."""
+    plans: list[Mapping[str, Any]] = [d.plan for d in run.probes if d.plan is not None]
+    plans += [r.coeffs for r in run.records if r.coeffs is not None]
+    return [_plain(p) for p in plans if all(not hasattr(v, "tensors") for v in p.values())]
 
 
 def model_share(probes: Mapping[str, MemoryProbe], kind: str) -> int | None:

@@ -135,7 +135,7 @@ def targets(
     others = {
         n: r["accuracy"]
         for n, r in p.items()
-        if n not in NOT_CONTENDERS and r["accuracy"] is not None
+        if n.split("@")[0] not in NOT_CONTENDERS and r["accuracy"] is not None
     }
     if others:
         best = max(others, key=lambda n: others[n])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +30,7 @@ from tanbr.experiment.estimator import ClusterEstimator
 from tanbr.experiment.loop import Decision, Labelling, System, run_slot
 from tanbr.experiment.memory import measure_run_memory
 from tanbr.experiment.modes import MODES, PlanOf, make_mode
-from tanbr.experiment.parameterization import Direct, make_space
+from tanbr.experiment.parameterization import Direct, build_parameterization, make_space
 from tanbr.experiment.probes import last_decision, probe_latency, probe_slots, time_probes
 from tanbr.experiment.records import SlotRecord, write_json, write_trace
 from tanbr.experiment.reward import RewardFn
@@ -95,17 +96,28 @@ def build_system(setup: Setup, name: str, seed: int) -> System:
     estimator = copy.deepcopy(setup.estimator)
     if isinstance(estimator, ClusterEstimator):
         estimator.rng = np.random.default_rng([seed, 7])
-    params = _policy_params(cfg, name)
-    plan_of, dim = _action_of(setup, name, params.pop("action", None))
+    base, experts = split_variant(name)
+    params = {**_policy_params(cfg, base), **(cfg.policy.get(name, {}) if base != name else {})}
+    plan_of, dim = _action_of(setup, base, params.pop("action", None))
+    baselines = setup.baselines
+    if experts is not None and experts != cfg.merge.experts:
+        if not (_is_bandit(base) or base == "plug-in"):
+            raise ValueError(f"{name!r}: only bandit policies and plug-in take an @m variant")
+        param, absolute = build_parameterization(
+            cfg.parameterization.kind, setup.profiles, setup.backend.blocks, experts=experts
+        )
+        plan_of, dim = param.plan, param.dim
+        baselines = dataclasses.replace(baselines, plan_of=absolute.plan)
     mode = make_mode(
-        name,
-        baselines=setup.baselines,
+        base,
+        baselines=baselines,
         space=make_space(dim),
         context_dim=estimator.n_types,
         plan_of=plan_of,
         rng=rng,
         params=params,
     )
+    mode.name = name
     return System(
         backend=setup.backend,
         estimator=estimator,
@@ -128,6 +140,18 @@ def build_system(setup: Setup, name: str, seed: int) -> System:
         head=cfg.estimator.head,
         rng=np.random.default_rng([seed, zlib.crc32(name.encode()), 1]),
     )
+
+
+_VARIANT = re.compile(r"^(?P<base>.+)@m(?P<m>[1-9][0-9]*)$")
+
+
+def split_variant(name: str) -> tuple[str, int | None]:
+    """``NAME@mK``: policy NAME serving K merged experts per block (``merge.experts`` for
+    this policy alone), so that m = 1, 2, 3 can stand side by side in one table."""
+    match = _VARIANT.match(name)
+    if match is None:
+        return name, None
+    return match["base"], int(match["m"])
 
 
 #: Policies that act on one coefficient per expert by default (the paper's action), not on the
@@ -302,7 +326,11 @@ def execute(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if workers > 1 and backend_factory is None:
         raise ValueError("workers > 1 needs a backend_factory (each process builds its model)")
-    unknown = [p for p in cfg.policies if p not in MODES and not _is_bandit(p)]
+    unknown = [
+        p
+        for p in cfg.policies
+        if split_variant(p)[0] not in MODES and not _is_bandit(split_variant(p)[0])
+    ]
     if unknown:
         make_mode(unknown[0], baselines=setup.baselines)  # raises with close matches
     t0 = time.perf_counter()

@@ -232,4 +232,5 @@ def prepare(
         dim=param.dim,
         baselines=baselines,
         timings=timings,
+        profiles=profiles,
     )

@@ -89,12 +89,22 @@ def _accuracy_ci(per_seed: list[list[float]]) -> list[float] | None:
 
 
 def serving_kind(run: PolicyRun) -> str:
-    """How a run served (the memory probe that stands for it): its most frequent slot kind."""
+    """How a run served (the memory probe that stands for it): its most frequent slot kind,
+    and for merges with m > 1 merged experts per block, ``merge-m<m>``."""
     kinds = [r.kind for r in run.records]
     if not kinds:
         return "merge"
     kind = max(set(kinds), key=kinds.count)
-    return "merge" if kind not in ("full", "soft", "per-task") else kind
+    if kind in ("full", "soft", "per-task"):
+        return kind
+    grouped = [  # a grouped plan's coefficients are (m, E): rows of rows
+        len(c)
+        for r in run.records
+        for c in (r.coeffs or {}).values()
+        if c and isinstance(c[0], list)
+    ]
+    rows = max(grouped, default=1)
+    return "merge" if rows == 1 else f"merge-m{rows}"
 
 
 def merge_per_slot(run: PolicyRun) -> float:

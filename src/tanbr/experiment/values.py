@@ -6,7 +6,7 @@ worker pool), so no module has to import the driver to name them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ class Setup:
     dim: int  # action-space dimension
     baselines: Baselines
     timings: dict[str, float] = field(default_factory=dict)
+    profiles: Mapping[str, np.ndarray] = field(default_factory=dict)  # (K, E) per block
 
     @property
     def task_names(self) -> tuple[str, ...]:
