@@ -104,13 +104,26 @@ def _wait(fetch: Callable[[], dict[str, Any]], ok: Callable[[dict[str, Any]], bo
         time.sleep(0.1)
 
 
+def _classifier_cases() -> list[Any]:
+    return [
+        pytest.param(
+            f, marks=[] if f == DEFAULT_FAMILIES["classifier"] else [pytest.mark.slow], id=f
+        )
+        for f in CLASSIFIER_FAMILIES
+    ]
+
+
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", _classifier_cases())
 def test_serve_a_users_classifier_checkpoint(
-    checkpoint: Callable[[str, str], Path], task_files: dict[str, Path], tmp_path: Path
+    family: str,
+    checkpoint: Callable[[str, str], Path],
+    task_files: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     """Requests, a slot turnover seen in /v1/status, client feedback, and the shadow reward
     that learns with no feedback at all (the proxy scorer against the full MoE)."""
-    folder = checkpoint(DEFAULT_FAMILIES["classifier"], "classifier")
+    folder = checkpoint(family, "classifier")
     proc = ServerProcess(
         ["--model", str(folder), "--tasks", str(task_files["classifier"]), "--threads", "1",
          "--slot-size", "4", "--shadow", "2",
@@ -145,3 +158,23 @@ def test_serve_a_users_classifier_checkpoint(
     with sqlite3.connect(tmp_path / "state" / DB_NAME) as db:
         updates = db.execute("SELECT slot, n_feedback FROM updates ORDER BY slot").fetchall()
     assert updates  # client feedback and shadow rewards both became policy updates
+
+
+@pytest.mark.parametrize("kind", ["classifier", "lm"])
+def test_eval_model_on_a_users_checkpoint(
+    kind: str,
+    checkpoint: Callable[[str, str], Path],
+    task_files: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder = checkpoint(DEFAULT_FAMILIES[kind], kind)
+    args = ["-q", "eval-model", "--model", str(folder), "--tasks", str(task_files[kind])]
+    assert cli.main([*args, "--repeats", "1", "--json", "--dtype", "float32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["metric"] == ("accuracy" if kind == "classifier" else "likelihood")
+    assert set(report["mean"]) == {"full_moe", "uniform", "frequency", "own_merge"}
+    for row in report["tasks"].values():
+        assert all(0.0 <= v <= 1.0 for v in row.values())
+    assert report["latency"]["merged_ms"] > 0 and report["latency"]["full_ms"] > 0
+    assert cli.main(["eval-model", "--model", str(folder)]) == 2  # no task file: one line
+    assert "give your task file" in capsys.readouterr().err

@@ -49,8 +49,8 @@ from tanbr.model import (
 )
 from tanbr.model import gate_probs as block_gate_probs
 from tanbr.model.checkpoint import expert_store
-from tanbr.model.default.build import build_default_model
-from tanbr.model.default.data import TaskSuite, load_tasks, suite_from_file
+from tanbr.model.default.build import build_default_model, built_suite
+from tanbr.model.default.data import TaskSuite
 from tanbr.model.default.modeling import DefaultModel
 from tanbr.model.discovery import get_module
 from tanbr.model.gates import masked_mean
@@ -578,40 +578,7 @@ def _load_default(
 ) -> tuple[DefaultModel, TaskSuite]:
     folder = Path(path) if path else build_default_model(variant, progress=progress)
     model = DefaultModel.load(folder, lean=lean, dtype=serving_dtype(dtype))
-    data = model.info.get("data", {})
-    spec = model.info.get("spec", {})
-    if not model.tasks or not data:
-        raise ValueError(
-            f"{folder} has no task information (tasks.json); build it with tanbr build-model"
-        )
-    settings = {
-        "per_task": data.get("per_task"),
-        "min_per_label": data.get("min_per_label", 1),
-        "seed": data.get("seed", spec.get("seed", 0)),
-    }
-    built_on = data.get("task_file") or ""
-    if tasks and not built_on:
-        raise ValueError(
-            f"{folder} serves the embedded tasks it was built on; to serve your own task file, "
-            "build a model on it first: tanbr build-model --tasks FILE"
-        )
-    if built_on:
-        source = tasks or built_on
-        if not Path(source).is_file():
-            raise FileNotFoundError(
-                f"{folder} was built on the task file {built_on}, which is gone; pass it again "
-                "(--tasks FILE)"
-            )
-        suite = suite_from_file(source, **settings)
-    else:
-        suite = load_tasks(model.tasks, **settings)
-    digest = data.get("suite_digest")
-    if digest and suite.digest() != digest:
-        raise ValueError(
-            f"the task data differs from what {folder} was built on (suite digest mismatch); "
-            "rebuild the model with tanbr build-model"
-        )
-    return model, suite
+    return model, built_suite(model.info, folder, tasks=tasks)
 
 
 def make_pools(model: DefaultModel, suite: TaskSuite) -> tuple[list[str], Pool, Pool]:

@@ -36,7 +36,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -671,6 +671,43 @@ def load_suite(spec: BuildSpec) -> TaskSuite:
     return load_tasks(
         spec.tasks, per_task=spec.per_task, min_per_label=spec.min_per_label, seed=spec.seed
     )
+
+
+def built_suite(info: Mapping[str, Any], folder: Path, *, tasks: str = "") -> TaskSuite:
+    """The exact task suite a checkpoint was built on, from its ``tasks.json`` ``info``: the
+    embedded tasks, or the task file it was built on (``tasks``: where that file is now;
+    default, where it was), checked against the suite's digest."""
+    data = info.get("data")
+    if not isinstance(data, Mapping) or not info.get("tasks"):
+        raise ValueError(f"{folder}: tasks.json lacks the task data settings; rebuild the model")
+    settings = {
+        "per_task": data.get("per_task"),
+        "min_per_label": data.get("min_per_label", 1),
+        "seed": data.get("seed", info.get("spec", {}).get("seed", 0)),
+    }
+    built_on = data.get("task_file") or ""
+    if tasks and not built_on:
+        raise ValueError(
+            f"{folder} serves the embedded tasks it was built on; to serve your own task file, "
+            "build a model on it first: tanbr build-model --tasks FILE"
+        )
+    if built_on:
+        source = tasks or built_on
+        if not Path(source).is_file():
+            raise FileNotFoundError(
+                f"{folder} was built on the task file {built_on}, which is gone; pass it again "
+                "(--tasks FILE)"
+            )
+        suite = suite_from_file(source, **settings)
+    else:
+        suite = load_tasks(tuple(info["tasks"]), **settings)
+    digest = data.get("suite_digest")
+    if digest and suite.digest() != digest:
+        raise ValueError(
+            f"the task data differs from what {folder} was built on (suite digest mismatch); "
+            "rebuild the model with tanbr build-model"
+        )
+    return suite
 
 
 def spec_for_task_file(variant: str, task_file: str | Path) -> BuildSpec:

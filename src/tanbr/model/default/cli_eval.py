@@ -14,6 +14,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="which default-model build to evaluate (built if missing)",
     )
     parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a model folder instead: one written by build-model, or a Hugging Face MoE"
+        " checkpoint of your own (then with --tasks)",
+    )
+    parser.add_argument("--tasks", metavar="FILE", help="your task file, for --model PATH")
+    parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -127,7 +134,42 @@ def run(args: argparse.Namespace) -> int:
         latency_dtype=args.dtype,
         routing=args.routing,
     )
-    path = build_default_model(args.variant, progress=True)
-    report = evaluate_model(path, settings, progress=True)
+    if args.model:
+        from pathlib import Path
+
+        from tanbr.backend.registry import BackendSpec, DefaultLoader, choose_loader
+
+        folder = Path(args.model).expanduser().resolve()
+        if not isinstance(choose_loader(folder), DefaultLoader):
+            return _run_backend(args, BackendSpec(path=str(folder), tasks=args.tasks or "",
+                                                  dtype=args.dtype, lean=True))  # fmt: skip
+        path = folder
+    else:
+        path = build_default_model(args.variant, progress=True)
+    report = evaluate_model(path, settings, progress=True, task_file=args.tasks or "")
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _run_backend(args: argparse.Namespace, spec: Any) -> int:
+    """A checkpoint of the user's own, through the backend seam."""
+    from tanbr.experiment.evaluate import BackendEval, evaluate_backend
+
+    if not spec.tasks:
+        raise ValueError(f"{spec.path} is not a build-model folder: give your task file (--tasks)")
+    report = evaluate_backend(spec, BackendEval(repeats=args.repeats))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    methods = ("full_moe", "uniform", "frequency", "own_merge")
+    rows = [["task", *methods]]
+    rows += [[t, *(f"{r[m]:.3f}" for m in methods)] for t, r in report["tasks"].items()]
+    rows.append(["mean", *(f"{report['mean'][m]:.3f}" for m in methods)])
+    lat = report["latency"]
+    print(f"{report['metric']} on the test split of the task file")
+    print(_table(rows))
+    print(
+        f"\nlatency, batch {int(lat['batch_size'])} end to end: full {lat['full_ms']:.1f} ms,"
+        f" merged {lat['merged_ms']:.1f} ms (paired ratio {lat['paired_ratio']:.2f})"
+    )
     return 0

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tanbr.model.default.build import encoder_path, suite_texts
-from tanbr.model.default.data import TaskSuite, load_tasks
+from tanbr.model.default.build import built_suite, encoder_path, suite_texts
+from tanbr.model.default.data import TaskSuite
 from tanbr.model.default.modeling import DefaultModel, LowerStates, StateBank
 from tanbr.model.precision import DTYPES
 
@@ -69,22 +69,9 @@ class EvalSettings:
             raise ValueError(f"latency_dtype must be one of {DTYPES}, got {self.latency_dtype!r}")
 
 
-def suite_of(dm: DefaultModel) -> TaskSuite:
+def suite_of(dm: DefaultModel, *, tasks: str = "") -> TaskSuite:
     """Rebuild the exact task suite a checkpoint was trained on (checked by digest)."""
-    data = dm.info.get("data")
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{dm.path}: tasks.json lacks the data settings; rebuild the model")
-    suite = load_tasks(
-        dm.tasks,
-        per_task=data["per_task"],
-        min_per_label=data["min_per_label"],
-        seed=data["seed"],
-    )
-    if suite.digest() != data["suite_digest"]:
-        raise ValueError(
-            f"{dm.path}: the data on this machine differs from the data the model was built on "
-            "(suite digest mismatch); rebuild it with `tanbr build-model`"
-        )
+    suite = built_suite(dm.info, Path(dm.path or "."), tasks=tasks)
     if suite.labels != dm.labels:
         raise ValueError(f"{dm.path}: label set of the checkpoint differs from the data's")
     return suite
@@ -438,13 +425,15 @@ def evaluate_model(
     settings: EvalSettings | None = None,
     *,
     progress: bool = False,
+    task_file: str = "",
 ) -> dict[str, Any]:
-    """The ``eval-model`` report of the checkpoint at ``path`` (see the module docstring)."""
+    """The ``eval-model`` report of the checkpoint at ``path`` (see the module docstring);
+    ``task_file``: where the task file a model was built on is now."""
     from tqdm.auto import tqdm
 
     settings = settings or EvalSettings()
     dm = DefaultModel.load(path)
-    suite = suite_of(dm)
+    suite = suite_of(dm, tasks=task_file)
     texts, where = suite_texts(suite)
     bank = dm.lower_states(texts, progress=progress)
     ev = _Evaluator(dm, suite, bank, settings)
