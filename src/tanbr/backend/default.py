@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tanbr.backend.plans import CheckedPlan, checked_plan, merged_experts, plan_key, same_plan
+from tanbr.backend.plans import ServedState
 from tanbr.backend.protocol import Plan, Prediction
 from tanbr.backend.requests import Pool, Requests
 from tanbr.model import (
@@ -129,17 +129,10 @@ class DefaultBackend:
         lean = bool(getattr(model, "lean", False))
         store = expert_store(model.path, self.model) if lean else None
         self.merger = Merger(self.model, store=store, group_top_k=group_top_k)
-        # parameter bytes: everything but the routed experts, and one expert per block
-        expert_bytes = sum(b.expert_bytes * b.n_experts for b in self.merger.blocks)
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        total = sum(t.numel() * t.element_size() for t in tensors)
-        self._shared_bytes = int(total - expert_bytes)
-        self._all_experts_bytes = int(expert_bytes)
-        self._expert_bytes = {b.name: int(b.expert_bytes) for b in self.merger.blocks}
+        self.served = ServedState(self.merger, self.model)
         self._blocks = {b.name: b.n_experts for b in self.merger.blocks}
         self._n_gates = sum(self._blocks.values())  # width of the joined gate probabilities
         self._first = self.merger.blocks[0]
-        self._plan: CheckedPlan | None = None
         self._sig_cache: dict[str, dict[int, np.ndarray]] = {}  # kind -> row -> signature
         self._sig_ms = 0.0  # time spent computing the configured signature, and for how many
         self._sig_n = 0
@@ -152,7 +145,6 @@ class DefaultBackend:
         self._gate_cache: dict[int, np.ndarray] = {}
         self.memo = memo
         self._memo: dict[bytes, dict[int, np.ndarray]] = {}
-        self._target: tuple[str, CheckedPlan | None] = ("full", None)
         # (n_labels, K): which task each joint label "task:label" belongs to
         self._label_task = np.eye(len(model.tasks))[model.task_of_label()]
 
@@ -308,8 +300,8 @@ class DefaultBackend:
     def merge(self, plan: Plan) -> float:
         """Merge now, or (with the memo) when a forward pass first needs it: a slot whose
         predictions all come from the memo needs no merge at all."""
-        self._target = ("merged", checked_plan(plan, self.merger.blocks))
-        return 0.0 if self.memo else self._sync()
+        self.served.want_merge(plan)
+        return 0.0 if self.memo else self.served.sync()
 
     def static_plan(self, kind: str, requests: Requests) -> Plan:
         """A static merge computed on unlabeled calibration requests with the full MoE:
@@ -318,19 +310,13 @@ class DefaultBackend:
         labels the model samples from its own predictions: no label is read)."""
         if kind not in STATIC_MERGES:
             raise ValueError(f"static merge must be one of {STATIC_MERGES}, got {kind!r}")
-        target = self._target
-        self.restore()  # the full MoE, every expert in memory
-        try:
+        with self.served.full_moe(sync_after=not self.memo):  # every expert in memory
             batches = self._token_batches(requests.texts, 16)
             if kind == "regmean":
                 return regmean_plan(self.model, self.merger.blocks, batches)
             generator = torch.Generator().manual_seed(0)
             loss_fn = functools.partial(sampled_label_log_likelihood, generator=generator)
             return fisher_plan(self.model, self.merger.blocks, batches, loss_fn)
-        finally:
-            self._target = target
-            if not self.memo:
-                self._sync()
 
     def _token_batches(self, texts: Sequence[str], batch_size: int) -> list[dict[str, Any]]:
         """Tokenised batches the model's own forward takes (``model(**batch)``)."""
@@ -347,25 +333,25 @@ class DefaultBackend:
         return out
 
     def merge_soft(self) -> float:
-        self._target = ("soft", None)
-        return 0.0 if self.memo else self._sync()
+        self.served.want_soft()
+        return 0.0 if self.memo else self.served.sync()
 
     def restore(self) -> float:
-        self._target = ("full", None)
-        return self._sync()
+        self.served.want_full()
+        return self.served.sync()
 
     @torch.inference_mode()
     def predict(self, requests: Requests) -> Prediction:
         if not self.memo or requests.rows is None or self.bank is None:
-            merge_ms = self._sync()
+            merge_ms = self.served.sync()
             probs, spent = self._predict(requests)
             return Prediction(probs, spent, merge_ms)
-        cache = self._memo.setdefault(self._state_key(), {})
+        cache = self._memo.setdefault(self.served.key(), {})
         rows = requests.rows.tolist()
         todo = np.array([i for i, r in enumerate(rows) if r not in cache], dtype=np.int64)
         spent = merge_ms = 0.0
         if len(todo):
-            merge_ms = self._sync()
+            merge_ms = self.served.sync()
             fresh, spent = self._predict(requests.take(todo), self.memo_batch_size)
             for i, p in zip(todo.tolist(), fresh, strict=True):
                 cache[rows[i]] = p
@@ -392,41 +378,9 @@ class DefaultBackend:
         MoE and soft merging need every expert. The process's measured resident set is another
         figure (see :mod:`tanbr.experiment.memory`).
         """
-        mode, plan = self._target
-        if mode == "merged" and plan is not None:
-            merged = sum(
-                merged_experts(plan[name]) * size for name, size in self._expert_bytes.items()
-            )
-            return int(self._shared_bytes + merged)
-        return self._shared_bytes + self._all_experts_bytes
+        return self.served.param_bytes()
 
     # --- internals ------------------------------------------------------------------------------
-
-    def _sync(self) -> float:
-        """Make the model compute what the last merge / merge_soft / restore asked for."""
-        mode, plan = self._target
-        if mode == "merged" and plan is not None:
-            if self.merger.merged and self._plan is not None and same_plan(self._plan, plan):
-                return 0.0  # the same merge is already being served
-            stats = self.merger.apply(plan)
-            self._plan = plan
-            return float(stats.merge_ms)
-        if self.merger.mode == mode and not (mode == "full" and self.merger.lean):
-            return 0.0  # (a lean model may not have read its experts yet: restore does)
-        t0 = time.perf_counter()
-        if mode == "soft":
-            self.merger.apply_soft()
-        else:
-            self.merger.restore()
-        self._plan = None
-        return (time.perf_counter() - t0) * 1e3
-
-    def _state_key(self) -> bytes:
-        """What the model is asked to compute: full, soft, or merged with a given plan."""
-        mode, plan = self._target
-        if plan is None:
-            return mode.encode()
-        return plan_key(plan)
 
     def _predict(
         self, requests: Requests, batch_size: int | None = None
@@ -491,14 +445,8 @@ class DefaultBackend:
 
     def _with_full(self, fn: Any) -> Any:
         """Run ``fn`` on the full MoE, then ask for the served merge again."""
-        target = self._target
-        self.restore()
-        try:
+        with self.served.full_moe(sync_after=not self.memo):
             return fn()
-        finally:
-            self._target = target
-            if not self.memo:
-                self._sync()
 
     def _batches(self, requests: Requests, batch_size: int) -> Any:
         if requests.rows is not None and self.bank is not None:

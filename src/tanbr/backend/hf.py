@@ -36,7 +36,7 @@ from tanbr.backend.hf_signatures import (
     scatter,
     served_signatures,
 )
-from tanbr.backend.plans import CheckedPlan, checked_plan, merged_experts, plan_key, same_plan
+from tanbr.backend.plans import ServedState
 from tanbr.backend.protocol import Plan, Prediction
 from tanbr.backend.requests import Requests
 from tanbr.backend.tokenizer import Batch, encode, pad_batches
@@ -115,17 +115,10 @@ class HFBackend:
         self.max_length = min(max_length, limit) if isinstance(limit, int) else max_length
         self.dtype = next(self.model.parameters()).dtype
         blocks = self.merger.blocks
-        # parameter bytes: everything but the routed experts, and one expert per block
-        expert_bytes = sum(b.expert_bytes * b.n_experts for b in blocks)
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        total = sum(t.numel() * t.element_size() for t in tensors)
-        self._shared_bytes = int(total - expert_bytes)
-        self._all_experts_bytes = int(expert_bytes)
+        self.served = ServedState(self.merger, self.model)
         self._blocks = {b.name: b.n_experts for b in blocks}
         self._n_gates = sum(self._blocks.values())
         self._first = blocks[0]
-        self._plan: CheckedPlan | None = None
-        self._target: tuple[str, CheckedPlan | None] = ("full", None)
         self._sig_cache: dict[str, dict[int, np.ndarray]] = {}  # kind -> row -> signature
         self._sig_ms = 0.0  # time spent computing the configured signature, and for how many
         self._sig_n = 0
@@ -195,8 +188,8 @@ class HFBackend:
 
     def merge(self, plan: Plan) -> float:
         """Merge now, or (with the memo) when a forward pass first needs it."""
-        self._target = ("merged", checked_plan(plan, self.merger.blocks))
-        return 0.0 if self.memo else self._sync()
+        self.served.want_merge(plan)
+        return 0.0 if self.memo else self.served.sync()
 
     def static_plan(self, kind: str, requests: Requests) -> Plan:
         """A static merge computed with the full MoE on unlabeled calibration ``requests``:
@@ -204,48 +197,39 @@ class HFBackend:
         predictions: no label or target is read)."""
         if kind not in ("regmean", "fisher"):
             raise ValueError(f"static merge must be one of ('regmean', 'fisher'), got {kind!r}")
-        target = self._target
-        self.restore()
-        try:
+        with self.served.full_moe(sync_after=not self.memo), torch.inference_mode(False):
             batches = [
                 {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
                 for b in self._batches(requests.texts, 8)
             ]
-            with torch.inference_mode(False):
-                if kind == "regmean":
-                    return regmean_plan(self.model, self.merger.blocks, batches)
-                generator = torch.Generator().manual_seed(0)
-                sampled = (
-                    sampled_token_log_likelihood
-                    if self.kind == "lm"
-                    else sampled_label_log_likelihood
-                )
-                loss_fn = functools.partial(sampled, generator=generator)
-                return fisher_plan(self.model, self.merger.blocks, batches, loss_fn)
-        finally:
-            self._target = target
-            if not self.memo:
-                self._sync()
+            if kind == "regmean":
+                return regmean_plan(self.model, self.merger.blocks, batches)
+            generator = torch.Generator().manual_seed(0)
+            sampled = (
+                sampled_token_log_likelihood if self.kind == "lm" else sampled_label_log_likelihood
+            )
+            loss_fn = functools.partial(sampled, generator=generator)
+            return fisher_plan(self.model, self.merger.blocks, batches, loss_fn)
 
     def merge_soft(self) -> float:
-        self._target = ("soft", None)
-        return 0.0 if self.memo else self._sync()
+        self.served.want_soft()
+        return 0.0 if self.memo else self.served.sync()
 
     def restore(self) -> float:
-        self._target = ("full", None)
-        return self._sync()
+        self.served.want_full()
+        return self.served.sync()
 
     def predict(self, requests: Requests) -> Prediction:
         rows = self._rows(requests)
         if not self.memo or rows is None:
-            merge_ms = self._sync()
+            merge_ms = self.served.sync()
             values, spent = self._serve(requests.texts, self.batch_size)
             return self._prediction(values, spent, merge_ms)
-        cache = self._memo.setdefault(self._state_key(), {})
+        cache = self._memo.setdefault(self.served.key(), {})
         todo = list(dict.fromkeys(r for r in rows if r not in cache))
         spent = merge_ms = 0.0
         if todo:
-            merge_ms = self._sync()
+            merge_ms = self.served.sync()
             fresh, spent = self._serve([self.texts[r] for r in todo], self.memo_batch_size)
             cache.update(zip(todo, fresh, strict=True))
         values = np.stack([cache[r] for r in rows]) if rows else self._serve([], 1)[0]
@@ -263,11 +247,7 @@ class HFBackend:
         """Parameter bytes the model as set needs resident: everything but the routed experts
         and one merged expert per block when merged (memory-lean serving keeps the originals
         on disk); every expert for the full MoE and soft merging."""
-        mode, plan = self._target
-        if mode == "merged" and plan is not None:
-            merged = sum(merged_experts(plan[b.name]) * b.expert_bytes for b in self.merger.blocks)
-            return int(self._shared_bytes + merged)
-        return self._shared_bytes + self._all_experts_bytes
+        return self.served.param_bytes()
 
     def replica(self) -> Self:
         """A copy with its own module tree, tokenizer and merger, sharing every tensor and the
@@ -313,47 +293,10 @@ class HFBackend:
 
     # --- model state ------------------------------------------------------------------------
 
-    def _sync(self) -> float:
-        """Make the model compute what the last merge / merge_soft / restore asked for.
-
-        Merges are built outside inference mode, so that their tensors can be re-merged in
-        place by any later call.
-        """
-        mode, plan = self._target
-        with torch.inference_mode(False):
-            if mode == "merged" and plan is not None:
-                if self.merger.merged and self._plan is not None and same_plan(self._plan, plan):
-                    return 0.0  # the same merge is already being served
-                stats = self.merger.apply(plan)
-                self._plan = plan
-                return float(stats.merge_ms)
-            if self.merger.mode == mode and not (mode == "full" and self.merger.lean):
-                return 0.0  # (a lean model may not have read its experts yet: restore does)
-            t0 = time.perf_counter()
-            if mode == "soft":
-                self.merger.apply_soft()
-            else:
-                self.merger.restore()
-            self._plan = None
-            return (time.perf_counter() - t0) * 1e3
-
-    def _state_key(self) -> bytes:
-        """What the model is asked to compute: full, soft, or merged with a given plan."""
-        mode, plan = self._target
-        if plan is None:
-            return mode.encode()
-        return plan_key(plan)
-
     def _with_full(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the full MoE, then ask for the served merge again."""
-        target = self._target
-        self.restore()
-        try:
+        with self.served.full_moe(sync_after=not self.memo):
             return fn()
-        finally:
-            self._target = target
-            if not self.memo:
-                self._sync()
 
     # --- requests ---------------------------------------------------------------------------
 

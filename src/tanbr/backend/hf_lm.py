@@ -89,13 +89,13 @@ class HFCausalLMBackend(HFBackend):
             raise ValueError(f"nll: {len(targets)} targets for {len(requests)} requests")
         rows = self._rows(requests)
         if not self.memo or rows is None:
-            self._sync()
+            self.served.sync()
             return self._nll(requests.texts, targets)
-        cache = self._nll_memo.setdefault(self._state_key(), {})
+        cache = self._nll_memo.setdefault(self.served.key(), {})
         keys = list(zip(rows, targets, strict=True))
         todo = list(dict.fromkeys(k for k in keys if k not in cache))
         if todo:
-            self._sync()
+            self.served.sync()
             fresh = self._nll([self.texts[r] for r, _ in todo], [t for _, t in todo])
             cache.update(zip(todo, fresh.tolist(), strict=True))
         return np.array([cache[k] for k in keys], dtype=np.float64)

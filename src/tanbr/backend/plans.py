@@ -1,4 +1,5 @@
-"""What every backend does with a plan: check it, tell two plans apart, key its predictions.
+"""What every backend does with a plan: check it, tell two plans apart, key its predictions,
+and keep the model computing what it was asked (:class:`ServedState`).
 
 A block's plan value is coefficients ((E,), or (m, E) for m merged experts) or merged weights
 (:class:`~tanbr.model.MergedWeights`, from RegMean or Fisher-weighted averaging). Backends keep
@@ -8,14 +9,16 @@ predictions by it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from tanbr.model import MergedWeights, MoEBlock, validate_merge_plan
+from tanbr.model import MergedWeights, Merger, MoEBlock, validate_merge_plan
 
 PlanValue = np.ndarray | MergedWeights
 CheckedPlan = dict[str, PlanValue]
@@ -70,3 +73,82 @@ def weights_digest(value: MergedWeights) -> bytes:
 def merged_experts(value: PlanValue) -> int:
     """How many merged experts a block's plan value keeps resident."""
     return 1 if isinstance(value, MergedWeights) else int(np.atleast_2d(value).shape[0])
+
+
+class ServedState:
+    """What a backend's model is asked to compute (full MoE, soft merging, or a plan) and
+    what it computes now, and the parameter bytes each needs resident.
+
+    A backend asks (``want_*``) and the merge happens at :meth:`sync`, which a backend with a
+    memo of predictions defers until a forward pass needs the model: a slot whose predictions
+    are all remembered needs no merge. A plan already served is not merged again.
+    """
+
+    def __init__(self, merger: Merger, model: torch.nn.Module) -> None:
+        self.merger = merger
+        self.target: tuple[str, CheckedPlan | None] = ("full", None)
+        self.applied: CheckedPlan | None = None
+        experts = sum(b.expert_bytes * b.n_experts for b in merger.blocks)
+        tensors = [*model.parameters(), *model.buffers()]
+        self.shared_bytes = int(sum(t.numel() * t.element_size() for t in tensors) - experts)
+        self.all_experts_bytes = int(experts)
+
+    def want_merge(self, plan: Mapping[str, Any]) -> None:
+        self.target = ("merged", checked_plan(plan, self.merger.blocks))
+
+    def want_soft(self) -> None:
+        self.target = ("soft", None)
+
+    def want_full(self) -> None:
+        self.target = ("full", None)
+
+    def sync(self) -> float:
+        """Make the model compute what was asked; returns the milliseconds spent. Merges are
+        built outside inference mode, so that a later merge can rewrite them in place."""
+        mode, plan = self.target
+        merger = self.merger
+        with torch.inference_mode(False):
+            if mode == "merged" and plan is not None:
+                if merger.merged and self.applied is not None and same_plan(self.applied, plan):
+                    return 0.0  # the same merge is already being served
+                stats = merger.apply(plan)
+                self.applied = plan
+                return float(stats.merge_ms)
+            if merger.mode == mode and not (mode == "full" and merger.lean):
+                return 0.0  # (a lean model may not have read its experts yet: restore does)
+            t0 = time.perf_counter()
+            if mode == "soft":
+                merger.apply_soft()
+            else:
+                merger.restore()
+            self.applied = None
+            return (time.perf_counter() - t0) * 1e3
+
+    def key(self) -> bytes:
+        """What the model is asked to compute, as bytes (the memo's key)."""
+        mode, plan = self.target
+        return mode.encode() if plan is None else plan_key(plan)
+
+    def param_bytes(self) -> int:
+        """Parameter bytes the model as asked needs resident: everything but the routed
+        experts, and the plan's merged experts (the originals stay on disk in memory-lean
+        serving); every expert for the full MoE and soft merging."""
+        mode, plan = self.target
+        if mode == "merged" and plan is not None:
+            merged = sum(merged_experts(plan[b.name]) * b.expert_bytes for b in self.merger.blocks)
+            return int(self.shared_bytes + merged)
+        return self.shared_bytes + self.all_experts_bytes
+
+    @contextlib.contextmanager
+    def full_moe(self, *, sync_after: bool) -> Iterator[None]:
+        """Run a block on the full MoE, then ask for what was asked before (and merge it back
+        now unless ``sync_after`` is False: a memo defers it)."""
+        target = self.target
+        self.want_full()
+        self.sync()
+        try:
+            yield
+        finally:
+            self.target = target
+            if sync_after:
+                self.sync()
