@@ -119,7 +119,9 @@ class LMSpec:
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if self.max_chars <= self.min_chars:
-            raise ValueError(f"max_chars must be > min_chars={self.min_chars}, got {self.max_chars}")
+            raise ValueError(
+                f"max_chars must be > min_chars={self.min_chars}, got {self.max_chars}"
+            )
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -183,9 +185,7 @@ def cache_key_parts(spec: LMSpec) -> dict[str, Any]:
     return {
         "recipe": RECIPE_VERSION,
         "spec": dataclasses.asdict(spec),
-        "data": {
-            f"{p.parent.name}/{p.name}": file_digest(p) for p in data_files(spec.domains)
-        },
+        "data": {f"{p.parent.name}/{p.name}": file_digest(p) for p in data_files(spec.domains)},
         "versions": {
             "tanbr": tanbr.__version__,
             "torch": torch.__version__.split("+")[0],
@@ -269,7 +269,9 @@ def pack(tokenizer: Any, documents: Sequence[str], seq_len: int) -> torch.Tensor
     stream = [t for doc in ids for t in (bos, *doc, eos)]
     n = len(stream) // seq_len
     if n < 1:
-        raise ValueError(f"{len(stream)} tokens of training text are fewer than one block of {seq_len}")
+        raise ValueError(
+            f"{len(stream)} tokens of training text are fewer than one block of {seq_len}"
+        )
     return torch.as_tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
@@ -326,9 +328,14 @@ def train(
             torch.manual_seed(spec.seed)
             for _ in bar:
                 batch = torch.cat(
-                    [b[torch.as_tensor(rng.integers(0, len(b), spec.per_domain_batch))] for b in blocks]
+                    [
+                        b[torch.as_tensor(rng.integers(0, len(b), spec.per_domain_batch))]
+                        for b in blocks
+                    ]
                 )
-                out = model(input_ids=batch, labels=batch, output_router_logits=True, use_cache=False)
+                out = model(
+                    input_ids=batch, labels=batch, output_router_logits=True, use_cache=False
+                )
                 out.loss.backward()
                 if spec.grad_clip > 0.0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)

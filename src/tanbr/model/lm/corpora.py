@@ -420,7 +420,10 @@ def split_corpus(
                 f"for {n_heldout}"
             )
         if len(kept) < len(s.heldout):
-            log.debug("%s: %d held-out prompts occur in the training text, dropped",
-                      s.domain, len(s.heldout) - len(kept))
+            log.debug(
+                "%s: %d held-out prompts occur in the training text, dropped",
+                s.domain,
+                len(s.heldout) - len(kept),
+            )
         out.append(DomainSplit(s.domain, s.train, tuple(kept[:n_heldout]), s.n_documents))
     return out

@@ -219,7 +219,9 @@ def evaluate_lm(
         raise ValueError(f"{task_file.path}: a language model is scored on an lm task file")
     loaded = load_checkpoint(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     max_length = int(getattr(loaded.config, "max_position_embeddings", 512))
     domains = task_file.tasks
     splits = split_tasks(task_file, seed=settings.seed)

@@ -30,7 +30,9 @@ def train_tokenizer(
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 300:
-        raise ValueError(f"vocab_size must be >= 300 (256 bytes, specials, merges), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be >= 300 (256 bytes, specials, merges), got {vocab_size}"
+        )
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
@@ -45,7 +47,7 @@ def train_tokenizer(
     core.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", special_tokens=[(BOS, core.token_to_id(BOS))]
     )
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=core,
         bos_token=BOS,
         eos_token=EOS,
