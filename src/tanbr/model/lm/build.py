@@ -85,11 +85,11 @@ class LMSpec:
     max_position_embeddings: int = 512
     # training
     seq_len: int = 128
-    steps: int = 300
-    per_domain_batch: int = 2
-    lr: float = 3e-3
+    steps: int = 900
+    per_domain_batch: int = 1
+    lr: float = 4e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
+    warmup_steps: int = 40
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # measured at build time (see EvalSettings)
@@ -163,7 +163,6 @@ VARIANTS: dict[str, LMSpec] = {
         intermediate_size=64,
         seq_len=64,
         steps=30,
-        per_domain_batch=1,
         warmup_steps=3,
     ),
 }

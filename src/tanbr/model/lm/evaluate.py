@@ -116,14 +116,20 @@ def nll_sums(
     counts = np.zeros(len(scored.ids), dtype=np.int64)
     starts = np.asarray(scored.starts)
     for pos, ids, mask in _batches(scored, batch_size, pad_id):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (b, T, V)
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1).double()  # (b, T-1): token t+1
-        target_pos = torch.arange(1, ids.shape[1])
+        # position t predicts token t + 1: logits only where the next token is scored
+        cols = torch.arange(ids.shape[1])
         first = torch.as_tensor(starts[pos])[:, None]
-        keep = (target_pos >= first) & (mask[:, 1:] == 1)
-        sums[pos] = (nll * keep).sum(dim=1).numpy()
-        counts[pos] = keep.sum(dim=1).numpy()
+        scored_tokens = (cols >= first) & (mask == 1)  # (b, T)
+        keep = torch.zeros_like(scored_tokens)
+        keep[:, :-1] = scored_tokens[:, 1:]
+        logits = model(
+            input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep
+        ).logits  # (scored tokens, V), row-major over (b, T)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nll = -logp.gather(1, ids[scored_tokens][:, None]).squeeze(1).double()
+        owner = scored_tokens.nonzero()[:, 0]  # the batch row of each scored token
+        sums[pos] = torch.zeros(len(pos), dtype=torch.float64).index_add_(0, owner, nll).numpy()
+        counts[pos] = scored_tokens.sum(dim=1).numpy()
     return sums, counts
 
 
@@ -157,7 +163,9 @@ def domain_usage(
         with GateRecorder(loaded.model, blocks=loaded.blocks) as recorder:
             for _, ids, mask in _batches(subset, batch_size, pad_id):
                 recorder.set_mask(mask)
-                loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                loaded.model(
+                    input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1
+                )  # the gates see every token; one logit row is enough
             usage[domain] = recorder.profiles()
     return usage
 
