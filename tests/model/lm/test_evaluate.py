@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tanbr.model import validate_coeffs
 from tanbr.model.lm import DOMAIN_NAMES, EvalSettings, evaluate_lm
 from tanbr.model.lm.evaluate import specialisation
 
@@ -46,8 +47,8 @@ def test_evaluate_reports_full_and_merged_losses(tiny_lm: Path) -> None:
         assert out["perplexity"]["full"][d] == pytest.approx(
             math.exp(out["loss"]["full"][d]), rel=1e-3
         )
-        for block in out["blocks"]:
-            assert sum(out["usage"][d][block]) == pytest.approx(1.0, abs=1e-3)
+        for block in out["blocks"]:  # each usage is a plan's coeffs, as stored
+            validate_coeffs(out["usage"][d][block], 8, block=block)
     assert all(d in out["specialisation"]["summary"] for d in DOMAIN_NAMES)
     assert out["needs_adaptation"] == (out["max_own_gap"] > out["adaptation_threshold"])
 

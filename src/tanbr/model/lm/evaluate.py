@@ -316,7 +316,7 @@ def evaluate_lm(
         },
         "cross": {d: _rounded(merged[f"own:{d}"]) for d in domains},
         "usage": {
-            d: {name: [round(float(x), 4) for x in p] for name, p in usage[d].items()}
+            d: {name: [round(float(x), 6) for x in p] for name, p in usage[d].items()}
             for d in domains
         },
         "specialisation": specialisation(usage, block_names),
