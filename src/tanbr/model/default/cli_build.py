@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="which build: 'default' (the real model: gate-routed and task-routed training"
         " steps in turn), 'task-routed' (both passes every step; ~1.8x the training),"
         " 'gate-routed' (the routing loss alone; experts that share more) or 'tiny'"
-        " (seconds, for tests)",
+        " (seconds, for tests); 'lm' or 'lm-tiny' build the MoE language model instead"
+        " (tanbr.model.lm; see docs/lm.md)",
     )
     parser.add_argument(
         "--tasks",
@@ -28,7 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
+LM_VARIANTS = ("lm", "lm-tiny")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.variant in LM_VARIANTS:
+        from tanbr.model.lm.cli_build import run as run_lm
+
+        return run_lm(args)
     from tanbr.model.default.build import (
         VARIANTS,
         build_default_model,
