@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
@@ -34,6 +39,31 @@ def cache_dir(kind: str, *parts: Any) -> Path:
     so that an interrupted build never looks complete.
     """
     return cache_root() / kind / content_key(*parts)
+
+
+def build_once(folder: Path, marker: str, build: Callable[[Path], object]) -> bool:
+    """Build a cache folder unless ``folder/marker`` already exists; returns whether it built.
+
+    ``build`` writes into a temporary sibling that is renamed into place, so an interrupted
+    build never looks complete; when two processes race, the first rename wins and the other
+    uses its folder.
+    """
+    if (folder / marker).is_file():
+        return False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / marker).is_file():
+                raise
+            log.info("another build finished first; using %s", folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
 
 
 def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -33,8 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tanbr.cache import cache_dir, file_digest
+from tanbr.cache import build_once, cache_dir, file_digest
 from tanbr.model.default.data import TASKS, TaskSuite, data_files, load_tasks, suite_from_file
 from tanbr.model.default.modeling import (
     TASKS_FILE,
@@ -233,22 +231,10 @@ def build_default_model(variant: str = "default", *, progress: bool = False) -> 
 def build_from_spec(spec: BuildSpec, *, variant: str = "custom", progress: bool = False) -> Path:
     """:func:`build_default_model` for an explicit spec (measurements use this to compare specs)."""
     folder = cache_dir("default-model", cache_key_parts(spec))
-    if (folder / "model.safetensors").is_file() and (folder / TASKS_FILE).is_file():
+    if not build_once(
+        folder, TASKS_FILE, lambda tmp: _build_into(tmp, spec, variant=variant, progress=progress)
+    ):
         log.info("default model (%s) from cache: %s", variant, folder)
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _build_into(tmp, spec, variant=variant, progress=progress)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if not (folder / TASKS_FILE).is_file():
-                raise
-            log.info("another build finished first; using %s", folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

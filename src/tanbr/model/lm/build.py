@@ -25,8 +25,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tanbr.cache import cache_dir, file_digest
+from tanbr.cache import build_once, cache_dir, file_digest
 from tanbr.model.lm.corpora import (
     DOMAIN_NAMES,
     DOMAINS,
@@ -208,22 +206,10 @@ def build_lm(variant: str = "lm", *, progress: bool = False) -> Path:
 def build_lm_from_spec(spec: LMSpec, *, variant: str = "custom", progress: bool = False) -> Path:
     """:func:`build_lm` for an explicit spec (to compare recipes)."""
     folder = cache_dir("lm-model", cache_key_parts(spec))
-    if (folder / BUILD_FILE).is_file():
+    if not build_once(
+        folder, BUILD_FILE, lambda tmp: build_into(tmp, spec, variant=variant, progress=progress)
+    ):
         log.info("language model (%s) from cache: %s", variant, folder)
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        build_into(tmp, spec, variant=variant, progress=progress)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if not (folder / BUILD_FILE).is_file():
-                raise
-            log.info("another build finished first; using %s", folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
