@@ -80,8 +80,8 @@ class DefaultBackend:
         Requests per forward pass (slots are split into length-sorted batches).
     dtype
         Serving precision: ``float32``, ``bfloat16`` (merges are summed in float32 and rounded
-        once; several times faster on CPUs with AMX or AVX512-BF16), or ``auto`` (bfloat16
-        where oneDNN has fast bfloat16 kernels).
+        once; about twice as fast on CPUs with AMX), or ``auto`` (bfloat16
+        where the CPU has AMX tiles: :func:`~tanbr.model.precision.fast_bfloat16`).
     memo
         Reuse the class probabilities of a (served model, cached request) pair computed before.
         Exact up to float rounding (the model is deterministic in inference mode; only the
