@@ -4,8 +4,6 @@ estimator's stays high, and the policies keep producing valid plans."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 
@@ -31,7 +29,8 @@ def _run(fake: Fake, *, novelty: bool, new_task: str = "task3") -> dict[str, lis
     cfg = load_config(
         overrides=[
             f"n_slots={N_SLOTS}", "workload.slot_size=64", "workload.period=10",
-            "estimator.kind='readout'", "estimator.head=32", f"estimator.novelty={str(novelty).lower()}",
+            "estimator.kind='readout'", "estimator.head=32",
+            f"estimator.novelty={str(novelty).lower()}",
             f"workload.new_task='{new_task}'", f"workload.new_task_at={AT}",
             "workload.new_task_share=0.3", "oracle.n_candidates=4",
             f"policies={list(POLICIES)}".replace('"', "'"),
@@ -40,7 +39,8 @@ def _run(fake: Fake, *, novelty: bool, new_task: str = "task3") -> dict[str, lis
     setup = prepare(cfg, backend, calib, test)
     slots = make_slots(setup, 0)
     return {
-        name: run_policy(setup, name, 0, slots, probe=False).records for name in setup.config.policies
+        name: run_policy(setup, name, 0, slots, probe=False).records
+        for name in setup.config.policies
     }
 
 
@@ -49,7 +49,7 @@ def _tv(records: list[SlotRecord], lo: int, hi: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(request: Any) -> dict[str, dict[str, list[SlotRecord]]]:
+def runs() -> dict[str, dict[str, list[SlotRecord]]]:
     rng = np.random.default_rng(0)
     from .conftest import make_pool
 
