@@ -50,6 +50,11 @@ class WorkloadConfig:
     mix: tuple[float, ...] = ()
     trace: str = ""  # a per-slot mix trace (kind "trace")
     requests: str = ""  # a request trace (kind "requests")
+    # a task held out of calibration (the estimator never sees it there) that arrives at slot
+    # new_task_at with new_task_share of each slot's mix (0: the schedule's own share)
+    new_task: str = ""
+    new_task_at: int = 100
+    new_task_share: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,12 @@ class EstimatorConfig:
     beta: float = 0.2
     prior_strength: float = 16.0
     online_rate: float = 0.01
+    # task types met mid-stream (readout only; see tanbr.experiment.novelty): detect and open
+    # them, learn their profiles from profile_budget full-MoE gate passes per slot
+    novelty: bool = False
+    novelty_window: int = 4
+    novelty_excess: float = 0.05
+    profile_budget: int = 8
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from tanbr.experiment.novelty import NoveltyDetector, OnlineProfile
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +180,14 @@ class Forecaster:
             step = self.level - prev
             old = self.trend if self.trend is not None else np.zeros_like(step)
             self.trend = 0.8 * ((1.0 - self.beta) * old + self.beta * step)  # damped trend
+
+    def grow(self, share: float) -> None:
+        """Add a task type with ``share`` of the level (the others scaled down to make room)."""
+        self.n_types += 1
+        if self.level is not None:
+            self.level = np.append((1.0 - share) * self.level, share)
+        if self.trend is not None:
+            self.trend = np.append(self.trend, 0.0)
 
 
 def _blend(counts: np.ndarray, n: int, forecast: np.ndarray, strength: float) -> np.ndarray:
@@ -343,9 +353,14 @@ class ReadoutEstimator:
         prior_strength: float = 16.0,
         readout_c: float = 0.01,
         em_iters: int = 50,
+        novelty: NoveltyDetector | None = None,
+        profile_budget: int = 8,
+        full_pass_ms: float = 0.0,
     ) -> None:
         if not (math.isfinite(prior_strength) and prior_strength >= 0):
             raise ValueError(f"prior_strength must be >= 0, got {prior_strength}")
+        if profile_budget < 1:
+            raise ValueError(f"profile_budget must be >= 1, got {profile_budget}")
         if not (math.isfinite(readout_c) and readout_c > 0):
             raise ValueError(f"readout_c must be > 0, got {readout_c}")
         if em_iters < 1:
@@ -360,6 +375,10 @@ class ReadoutEstimator:
         self.prior0: np.ndarray | None = None  # (K,) calibration prior of the types
         self.forecaster: Forecaster | None = None
         self._dim = 0
+        self.novelty = novelty
+        self.profile_budget = profile_budget
+        self.full_pass_ms = full_pass_ms  # charged per request of a profile's gate pass
+        self.profiles: list[OnlineProfile] = []  # of the opened types, in order
 
     def fit(self, signatures: np.ndarray, types: np.ndarray) -> ReadoutEstimator:
         """Learn the read-out of the task ``types`` (n,) from the cheap ``signatures`` (n, d)."""
@@ -385,6 +404,8 @@ class ReadoutEstimator:
         self._dim = x.shape[1]
         self.prior0 = np.bincount(types, minlength=k) / len(types)
         self.forecaster = Forecaster(k, *self._forecast_args)
+        if self.novelty is not None:
+            self.novelty.fit(x, types)
         return self
 
     def _require_fit(self) -> tuple[Any, np.ndarray, Forecaster]:
@@ -400,18 +421,36 @@ class ReadoutEstimator:
             return np.zeros((0, self.n_types))
         return np.asarray(readout.predict_proba(x), dtype=np.float64)
 
-    def assign(self, signatures: np.ndarray) -> np.ndarray:
-        """(n,) the most likely task type of each request."""
-        return np.asarray(self.posteriors(signatures).argmax(1), dtype=np.int64)
+    @property
+    def n_new(self) -> int:
+        """Task types opened online beside the K of calibration (see :mod:`.novelty`)."""
+        return 0 if self.novelty is None else len(self.novelty.new)
 
-    def _em(self, posteriors: np.ndarray, prior: np.ndarray, strength: float) -> np.ndarray:
-        """The MAP mixture weights of ``posteriors`` (n, K) under Dirichlet(strength * prior)."""
+    def likelihoods(self, signatures: np.ndarray) -> np.ndarray:
+        """(n, K + J) each request's likelihood of each type, up to a per-request factor.
+
+        Known types: the read-out posterior over the calibration prior, p(k | x) / pi0_k.
+        Once types have been opened, a request nearer to an opened type's centre than to every
+        known one belongs to that type alone (one-hot), the others to the known types."""
         _, prior0, _ = self._require_fit()
-        ratio = 1.0 / np.maximum(prior0, 1e-12)
+        lik = self.posteriors(signatures) / np.maximum(prior0, 1e-12)  # (n, K)
+        if self.n_new == 0:
+            return np.asarray(lik)
+        assert self.novelty is not None
+        nearest = self.novelty.nearest(signatures)  # (n,) 0..K+J-1
+        out = np.zeros((lik.shape[0], self.n_types + self.n_new))
+        known = nearest < self.n_types
+        out[known, : self.n_types] = lik[known]
+        out[np.flatnonzero(~known), nearest[~known]] = 1.0
+        return out
+
+    def _em(self, lik: np.ndarray, prior: np.ndarray, strength: float) -> np.ndarray:
+        """The MAP mixture weights of likelihoods ``lik`` (n, K') under Dirichlet(strength *
+        prior)."""
         pi = prior.copy()
-        n = posteriors.shape[0]
+        n = lik.shape[0]
         for _ in range(self.em_iters):
-            w = posteriors * (pi * ratio)  # (n, K)
+            w = lik * pi  # (n, K')
             w /= np.maximum(w.sum(1, keepdims=True), 1e-300)
             new = (w.sum(0) + strength * prior) / (n + strength)
             done = np.abs(new - pi).max() < 1e-7
@@ -421,22 +460,74 @@ class ReadoutEstimator:
         return np.asarray(pi / pi.sum())
 
     def estimate(self, head: np.ndarray | None, *, tasks: np.ndarray | None = None) -> np.ndarray:
+        """The mix (K + J,) of the coming slot: the K calibration types, then the J opened."""
         if tasks is not None:
             raise ValueError("the read-out estimator is label-free: it never takes task tags")
         _, _, forecaster = self._require_fit()
         forecast = forecaster.forecast()
         if head is None or len(head) == 0:
             return forecast
-        return self._em(self.posteriors(head), forecast, self.prior_strength)
+        return self._em(self.likelihoods(head), forecast, self.prior_strength)
+
+    def known_mix(self, signatures: np.ndarray) -> np.ndarray:
+        """(K,) what the known types alone make of a batch (EM, no prior)."""
+        _, prior0, forecaster = self._require_fit()
+        start = forecaster.forecast()[: self.n_types]
+        start = start / start.sum() if start.sum() > 0 else prior0
+        lik = self.posteriors(signatures) / np.maximum(prior0, 1e-12)
+        return self._em(lik, start, 0.0)
 
     def observe(self, signatures: np.ndarray, *, tasks: np.ndarray | None = None) -> None:
         if tasks is not None:
             raise ValueError("the read-out estimator is label-free: it never takes task tags")
         _, _, forecaster = self._require_fit()
-        post = self.posteriors(signatures)
-        if post.shape[0] == 0:
+        x = _check_signatures(signatures, self._dim)
+        if x.shape[0] == 0:
             return
-        forecaster.update(self._em(post, forecaster.forecast(), 0.0))
+        forecaster.update(self._em(self.likelihoods(x), forecaster.forecast(), 0.0))
+        if self.novelty is None:
+            return
+        opening = self.novelty.observe(x, self.known_mix)
+        if opening is not None:  # the forecast gives the new type the share it explains
+            forecaster.grow(float(np.clip(opening.excess, 0.0, 1.0)))
+            self.profiles.append(OnlineProfile())
+
+    def assign(self, signatures: np.ndarray) -> np.ndarray:
+        """(n,) each request's most likely type: 0..K-1 known, K.. the opened ones."""
+        lik = self.likelihoods(signatures)
+        _, prior0, _ = self._require_fit()
+        prior = np.concatenate([prior0, np.full(self.n_new, 1.0)])
+        return np.asarray((lik * prior).argmax(1), dtype=np.int64)
+
+    def profile_wants(self, signatures: np.ndarray) -> np.ndarray:
+        """Indices of observed requests whose full-MoE gate probabilities the opened types'
+        profiles still need: up to ``profile_budget`` per slot, of types not yet stable."""
+        if self.n_new == 0 or all(p.stable for p in self.profiles):
+            return np.zeros(0, dtype=np.int64)
+        types = self.assign(signatures)
+        want = [
+            np.flatnonzero(types == self.n_types + j)
+            for j, p in enumerate(self.profiles)
+            if not p.stable
+        ]
+        idx = np.concatenate(want) if want else np.zeros(0, dtype=np.int64)
+        return np.asarray(np.sort(idx[: self.profile_budget]), dtype=np.int64)
+
+    def learn_profiles(self, signatures: np.ndarray, gates: Mapping[str, np.ndarray]) -> None:
+        """Add the full-MoE gate probabilities (per block (n, E)) of requests with these
+        ``signatures`` (n, d) to the profiles of the opened types they belong to."""
+        types = self.assign(signatures)
+        for j, profile in enumerate(self.profiles):
+            rows = types == self.n_types + j
+            if rows.any() and not profile.stable:
+                profile.add({name: np.asarray(p)[rows] for name, p in gates.items()})
+                if profile.stable:
+                    log.info("profile of new task type %d stable after %d requests",
+                             self.n_types + j, profile.n)  # fmt: skip
+
+    def new_profiles(self) -> list[dict[str, np.ndarray] | None]:
+        """Each opened type's profile so far (None before its first gate pass)."""
+        return [p.mean() for p in self.profiles]
 
 
 class TagEstimator:

@@ -26,6 +26,7 @@ import numpy as np
 from tanbr.backend.protocol import Backend, Plan, Scorer
 from tanbr.backend.requests import Requests, Slot, Truth
 from tanbr.backend.scorers import LabelAccuracy
+from tanbr.experiment.novelty import split_mix, with_new_types
 from tanbr.experiment.records import SlotRecord
 from tanbr.experiment.reward import Outcomes, RewardFn
 
@@ -147,7 +148,8 @@ class System:
 class Decision:
     """The choice for one slot: the estimated mix (the policy's context), the policy's action,
     and how the slot is served: ``merge`` with ``plan``, ``full`` MoE, ``soft`` (SMEAR), or
-    ``per-task`` merges (task-tag oracle)."""
+    ``per-task`` merges (task-tag oracle). ``new_mass`` is the estimated share of task types
+    opened online (the context is then the known types' mix, renormalised)."""
 
     slot: int
     mix: np.ndarray  # (K,)
@@ -157,6 +159,7 @@ class Decision:
     task_plans: tuple[Plan, ...] = ()
     select_ms: float = 0.0
     estimate_ms: float = 0.0  # the estimator's estimate (its signatures are counted apart)
+    new_mass: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in DECISION_KINDS:
@@ -201,23 +204,38 @@ def decide(
                 raise ValueError(f"estimator {system.estimator.name!r} reads tags: pass truth")
             tasks = np.asarray(truth.tasks[:n], dtype=np.int64)
     t0 = time.perf_counter()
-    mix = system.estimator.estimate(head_sig, tasks=tasks)
+    full = system.estimator.estimate(head_sig, tasks=tasks)
+    mix, new_mass = split_mix(full, system.estimator.n_types)
     estimate_ms = (time.perf_counter() - t0) * 1e3
     t0 = time.perf_counter()
     if system.mode.needs_truth and truth is None:
         raise ValueError(f"mode {system.mode.name!r} is an oracle: it needs the slot's truth")
     choice = system.mode.choose(mix, truth=truth if system.mode.needs_truth else None)
+    plan = choice.plan
+    if new_mass.sum() > 0 and system.mode.reads_mix and plan is not None:
+        plan = _with_new_types(system.estimator, plan, new_mass)
     select_ms = (time.perf_counter() - t0) * 1e3
     return Decision(
         slot=slot,
         mix=mix,
         kind=choice.kind,
         action=choice.action,
-        plan=choice.plan,
+        plan=plan,
         task_plans=choice.task_plans,
         select_ms=select_ms,
         estimate_ms=estimate_ms,
+        new_mass=tuple(float(m) for m in new_mass),
     )
+
+
+def _with_new_types(estimator: TaskEstimator, plan: Plan, new_mass: np.ndarray) -> Plan:
+    """Task types opened online are served by their profiles in proportion to their mass
+    (plans of plain coefficients; a grouped plan is served as the policy chose it)."""
+    profiles = getattr(estimator, "new_profiles", None)
+    coeffs = {name: c for name, c in plan.items() if isinstance(c, np.ndarray)}
+    if profiles is None or len(coeffs) != len(plan):
+        return plan
+    return with_new_types(coeffs, new_mass, profiles())
 
 
 def apply_decision(system: System, decision: Decision) -> float:
@@ -280,16 +298,27 @@ def serve(
     return Served(np.asarray(pred.probs), predictions, pred.latency_ms, pred.merge_ms, graded)
 
 
-def observe(system: System, requests: Requests, *, truth: Truth | None = None) -> None:
-    """After serving: the slot's unlabeled requests join the estimator's history."""
+def observe(system: System, requests: Requests, *, truth: Truth | None = None) -> float:
+    """After serving: the slot's unlabeled requests join the estimator's history.
+
+    An estimator that has opened task types online asks for the full-MoE gate probabilities of
+    a few of their requests (their profiles); returns what that pass is charged, in ms."""
     if len(requests) == 0:
-        return
+        return 0.0
     tasks = None
     if system.estimator.reads_tags:
         if truth is None:
             raise ValueError(f"estimator {system.estimator.name!r} reads tags: pass truth")
         tasks = np.asarray(truth.tasks, dtype=np.int64)
-    system.estimator.observe(system.backend.signatures(requests), tasks=tasks)
+    signatures = system.backend.signatures(requests)
+    system.estimator.observe(signatures, tasks=tasks)
+    wants = getattr(system.estimator, "profile_wants", None)
+    idx = np.zeros(0, dtype=np.int64) if wants is None else wants(signatures)
+    if not len(idx):
+        return 0.0
+    gates = system.backend.gate_probs(requests.take(idx))  # budgeted full-MoE pass
+    system.estimator.learn_profiles(signatures[idx], gates)  # type: ignore[attr-defined]
+    return float(len(idx) * getattr(system.estimator, "full_pass_ms", 0.0))
 
 
 def feedback(system: System, decision: Decision, outcomes: Outcomes) -> float | None:
@@ -399,7 +428,12 @@ def run_slot(
         served_truth = truth.take(tail) if truth is not None else None
     served = serve(system, requests, decision=decision, truth=served_truth)
     merge_ms += served.merge_ms
-    observe(system, slot.requests, truth=truth)
+    profile_ms = observe(system, slot.requests, truth=truth)
+    if evaluator is not None and truth is not None and int(getattr(system.estimator, "n_new", 0)):
+        count = getattr(evaluator, "count_new", None)  # what the opened types stand for
+        if count is not None:
+            types = system.estimator.assign(system.backend.signatures(slot.requests))  # type: ignore[attr-defined]
+            count(types, truth.tasks, system.estimator.n_types)
     memory = system.backend.memory_bytes()
     # 6-7. reward and update (possibly late)
     reward = None
@@ -416,7 +450,7 @@ def run_slot(
     return _record(
         system, slot, decision, served, evaluator, seed=seed, merge_ms=merge_ms,
         memory=memory, reward=reward, n_scored=n_scored, update_ms=update_ms,
-        served_truth=served_truth,
+        served_truth=served_truth, profile_ms=profile_ms,
     )  # fmt: skip
 
 
@@ -444,8 +478,13 @@ def _record(
     n_scored: int,
     update_ms: float,
     served_truth: Truth | None,
+    profile_ms: float = 0.0,
 ) -> SlotRecord:
     truth = slot.truth
+    full_mix = np.asarray(decision.mix, dtype=float)
+    if decision.new_mass:  # the whole estimate: the known types' share, then the opened ones
+        new = np.asarray(decision.new_mass)
+        full_mix = np.concatenate([(1.0 - new.sum()) * full_mix, new])
     accuracy = tv = None
     est_tasks = true_mix = None
     if truth is not None and served_truth is not None:
@@ -453,7 +492,7 @@ def _record(
         if len(served_truth.tasks) and served.metric is not None:
             accuracy = float(np.mean(served.metric))
         if evaluator is not None:
-            mapped = evaluator.tasks_mix(decision.mix)
+            mapped = evaluator.tasks_mix(full_mix)
             est_tasks = mapped.tolist()
             tv = float(0.5 * np.abs(mapped - truth.mix).sum())
     coeffs = None
@@ -470,7 +509,7 @@ def _record(
         n_requests=len(slot.requests),
         n_served=len(served.predictions),
         kind=decision.kind,
-        est_mix=np.asarray(decision.mix, dtype=float).round(5).tolist(),
+        est_mix=full_mix.round(5).tolist(),
         action=None if decision.action is None else np.asarray(decision.action).round(5).tolist(),
         coeffs=coeffs,
         true_mix=true_mix,
@@ -485,4 +524,5 @@ def _record(
         select_ms=decision.select_ms,
         estimate_ms=decision.estimate_ms,
         update_ms=update_ms,
+        profile_ms=profile_ms,
     )

@@ -25,7 +25,9 @@ class SlotRecord:
     head spent on them (lower layers cached; 0 when the predictions came from the backend's
     memo); end-to-end latency is measured separately on real batches. ``oracle_accuracy`` is
     the slot oracle's accuracy on the same scored requests and ``regret`` the difference
-    (joined after the runs).
+    (joined after the runs). ``est_mix`` has more entries than the policy's context once the
+    estimator has opened task types online; ``profile_ms`` is the full-MoE gate pass charged
+    for learning their profiles in this slot.
     """
 
     policy: str
@@ -51,6 +53,7 @@ class SlotRecord:
     select_ms: float = 0.0
     estimate_ms: float = 0.0
     update_ms: float = 0.0
+    profile_ms: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

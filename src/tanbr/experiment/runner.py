@@ -37,7 +37,13 @@ from tanbr.experiment.reward import RewardFn
 from tanbr.experiment.setup import evaluation_metric
 from tanbr.experiment.summary import Costs, summarize
 from tanbr.experiment.values import PolicyRun, Progress, RunResult, Setup, SlotEvaluator
-from tanbr.experiment.workload import SCHEDULES, draw_slots, read_mix_trace, read_request_trace
+from tanbr.experiment.workload import (
+    SCHEDULES,
+    draw_slots,
+    introduce_task,
+    read_mix_trace,
+    read_request_trace,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,9 @@ def make_slots(setup: Setup, seed: int) -> list[Slot]:
     else:
         known = sorted([*SCHEDULES, "trace", "requests"])
         raise ValueError(f"workload.kind must be one of {known}, got {cfg.kind!r}")
+    if cfg.new_task:
+        task = setup.task_names.index(cfg.new_task)  # checked in prepare
+        mixes = introduce_task(mixes, task, at=cfg.new_task_at, share=cfg.new_task_share)
     return draw_slots(setup.test, mixes, slot_size=cfg.slot_size, rng=rng)
 
 

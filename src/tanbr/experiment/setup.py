@@ -26,6 +26,7 @@ from tanbr.experiment.estimator import (
     match_clusters,
 )
 from tanbr.experiment.modes import Baselines, OracleTable, candidate_actions
+from tanbr.experiment.novelty import NoveltyDetector
 from tanbr.experiment.parameterization import (
     TaskSimplex,
     build_parameterization,
@@ -74,6 +75,26 @@ def first_per_task(pool: Pool, n: int) -> Pool:
     )
 
 
+def without_task(pool: Pool, task: str) -> tuple[Pool, np.ndarray]:
+    """The pool without one task (a task the calibration never contained), its tasks numbered
+    0..n-2, and (n-1,) the original index of each remaining task."""
+    if task not in pool.task_names:
+        raise ValueError(f"workload.new_task must be one of {list(pool.task_names)}, got {task!r}")
+    held = pool.task_names.index(task)
+    kept = np.array([k for k in range(len(pool.task_names)) if k != held], dtype=np.int64)
+    renumber = np.full(len(pool.task_names), -1, dtype=np.int64)
+    renumber[kept] = np.arange(len(kept))
+    idx = np.flatnonzero(pool.tasks != held)
+    reduced = Pool(
+        tuple(pool.texts[i] for i in idx),
+        renumber[pool.tasks[idx]],
+        pool.labels[idx],
+        tuple(pool.task_names[k] for k in kept),
+        rows=None if pool.rows is None else np.asarray(pool.rows)[idx],
+    )
+    return reduced, kept
+
+
 def _fit_cluster(
     cfg: EstimatorConfig, backend: Backend, calib: Pool, rng: np.random.Generator
 ) -> tuple[Estimator, np.ndarray]:
@@ -98,15 +119,23 @@ def _fit_readout(
     """Task types by k-means on the ``types`` signature of unlabeled calibration requests
     (a one-off full-MoE pass), read out from the served-path signature."""
     requests = _requests(calib)
+    t0 = time.perf_counter()
     rich = backend.features(requests, cfg.types)  # (n, d'): once, offline
+    full_pass_ms = (time.perf_counter() - t0) * 1e3 / max(1, len(requests))
     typer = ClusterEstimator(rng=rng, n_types=cfg.n_types or None).fit(rich)
     types = typer.assign(rich)
+    novelty = None
+    if cfg.novelty:
+        novelty = NoveltyDetector(window=cfg.novelty_window, excess=cfg.novelty_excess)
     estimator = ReadoutEstimator(
         forecast=cfg.forecast,
         alpha=cfg.alpha,
         beta=cfg.beta,
         prior_strength=cfg.prior_strength,
         readout_c=cfg.readout_c,
+        novelty=novelty,
+        profile_budget=cfg.profile_budget,
+        full_pass_ms=full_pass_ms,  # what a profile's gate pass is charged per request
     ).fit(backend.signatures(requests), types)
     return estimator, types
 
@@ -153,6 +182,12 @@ def prepare(
     n_tasks = len(test.task_names)
     if calib.task_names != test.task_names:
         raise ValueError("calibration and test pools must have the same tasks")
+    full_calib = calib
+    kept = np.arange(len(calib.task_names))
+    if config.workload.new_task:  # held out of calibration: it arrives mid-stream
+        calib, kept = without_task(calib, config.workload.new_task)
+    if est_cfg.novelty and est_cfg.kind != "readout":
+        raise ValueError("estimator.novelty needs estimator.kind = 'readout'")
     calib_requests = _requests(calib)
     fit = ESTIMATOR_FITS.get(est_cfg.kind)
     if fit is None:
@@ -160,15 +195,17 @@ def prepare(
         raise ValueError(f"estimator.kind must be one of {known}, got {est_cfg.kind!r}")
     estimator, assign = fit(est_cfg, backend, calib, rng)
     k = estimator.n_types
-    mapping = match_clusters(assign, calib.tasks, k, n_tasks)
+    mapping = kept[match_clusters(assign, calib.tasks, k, len(calib.task_names))]
     timings["estimator_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     gates = backend.gate_probs(calib_requests)  # block -> (n, E), full MoE, label-free
     frequency_plan = {name: _mean_rows(p) for name, p in gates.items()}
+    full_gates = backend.gate_probs(_requests(full_calib)) if full_calib is not calib else gates
     task_plans = tuple(
-        {name: _mean_rows(p[calib.tasks == t]) for name, p in gates.items()} for t in range(n_tasks)
-    )  # reads tags: the task oracle only
+        {name: _mean_rows(p[full_calib.tasks == t]) for name, p in full_gates.items()}
+        for t in range(n_tasks)
+    )  # reads tags: the task oracle only (it knows every task, held out or not)
     profiles = cluster_profiles(assign, gates, k)
     param, absolute = build_parameterization(
         config.parameterization.kind, profiles, backend.blocks, experts=config.merge.experts

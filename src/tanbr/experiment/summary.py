@@ -180,7 +180,9 @@ def summarize(runs: Sequence[PolicyRun], costs: Costs) -> dict[str, Any]:
         whole = [ms for run in group for ms in whole_path_ms(run, costs)]
         reads_mix = any(run.reads_mix for run in group)
         estimate = _pct((r.estimate_ms for r in records), 50) or 0.0
-        estimator_ms = costs.signature_ms + estimate / max(1, costs.slot_size) if reads_mix else 0.0
+        profile = float(np.mean([r.profile_ms for r in records])) if records else 0.0
+        per_slot = estimate + profile  # a new task type's profile passes, amortised
+        estimator_ms = costs.signature_ms + per_slot / max(1, costs.slot_size) if reads_mix else 0.0
         kind = serving_kind(group[0])
         probe = costs.memory.get(kind)
         policies[name] = {

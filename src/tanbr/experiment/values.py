@@ -6,7 +6,7 @@ worker pool), so no module has to import the driver to name them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,13 +49,33 @@ class Setup:
 
 @dataclass(frozen=True, eq=False)
 class SlotEvaluator:
-    """Maps an estimated mix over task types onto the true tasks (for the TV distance)."""
+    """Maps an estimated mix over task types onto the true tasks (for the TV distance).
+
+    A type opened online maps to the majority task of the requests the estimator assigned to
+    it so far (``count_new``, reading tags: evaluation only)."""
 
     mapping: np.ndarray
     n_tasks: int
+    new_counts: list[np.ndarray] = field(default_factory=list)
+
+    def count_new(self, types: np.ndarray, tasks: Sequence[int], n_known: int) -> None:
+        types = np.asarray(types, dtype=np.int64)
+        tasks_arr = np.asarray(tasks, dtype=np.int64)
+        while len(self.new_counts) < int(types.max(initial=n_known - 1)) - n_known + 1:
+            self.new_counts.append(np.zeros(self.n_tasks))
+        for j, counts in enumerate(self.new_counts):
+            counts += np.bincount(tasks_arr[types == n_known + j], minlength=self.n_tasks)
 
     def tasks_mix(self, est_mix: np.ndarray) -> np.ndarray:
-        return to_tasks(est_mix, self.mapping, self.n_tasks)
+        est_mix = np.asarray(est_mix, dtype=np.float64)
+        extra = len(est_mix) - len(self.mapping)
+        if extra <= 0:
+            return to_tasks(est_mix, self.mapping, self.n_tasks)
+        known = to_tasks(est_mix[: len(self.mapping)], self.mapping, self.n_tasks)
+        for j in range(extra):  # an opened type with no assigned request yet counts as wrong
+            if j < len(self.new_counts) and self.new_counts[j].sum() > 0:
+                known[int(self.new_counts[j].argmax())] += est_mix[len(self.mapping) + j]
+        return known
 
 
 @dataclass(frozen=True)

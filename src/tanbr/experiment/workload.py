@@ -205,6 +205,27 @@ def read_mix_trace(path: str | Path, task_names: Sequence[str]) -> np.ndarray:
     return out
 
 
+def introduce_task(mixes: np.ndarray, task: int, *, at: int, share: float) -> np.ndarray:
+    """A task absent before slot ``at`` (its mass spread over the others) that then takes
+    ``share`` of every slot (0: the schedule's own share): a task never seen in calibration
+    arriving mid-stream."""
+    mixes = np.array(mixes, dtype=float)
+    if not 0 <= task < mixes.shape[1]:
+        raise ValueError(f"new task index must be in 0..{mixes.shape[1] - 1}, got {task}")
+    if not 0.0 <= share < 1.0 or at < 0:
+        raise ValueError(f"workload.new_task_share must be in [0, 1) and at >= 0, got {share}")
+    before = mixes[:at]
+    before[:, task] = 0.0
+    mixes[:at] = before / before.sum(1, keepdims=True)
+    if share > 0:
+        after = mixes[at:]
+        after[:, task] = 0.0
+        after *= (1.0 - share) / after.sum(1, keepdims=True)
+        after[:, task] = share
+        mixes[at:] = after
+    return mixes
+
+
 Schedule = Callable[..., np.ndarray]
 
 SCHEDULES: dict[str, Schedule] = {
