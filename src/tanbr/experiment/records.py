@@ -25,7 +25,10 @@ class SlotRecord:
     head spent on them (lower layers cached; 0 when the predictions came from the backend's
     memo); end-to-end latency is measured separately on real batches. ``oracle_accuracy`` is
     the slot oracle's accuracy on the same scored requests and ``regret`` the difference
-    (joined after the runs).
+    (joined after the runs). For a language model with reference continuations, ``loss`` is
+    the mean over the served requests of each one's mean NLL per token of its continuation,
+    ``task_loss`` the same per true task (None where none was served) and ``task_n`` how many
+    requests of each task were served.
     """
 
     policy: str
@@ -43,6 +46,9 @@ class SlotRecord:
     accuracy: float | None = None
     oracle_accuracy: float | None = None
     regret: float | None = None
+    loss: float | None = None
+    task_loss: list[float | None] | None = None
+    task_n: list[int] | None = None
     reward: float | None = None
     n_scored: int = 0
     latency_ms: float = 0.0
