@@ -228,7 +228,9 @@ def measure(
         own = {}
         for t in tasks:
             merger.apply(profiles[t])
-            own[t] = domain_losses(model, _subset(served, np.flatnonzero(where == t)), [t], **kw)[t]
+            own[t] = domain_losses(
+                model, _subset(served, np.flatnonzero(where == t).tolist()), [t], **kw
+            )[t]
         sampled_parts, train_parts = [], []
         train_all = ["all"]
         train_one = Scored(train.ids, train.starts, ("all",) * len(train.ids))
@@ -358,7 +360,7 @@ def adapt(
             cursor += settings.batch_size
             loss = batch_loss(model, train, rows, pad_id)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             curve.append(round(float(loss.detach()), 4))
             if progress is not None:
@@ -413,7 +415,8 @@ def _write(
         for path in source.iterdir():  # tokenizer, generation config, task file, ...
             if path.is_file() and path.name not in NOT_COPIED and path.suffix != ".safetensors":
                 shutil.copy2(path, tmp / path.name)
-        loaded.model.save_pretrained(str(tmp))
+        model: Any = loaded.model  # a transformers model
+        model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         if not (tmp / "tasks.jsonl").exists() and task_path.suffix == ".jsonl":
             shutil.copy2(task_path, tmp / "tasks.jsonl")
