@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("tanbr.experiment.cli_report", "summarise run folders as tables"),
     "build-model": ("tanbr.model.default.cli_build", "build (or reuse) the embedded default model"),
     "eval-model": ("tanbr.model.default.cli_eval", "evaluate the default model and its merges"),
+    "adapt": ("tanbr.model.cli_adapt", "tune a checkpoint's norm layers so its merges lose less"),
     "serve": ("tanbr.serve.cli_serve", "serve a model over HTTP, merging per slot"),
     "tasks check": ("tanbr.cli_tasks", "check a task file and summarise it"),
     "tasks example": ("tanbr.cli_tasks", "write an example task file of four real tasks"),

@@ -90,6 +90,25 @@ def test_likelihood_scorer(open_hf: Callable[..., Any]) -> None:
         scorer.score(classifier, cslot.requests, np.zeros(4), cslot.truth)
 
 
+def test_log_likelihood_scorer_is_the_loss_on_the_scale_of_a_uniform_guess(
+    open_hf: Callable[..., Any],
+) -> None:
+    backend, _, test = open_hf("olmoe", "lm")
+    slot = test.slot(0, np.arange(8))
+    assert slot.truth is not None
+    backend.merge(random_plan(backend.blocks, 2))
+    served = backend.predict(slot.requests)
+    scorer = make_scorer("log-likelihood")
+    assert scorer.needs_truth
+    scores = scorer.score(backend, slot.requests, served.predictions, slot.truth)
+    nll = backend.nll(slot.requests, slot.truth.targets)
+    vocab = backend.model.config.vocab_size
+    assert backend.vocab_size == vocab
+    np.testing.assert_allclose(scores, np.clip(1 - nll / np.log(vocab), 0, 1))
+    assert ((scores >= 0) & (scores <= 1)).all()
+    assert scores.std() > 0  # the requests differ: not a constant
+
+
 def test_proxy_compares_next_tokens_with_the_full_moe(open_hf: Callable[..., Any]) -> None:
     backend, _, test = open_hf("gpt_oss", "lm")
     requests = Requests(test.texts[:12], test.rows[:12])

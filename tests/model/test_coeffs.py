@@ -64,3 +64,17 @@ def test_plans_are_checked_against_the_blocks(make_case: Any) -> None:
     assert all(np.array_equal(v, [0, 0, 1, 0]) for v in one_hot.values())
     with pytest.raises(ValueError, match="expert must be in"):
         one_hot_plan(blocks, 4)
+
+
+def test_merged_weights_pickle() -> None:
+    import pickle
+
+    import torch
+
+    from tanbr.model.coeffs import MergedWeights
+
+    weights = MergedWeights({"down_proj": torch.arange(6.0).reshape(2, 3)}, method="regmean")
+    back = pickle.loads(pickle.dumps(weights))
+    assert back.method == "regmean" and torch.equal(
+        back.tensors["down_proj"], weights.tensors["down_proj"]
+    )

@@ -52,6 +52,12 @@ class HFCausalLMBackend(HFBackend):
     def _caches(self) -> list[dict[Any, Any]]:
         return [*super()._caches(), self._nll_memo]
 
+    @property
+    def vocab_size(self) -> int:
+        """The tokens each position chooses from (ln of it: the loss of a uniform guess)."""
+        model: Any = self.model  # a transformers model: its config names the vocabulary
+        return int(model.config.vocab_size)
+
     def _outputs(self, batch: Batch) -> np.ndarray:
         """(b,) int64 the greedy next token after each prompt."""
         last = batch.last.unsqueeze(1)  # (b, 1) one position per request

@@ -134,7 +134,13 @@ class Backend(Protocol):
 
 @runtime_checkable
 class LikelihoodBackend(Protocol):
-    """A backend that can say how likely its model finds a text (a language model)."""
+    """A backend that can say how likely its model finds a text (a language model).
+
+    ``vocab_size``: the number of tokens the model chooses from (ln of it is the loss of a
+    uniform guess, the scale of the ``log-likelihood`` scorer)."""
+
+    @property
+    def vocab_size(self) -> int: ...
 
     def nll(self, requests: Requests, targets: Sequence[str | None]) -> np.ndarray:
         """(n,) mean negative log-likelihood per token, under the model as currently set, of

@@ -1,8 +1,10 @@
 """Which backend serves a model: one registry, looked up by what a folder holds.
 
 A :class:`BackendSpec` is a picklable recipe (the experiment's worker processes and the memory
-probes rebuild the same backend from it). :func:`open_backend` resolves it: no path means the
-embedded default model (built and cached on first use); a folder is offered to each registered
+probes rebuild the same backend from it). :func:`open_backend` resolves it: no path means a
+model built here and cached on first use, named by its variant (the embedded default model's
+variants, or the MoE language model's ``lm`` and ``lm-tiny``, which resolve to their checkpoint
+folder and its task file, :meth:`BackendSpec.resolved`); a folder is offered to each registered
 loader in turn, and the first that supports it loads it. A folder no loader can use is refused
 with every loader's one-line reason, before any weights are read. Adding a kind of model is one
 loader class and one line in :data:`BACKENDS`.
@@ -23,6 +25,8 @@ from tanbr.backend.protocol import Backend
 from tanbr.backend.requests import Pool
 from tanbr.model.default.build import build_default_model
 from tanbr.model.default.modeling import DefaultModel
+from tanbr.model.lm.build import TASKS_FILE, build_lm
+from tanbr.model.lm.build import VARIANTS as LM_VARIANTS
 from tanbr.model.precision import serving_dtype
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,16 @@ class BackendSpec:
 
     def replace(self, **changes: Any) -> BackendSpec:
         return dataclasses.replace(self, **changes)
+
+    def resolved(self, *, progress: bool = False) -> BackendSpec:
+        """The same recipe with a language-model variant name (``lm``, ``lm-tiny``) replaced by
+        its checkpoint folder (built on first use, then cached) and, unless a task file is
+        given, the task file beside its weights: from here on it is served like any user's
+        folder. Other specs are returned as they are."""
+        if self.path or self.variant not in LM_VARIANTS:
+            return self
+        folder = build_lm(self.variant, progress=progress)
+        return self.replace(path=str(folder), tasks=self.tasks or str(folder / TASKS_FILE))
 
 
 @dataclass(frozen=True)
@@ -201,6 +215,7 @@ def choose_loader(folder: str | Path) -> BackendLoader:
 
 def open_backend(spec: BackendSpec, *, progress: bool = False) -> tuple[Backend, Pool, Pool]:
     """Open the backend a spec describes, with its calibration and test pools."""
+    spec = spec.resolved()
     loader = choose_loader(spec.path) if spec.path else BACKENDS["default"]
     log.debug("opening %s with the %s backend", spec.path or spec.variant, loader.name)
     return loader.open(spec, progress=progress)
@@ -209,5 +224,6 @@ def open_backend(spec: BackendSpec, *, progress: bool = False) -> tuple[Backend,
 def serving_backend(spec: BackendSpec) -> Backend:
     """The backend alone, for live requests (no pools, nothing cached for offline rows): what a
     serving process holds."""
+    spec = spec.resolved()
     loader = choose_loader(spec.path) if spec.path else BACKENDS["default"]
     return loader.serving(spec)

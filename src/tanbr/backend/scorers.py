@@ -4,7 +4,9 @@
 compares the served prediction (a classifier's label, a language model's greedy next token)
 with the full MoE's on the same request, which needs no label at all (the full MoE runs on a
 small budgeted sample, off the request path in the service); ``likelihood`` is a language
-model's per-token probability of the reference continuation. Adding a scorer is one class and
+model's per-token probability of the reference continuation, and ``log-likelihood`` its
+per-token log-likelihood on the scale of a uniform guess (the paper's negative-loss reward in
+[0, 1]). Adding a scorer is one class and
 one line in :data:`SCORERS`. (A scorer that compares generated text with the reference, exact
 match, is not written yet: it needs generation, not one next token.)
 """
@@ -72,22 +74,51 @@ class Likelihood:
     def score(
         self, backend: Backend, requests: Requests, predictions: np.ndarray, truth: Truth | None
     ) -> np.ndarray:
-        if truth is None:
-            raise ValueError("the likelihood scorer needs the requests' truth (their targets)")
-        if not isinstance(backend, LikelihoodBackend):
-            raise ValueError(
-                f"the likelihood scorer needs a language model: the {backend.kind} backend "
-                f"{type(backend).__name__} has no nll"
-            )
-        targets = truth.targets if truth.targets is not None else (None,) * len(requests)
-        nll = np.asarray(backend.nll(requests, targets), dtype=np.float64)
-        return np.asarray(np.exp(-nll), dtype=np.float64)
+        return np.asarray(np.exp(-reference_nll(backend, requests, truth)), dtype=np.float64)
+
+
+def reference_nll(backend: Backend, requests: Requests, truth: Truth | None) -> np.ndarray:
+    """(n,) mean NLL per token of each request's true continuation under the model as set
+    (of the request's own text where it has none)."""
+    if truth is None:
+        raise ValueError("a likelihood scorer needs the requests' truth (their targets)")
+    if not isinstance(backend, LikelihoodBackend):
+        raise ValueError(
+            f"a likelihood scorer needs a language model: the {backend.kind} backend "
+            f"{type(backend).__name__} has no nll"
+        )
+    targets = truth.targets if truth.targets is not None else (None,) * len(requests)
+    return np.asarray(backend.nll(requests, targets), dtype=np.float64)
+
+
+class LogLikelihood:
+    """``max(0, 1 - nll / ln V)``: the negative loss (mean NLL per token of the true
+    continuation, ``V`` the vocabulary size) mapped affinely onto [0, 1] so that a uniform guess
+    over the vocabulary scores 0 and a certain model 1 (a request the model finds less likely
+    than a uniform guess scores 0).
+
+    Unlike ``likelihood`` (exp(-nll), about 0.004 at a loss of 5.5 nats), it is linear in the
+    loss: a slot's mean score is ``1 - loss / ln V`` of the mean loss (where no request is
+    clipped), merges that differ by a tenth of a nat differ by ~0.01, and the slot oracle
+    that maximises it minimises the loss.
+    """
+
+    name = "log-likelihood"
+    needs_truth = True
+
+    def score(
+        self, backend: Backend, requests: Requests, predictions: np.ndarray, truth: Truth | None
+    ) -> np.ndarray:
+        nll = reference_nll(backend, requests, truth)
+        assert isinstance(backend, LikelihoodBackend)  # checked by reference_nll
+        return np.asarray(np.clip(1.0 - nll / np.log(backend.vocab_size), 0.0, 1.0))
 
 
 SCORERS: dict[str, Callable[[], Scorer]] = {
     "accuracy": LabelAccuracy,
     "proxy": Agreement,
     "likelihood": Likelihood,
+    "log-likelihood": LogLikelihood,
 }
 
 

@@ -92,7 +92,7 @@ def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
     config = load_config(args.config, preset=getattr(args, "preset", None), overrides=overrides)
     quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
     torch.set_num_threads(config.model.threads)
-    factory = BackendSpec.from_config(config)
+    factory = BackendSpec.from_config(config).resolved(progress=not quiet)  # builds lm variants
     backend, calib, test = factory.load(progress=not quiet)
     progress = _progress(not quiet)
     setup = prepare(config, backend, calib, test, progress=progress)

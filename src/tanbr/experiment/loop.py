@@ -23,9 +23,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from tanbr.backend.protocol import Backend, Plan, Scorer
+from tanbr.backend.protocol import Backend, LikelihoodBackend, Plan, Scorer
 from tanbr.backend.requests import Requests, Slot, Truth
-from tanbr.backend.scorers import LabelAccuracy
+from tanbr.backend.scorers import LabelAccuracy, reference_nll
 from tanbr.experiment.novelty import split_mix, with_new_types
 from tanbr.experiment.records import SlotRecord
 from tanbr.experiment.reward import Outcomes, RewardFn
@@ -177,9 +177,24 @@ class Served:
     latency_ms: float  # MoE layers + head for the whole batch
     merge_ms: float = 0.0  # merges done while serving (per-task mode, deferred merges)
     metric: np.ndarray | None = None  # (n,) the evaluation metric's scores, given the truth
+    nll: np.ndarray | None = None  # (n,) a language model's loss on the true continuations
 
 
 # --- the phases ---------------------------------------------------------------------------------
+
+
+def reference_loss(backend: Backend, requests: Requests, truth: Truth | None) -> np.ndarray | None:
+    """(n,) each request's mean NLL per token of its true continuation under the model as set,
+    for a language model whose truth carries continuations (offline evaluation: the loss the
+    summary reports beside the metric); None otherwise. With the backend's memo on, a
+    likelihood metric has already computed it: this is a look-up."""
+    return reference_nll(backend, requests, truth) if _has_loss(backend, truth) else None
+
+
+def _has_loss(backend: Backend, truth: Truth | None) -> bool:
+    return (
+        truth is not None and truth.targets is not None and isinstance(backend, LikelihoodBackend)
+    )
 
 
 def decide(
@@ -278,6 +293,7 @@ def serve(
         probs = np.zeros((len(requests), backend.n_labels), dtype=np.float32)
         predictions = np.zeros(len(requests), dtype=np.int64)
         scores = np.zeros(len(requests))
+        nll = np.zeros(len(requests)) if _has_loss(backend, truth) else None
         latency = merge_ms = 0.0
         tasks = np.asarray(truth.tasks, dtype=np.int64)
         for k in np.unique(tasks):
@@ -289,13 +305,23 @@ def serve(
             predictions[idx] = part.predictions
             # scored under this task's merge, while it is the one applied
             scores[idx] = metric.score(backend, part_requests, part.predictions, truth.take(idx))
+            part_nll = reference_loss(backend, part_requests, truth.take(idx))
+            if nll is not None and part_nll is not None:
+                nll[idx] = part_nll
             latency += part.latency_ms
             merge_ms += part.merge_ms
-        return Served(probs, predictions, latency, merge_ms, scores)
+        return Served(probs, predictions, latency, merge_ms, scores, nll)
     pred = backend.predict(requests)
     predictions = np.asarray(pred.predictions, dtype=np.int64)
     graded = None if truth is None else metric.score(backend, requests, predictions, truth)
-    return Served(np.asarray(pred.probs), predictions, pred.latency_ms, pred.merge_ms, graded)
+    return Served(
+        np.asarray(pred.probs),
+        predictions,
+        pred.latency_ms,
+        pred.merge_ms,
+        graded,
+        reference_loss(backend, requests, truth),
+    )
 
 
 def observe(system: System, requests: Requests, *, truth: Truth | None = None) -> float:
@@ -485,12 +511,14 @@ def _record(
     if decision.new_mass:  # the whole estimate: the known types' share, then the opened ones
         new = np.asarray(decision.new_mass)
         full_mix = np.concatenate([(1.0 - new.sum()) * full_mix, new])
-    accuracy = tv = None
-    est_tasks = true_mix = None
+    accuracy = tv = loss = None
+    est_tasks = true_mix = task_loss = task_n = None
     if truth is not None and served_truth is not None:
         true_mix = truth.mix.tolist()
         if len(served_truth.tasks) and served.metric is not None:
             accuracy = float(np.mean(served.metric))
+        if len(served_truth.tasks) and served.nll is not None:
+            loss, task_loss, task_n = _losses(served.nll, served_truth)
         if evaluator is not None:
             mapped = evaluator.tasks_mix(full_mix)
             est_tasks = mapped.tolist()
@@ -516,6 +544,9 @@ def _record(
         est_mix_tasks=est_tasks,
         tv=tv,
         accuracy=accuracy,
+        loss=loss,
+        task_loss=task_loss,
+        task_n=task_n,
         reward=reward,
         n_scored=n_scored,
         latency_ms=served.latency_ms,
@@ -526,3 +557,13 @@ def _record(
         update_ms=update_ms,
         profile_ms=profile_ms,
     )
+
+
+def _losses(nll: np.ndarray, truth: Truth) -> tuple[float, list[float | None], list[int]]:
+    """The mean loss of a slot's scored requests, and per task its mean (None where the slot
+    scored none of its requests) and how many it scored."""
+    tasks = np.asarray(truth.tasks, dtype=np.int64)
+    n = np.bincount(tasks, minlength=len(truth.task_names))
+    sums = np.bincount(tasks, weights=np.asarray(nll, dtype=np.float64), minlength=len(n))
+    per_task = [float(s / c) if c else None for s, c in zip(sums, n, strict=True)]
+    return float(np.mean(nll)), per_task, [int(c) for c in n]

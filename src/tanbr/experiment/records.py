@@ -27,7 +27,11 @@ class SlotRecord:
     the slot oracle's accuracy on the same scored requests and ``regret`` the difference
     (joined after the runs). ``est_mix`` has more entries than the policy's context once the
     estimator has opened task types online; ``profile_ms`` is the full-MoE gate pass charged
-    for learning their profiles in this slot.
+    for learning their profiles in this slot. For a language model with reference
+    continuations, ``loss`` is
+    the mean over the served requests of each one's mean NLL per token of its continuation,
+    ``task_loss`` the same per true task (None where none was served) and ``task_n`` how many
+    requests of each task were served.
     """
 
     policy: str
@@ -45,6 +49,9 @@ class SlotRecord:
     accuracy: float | None = None
     oracle_accuracy: float | None = None
     regret: float | None = None
+    loss: float | None = None
+    task_loss: list[float | None] | None = None
+    task_n: list[int] | None = None
     reward: float | None = None
     n_scored: int = 0
     latency_ms: float = 0.0

@@ -44,6 +44,7 @@ def rows(summary: Mapping[str, Any]) -> list[dict[str, str]]:
         policies,
         key=lambda n: (n in refs, -(policies[n]["accuracy"] or policies[n].get("reward") or 0.0)),
     )
+    lm = any(p.get("loss") is not None for p in policies.values())
     out = []
     for name in order:
         p = policies[name]
@@ -51,10 +52,12 @@ def rows(summary: Mapping[str, Any]) -> list[dict[str, str]]:
         ci = p.get("accuracy_ci95")
         if ci:
             acc += f" ±{(ci[1] - ci[0]) / 2:.3f}"
+        losses = {"loss": _fmt(p.get("loss"), ".3f"), "ppl": _fmt(p.get("perplexity"), ".1f")}
         out.append(
             {
                 "policy": name,
                 "accuracy": acc,
+                **(losses if lm else {}),
                 "reward": _fmt(p.get("reward"), ".4f"),
                 "of oracle": _fmt(p.get("of_slot_oracle"), ".1%"),
                 "regret": _fmt(p["regret"], ".2f"),
@@ -68,6 +71,19 @@ def rows(summary: Mapping[str, Any]) -> list[dict[str, str]]:
             }
         )
     return out
+
+
+def format_task_losses(summary: Mapping[str, Any]) -> str:
+    """A language model's loss per true task and policy, as Markdown ("" for a classifier)."""
+    policies = {n: p for n, p in summary["policies"].items() if p.get("task_loss")}
+    if not policies:
+        return ""
+    tasks = list(next(iter(policies.values()))["task_loss"])
+    lines = ["| policy | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for name, p in policies.items():
+        cells = [_fmt(p["task_loss"].get(t), ".3f") for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_table(summary: Mapping[str, Any], *, markdown: bool = False) -> str:
@@ -190,6 +206,12 @@ def write_report(folders: Sequence[str | Path], path: Path) -> None:
             "per slot, amortised.\n"
         )
         parts.append(format_table(summary, markdown=True) + "\n")
+        task_losses = format_task_losses(summary)
+        if task_losses:
+            parts.append(
+                "Loss per task (mean NLL per token of the true continuations, nats; loss and "
+                "ppl above are the same over all tasks, ppl = exp(loss)):\n\n" + task_losses + "\n"
+            )
         checks = format_targets(summary)
         if checks:
             parts.append("### Targets (tanbr)\n\n```\n" + checks + "\n```\n")

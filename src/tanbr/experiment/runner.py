@@ -380,6 +380,7 @@ def execute(
         signature_ms=float(getattr(setup.backend, "signature_cost", 0.0)),
         memory=memory,
         tail=cfg.evaluation.tail,
+        tasks=tuple(setup.task_names),
     )
     summary = summarize(runs, costs)
     summary["signature"] = cfg.estimator.signature

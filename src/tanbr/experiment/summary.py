@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from tanbr.experiment.memory import MemoryProbe, model_share
+from tanbr.experiment.records import SlotRecord
 from tanbr.experiment.values import PolicyRun
 
 #: The keys of each policy in ``tanbr compare --json`` (and ``summary.json``'s ``policies``).
@@ -25,6 +26,9 @@ PUBLIC_KEYS = (
     "accuracy_tail",
     "accuracy_tail_ci95",
     "reward",
+    "loss",
+    "perplexity",
+    "task_loss",
     "regret",
     "of_slot_oracle",
     "of_slot_oracle_ci95",
@@ -52,6 +56,7 @@ class Costs:
     signature_ms: float = 0.0
     memory: Mapping[str, MemoryProbe] = field(default_factory=dict)
     tail: int = 0  # the last slots whose accuracy is reported apart (0: none)
+    tasks: tuple[str, ...] = ()  # the true tasks, in the records' order (per-task figures)
 
 
 def _pct(values: Iterable[float | None], q: float) -> float | None:
@@ -141,6 +146,28 @@ def whole_path_ms(run: PolicyRun, costs: Costs) -> list[float]:
     return out
 
 
+def loss_figures(records: Sequence[SlotRecord], tasks: Sequence[str]) -> dict[str, Any]:
+    """A language model's figures: ``loss``, the mean over every scored request of its mean
+    NLL per token of the true continuation (nats); ``perplexity``, its exp; ``task_loss``, the
+    same loss per true task. All None when the records carry no loss (a classifier)."""
+    scored = [r for r in records if r.loss is not None and r.n_served]
+    if not scored:
+        return {"loss": None, "perplexity": None, "task_loss": None}
+    weights = np.asarray([r.n_served for r in scored], dtype=np.float64)
+    loss = float(np.average([r.loss for r in scored], weights=weights))
+    sums = np.zeros(len(tasks))
+    counts = np.zeros(len(tasks))
+    for r in scored:
+        for t, (mean, n) in enumerate(zip(r.task_loss or (), r.task_n or (), strict=True)):
+            if mean is not None and t < len(tasks):
+                sums[t] += mean * n
+                counts[t] += n
+    task_loss = {
+        name: float(sums[t] / counts[t]) if counts[t] else None for t, name in enumerate(tasks)
+    }
+    return {"loss": loss, "perplexity": math.exp(loss), "task_loss": task_loss}
+
+
 def summarize(runs: Sequence[PolicyRun], costs: Costs) -> dict[str, Any]:
     """Per policy: accuracy and its share of the slot oracle (mean over seeds, 95% intervals),
     final cumulative regret, whole-path latency, measured and parameter memory, merge time."""
@@ -191,6 +218,7 @@ def summarize(runs: Sequence[PolicyRun], costs: Costs) -> dict[str, Any]:
             "accuracy_tail": _mean_or_none(float(np.mean(t)) for t in tails if t),
             "accuracy_tail_ci95": _accuracy_ci(tails) if tails else None,
             "reward": float(np.mean(rewards)) if rewards else None,
+            **loss_figures(records, costs.tasks),
             "regret": float(np.mean(regrets)) if regrets else None,
             "of_slot_oracle": float(np.mean(shares)) if shares else None,
             "of_slot_oracle_ci95": ci95(shares),

@@ -58,6 +58,11 @@ class MergedWeights:
             )
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
 
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any], str]]:
+        """Pickled as a plain dict (a mapping proxy does not pickle): the experiment's worker
+        processes receive the static merges' weights."""
+        return (MergedWeights, (dict(self.tensors), self.method))
+
     @property
     def nbytes(self) -> int:
         """Bytes of the tensors (what installing them copies)."""
