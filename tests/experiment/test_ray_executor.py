@@ -133,7 +133,7 @@ def test_a_worker_that_keeps_dying_fails_the_comparison(local_ray: None, tmp_pat
     backend, calib, test = _fake()
     marker = tmp_path / "died"
     executor = RayExecutor(backend_factory=FakeFactory(backend, die=marker), retries=0)
-    with pytest.raises(RuntimeError, match=r"running tanbr \(seed 0\) died 1 times"):
+    with pytest.raises(RuntimeError, match=r"running \S+ \(seed 0\) died 1 times"):
         execute(prepare(cfg, backend, calib, test), out=tmp_path / "ray", executor=executor)
     assert not (tmp_path / "ray").exists()
 

@@ -103,7 +103,7 @@ class RayExecutor:
         refs = (ray.put(shared), ray.put(caches))  # once, whatever the number of runs
         slots = {seed: ray.put(list(stream)) for seed, stream in streams.items()}
         jobs = [(seed, name) for seed in streams for name in names]
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        cpus = int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
         n_actors = min(len(jobs), self.actors or max(1, cpus // self.cpus))
         remote = ray.remote(num_cpus=self.cpus, max_restarts=0)(RunActor)
 
