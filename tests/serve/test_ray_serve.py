@@ -207,11 +207,10 @@ def test_a_replica_killed_mid_traffic_loses_no_feedback(
 
 
 def _replica_actors() -> list[Any]:
-    from ray.util.state import list_actors
-
-    alive = list_actors(filters=[("state", "=", "ALIVE")])
-    names = [a.name for a in alive if a.name and "replica" in a.name and "SERVE_REPLICA" in a.name]
-    return [ray.get_actor(name, namespace="serve") for name in sorted(names)]
+    """Ray Serve's live replica actors (named ``SERVE_REPLICA::...``)."""
+    named = ray.util.list_named_actors(all_namespaces=True)
+    names = sorted(a["name"] for a in named if a["name"].startswith("SERVE_REPLICA::"))
+    return [ray.get_actor(name, namespace="serve") for name in names]
 
 
 @pytest.mark.slow
