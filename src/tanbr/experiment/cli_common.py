@@ -40,6 +40,19 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, *, config_required
         help="your task file (JSONL, CSV or JSON array: text, task, and label or target); the"
         " same as --set model.tasks=FILE",
     )
+    parser.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="where the (policy, seed) runs go: local processes (evaluation.workers) or a Ray"
+        " cluster, one model copy per actor (needs tanbr[ray])",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="a running Ray cluster to join (e.g. ray://head:10001); default: start a local Ray"
+        " with this machine's cores",
+    )
     parser.add_argument("--out", default="runs", help="folder for run folders (default: runs/)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -88,6 +101,14 @@ def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
     from tanbr.experiment.runner import execute
     from tanbr.experiment.setup import prepare
 
+    on_ray = getattr(args, "executor", "local") == "ray"
+    if getattr(args, "ray_address", None) and not on_ray:
+        raise ValueError("--ray-address needs --executor ray")
+    if on_ray:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError("--executor ray needs Ray: pip install 'tanbr[ray]'")
     overrides = [*model_overrides(args), *overrides]
     config = load_config(args.config, preset=getattr(args, "preset", None), overrides=overrides)
     quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
@@ -96,15 +117,26 @@ def execute_from_args(args: argparse.Namespace, overrides: list[str]) -> Any:
     backend, calib, test = factory.load(progress=not quiet)
     progress = _progress(not quiet)
     setup = prepare(config, backend, calib, test, progress=progress)
+    # worker processes merge from experts held in memory: the same arithmetic as a lean
+    # merge (bit-identical weights), faster; the probes time lean merges in this process
+    worker_factory = factory.replace(lean=False)
+    executor = None
+    if on_ray:
+        from tanbr.experiment.ray_executor import RayExecutor
+
+        executor = RayExecutor(
+            backend_factory=worker_factory,
+            address=args.ray_address,
+            actors=config.evaluation.workers if config.evaluation.workers > 1 else 0,
+        )
     return execute(
         setup,
         out=Path(args.out),
         progress=progress,
         plots=not args.no_plots,
         workers=config.evaluation.workers,
-        # worker processes merge from experts held in memory: the same arithmetic as a lean
-        # merge (bit-identical weights), faster; the probes time lean merges in this process
-        backend_factory=factory.replace(lean=False),
+        backend_factory=worker_factory,
+        executor=executor,
         started=started,
     )
 

@@ -34,17 +34,7 @@ def run_parallel(
 
     import torch
 
-    backend = setup.backend
-    rows = sorted(
-        {int(r) for slots in streams.values() for s in slots if s.requests.rows is not None
-         for r in s.requests.rows}
-    )  # fmt: skip
-    if rows and hasattr(backend, "texts"):
-        texts = backend.texts
-        backend.signatures(Requests(tuple(texts[r] for r in rows), np.asarray(rows)))
-    caches = backend.export_caches() if hasattr(backend, "export_caches") else None
-    shared = {f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)}
-    shared.pop("backend")
+    shared, caches = hand_over(setup, streams)
     threads = max(1, torch.get_num_threads() // workers)
     jobs = [(seed, name) for seed in streams for name in names]
     results: dict[tuple[int, str], PolicyRun] = {}
@@ -68,6 +58,24 @@ def run_parallel(
     return [results[job] for job in jobs]
 
 
+def hand_over(setup: Setup, streams: Mapping[int, Sequence[Slot]]) -> tuple[dict[str, Any], Any]:
+    """What a worker needs beside its own model: the setup's fields without the backend, and
+    the backend's request-signature caches, filled here first for every request of the streams
+    so that no worker recomputes them (None when the backend keeps no caches)."""
+    backend = setup.backend
+    rows = sorted(
+        {int(r) for slots in streams.values() for s in slots if s.requests.rows is not None
+         for r in s.requests.rows}
+    )  # fmt: skip
+    if rows and hasattr(backend, "texts"):
+        texts = backend.texts
+        backend.signatures(Requests(tuple(texts[r] for r in rows), np.asarray(rows)))
+    caches = backend.export_caches() if hasattr(backend, "export_caches") else None
+    shared = {f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)}
+    shared.pop("backend")
+    return shared, caches
+
+
 #: Relative cost of a run: a policy whose merge changes every slot (bandits, plug-in, the slot
 #: oracle) gets no memo hit and costs most; soft merging runs one merge per request (memoised);
 #: the static merges and the full MoE are computed once per request.
@@ -80,6 +88,16 @@ def submission_order(jobs: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
     return sorted(jobs, key=lambda job: -RUN_COST.get(job[1], 3))
 
 
+def worker_setup(
+    backend_factory: Callable[[], Backend], shared: dict[str, Any], caches: Any
+) -> Setup:
+    """A worker's setup: its own model from the factory, with the caches handed over."""
+    backend = backend_factory()
+    if caches is not None and hasattr(backend, "import_caches"):
+        backend.import_caches(caches)
+    return Setup(backend=backend, **shared)
+
+
 def _init_worker(
     backend_factory: Callable[[], Backend],
     shared: dict[str, Any],
@@ -89,10 +107,7 @@ def _init_worker(
     import torch
 
     torch.set_num_threads(threads)
-    backend = backend_factory()
-    if caches is not None and hasattr(backend, "import_caches"):
-        backend.import_caches(caches)
-    _WORKER["setup"] = Setup(backend=backend, **shared)
+    _WORKER["setup"] = worker_setup(backend_factory, shared, caches)
 
 
 def _worker_run(name: str, seed: int, slots: list[Slot]) -> PolicyRun:

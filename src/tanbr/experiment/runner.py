@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import logging
 import re
+import shutil
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 #: The yardstick of regret: added to every experiment whose policies do not name it.
 YARDSTICK = "slot-oracle"
+
+#: Runs an experiment's (policy, seed) jobs somewhere else: (setup, streams, names, progress
+#: bar) -> the runs, in the order seed by seed, policy by policy.
+Executor = Callable[[Setup, Mapping[int, Sequence[Slot]], Sequence[str], Any], list[PolicyRun]]
 
 
 # --- streams and systems ------------------------------------------------------------------------
@@ -319,6 +324,7 @@ def execute(
     plots: bool = True,
     workers: int = 1,
     backend_factory: Callable[[], Backend] | None = None,
+    executor: Executor | None = None,
     started: float | None = None,
 ) -> RunResult:
     """Every policy x seed of the config; writes the run folder and returns the summary.
@@ -328,7 +334,11 @@ def execute(
     the results are the same as with one process. The latency probes always run afterwards in
     this process, interleaved across policies (:func:`probe_latency`), then the memory probes
     in fresh processes. ``started`` (a ``time.perf_counter()`` value) is when the command
-    began: ``wall_s`` counts from there."""
+    began: ``wall_s`` counts from there. ``executor`` runs the (policy, seed) runs instead
+    (e.g. :class:`~tanbr.experiment.ray_executor.RayExecutor`), with the same results.
+
+    The run folder is created once every run and probe has finished, and removed again if
+    writing it fails, so a run folder is always complete."""
     cfg = setup.config
     started = time.perf_counter() if started is None else started
     if workers < 1:
@@ -345,12 +355,12 @@ def execute(
     t0 = time.perf_counter()
     streams = {seed: make_slots(setup, seed) for seed in cfg.seeds}
     names = policy_names(setup, streams)
-    folder = new_run_folder(out, cfg.name)
-    write_config(folder / "config.toml", cfg)
     total = sum(len(slots) for slots in streams.values()) * len(names)
     bar = progress("slots", total) if progress else None
     try:
-        if workers > 1:
+        if executor is not None:
+            runs = executor(setup, streams, names, bar)
+        elif workers > 1:
             assert backend_factory is not None
             from tanbr.experiment.parallel import run_parallel
 
@@ -373,6 +383,26 @@ def execute(
     t0 = time.perf_counter()
     memory = measure_run_memory(setup, runs, streams) if cfg.evaluation.memory else {}
     setup.timings["memory_s"] = time.perf_counter() - t0
+    folder = new_run_folder(out, cfg.name)
+    try:
+        summary = _write_folder(folder, setup, runs, memory, started=started, plots=plots)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return RunResult(folder, summary, runs)
+
+
+def _write_folder(
+    folder: Path,
+    setup: Setup,
+    runs: list[PolicyRun],
+    memory: Any,
+    *,
+    started: float,
+    plots: bool,
+) -> dict[str, Any]:
+    cfg = setup.config
+    write_config(folder / "config.toml", cfg)
     write_trace(folder / "trace.jsonl", (r for run in runs for r in run.records))
     costs = Costs(
         slot_size=cfg.workload.slot_size,
@@ -402,7 +432,7 @@ def execute(
     write_report([folder], folder / "report.md")
     summary["wall_s"] = time.perf_counter() - started  # the plots and report included
     write_json(folder / "summary.json", summary)
-    return RunResult(folder, summary, runs)
+    return summary
 
 
 def _is_bandit(name: str) -> bool:

@@ -43,6 +43,7 @@ from tanbr.serve.schemas import (
     PredictResponse,
     StatusResponse,
 )
+from tanbr.serve.service import SlotService
 from tanbr.serve.slots import ServiceBusyError, SlotManager
 from tanbr.serve.state import (
     DuplicateFeedbackError,
@@ -69,14 +70,30 @@ def create_app(
     config: ServeConfig,
     *,
     build: Callable[[ServeConfig], Replicas] | None = None,
+    start: Callable[[ServiceMetrics], SlotService] | None = None,
 ) -> FastAPI:
     """The FastAPI app; the model is loaded and the state resumed when the app starts.
 
-    ``build`` makes the two replicas (defaults to :func:`build_replicas`).
+    ``build`` makes the two replicas (defaults to :func:`build_replicas`). ``start`` hands the
+    slots to another owner instead (a Ray Serve replica following its controller, which holds
+    the state folder): it returns the started slot service.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if start is not None:
+            try:
+                service = await asyncio.to_thread(start, metrics)
+            except Exception as err:
+                app.state.startup_error = err
+                raise
+            app.state.manager = service
+            app.state.labels = frozenset(service.labels)
+            try:
+                yield
+            finally:
+                await asyncio.to_thread(service.stop)
+            return
         make = build
         if make is None:
             make = build_replicas
@@ -132,8 +149,8 @@ def create_app(
         metrics.http_requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
         return response
 
-    def manager_of(request: Request) -> SlotManager:
-        manager: SlotManager | None = getattr(request.app.state, "manager", None)
+    def manager_of(request: Request) -> SlotService:
+        manager: SlotService | None = getattr(request.app.state, "manager", None)
         if manager is None:
             raise HTTPException(503, "the service is starting")
         return manager

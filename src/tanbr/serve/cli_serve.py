@@ -91,6 +91,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     parser.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: one process (two in-process model copies); ray: --replicas Ray Serve"
+        " replicas behind one HTTP entry point and one controller (needs tanbr[ray])",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="model replicas with --executor ray (1)"
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="a running Ray cluster to join (default: start a local Ray with this machine's cores)",
+    )
+    parser.add_argument(
         "--ready-file",
         type=Path,
         help="write the service's URL to this file once it accepts requests",
@@ -138,6 +153,12 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("binding %s: the service is reachable from other machines", args.host)
         if config.token is None:
             logger.warning("no token is set: anyone who reaches it may send feedback")
+    if args.executor == "ray":
+        from tanbr.serve.cli_ray import run_on_ray
+
+        return run_on_ray(args, config)
+    if args.replicas != 1 or args.ray_address:
+        raise ValueError("--replicas and --ray-address need --executor ray")
     lock = StateLock(config.state_dir).acquire()  # a second server on the folder stops here
     try:
         sock = _bind(args.host, args.port)  # a taken port fails before the model loads

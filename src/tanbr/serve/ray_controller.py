@@ -1,0 +1,578 @@
+"""The one controller of a service whose replicas run on Ray Serve.
+
+The single-process service (:mod:`tanbr.serve.slots`) owns two model copies and its learning
+state in one process. On Ray the two jobs part: N replica deployments each hold a model and
+serve, and this controller (one Ray actor, pinned to the node that started the service) owns
+the estimator, the policy and the state store. It takes the state folder's lock
+(:class:`~tanbr.serve.state.StateLock`), so a second controller, or a single-process
+``tanbr serve``, on the same folder is refused.
+
+What crosses the network per slot is the plan, never the weights: every replica holds the
+experts and builds the merged model itself. A slot boundary is two-phased so that every
+replica swaps within one round trip of the others, and none ever serves a half-built model:
+
+1. *learn, estimate, decide*: feedback acknowledged since the last boundary updates the policy
+   (each for the slot that served it), a sample of the closing slot's texts joins the
+   estimator's history (signatures computed here on the controller's own copy of the model,
+   which also gives the shadow reward), and the next slot's decision is made, with the loop's
+   phase functions (:mod:`tanbr.experiment.loop`);
+2. *prepare*: each live replica builds the decision on its standby copy while its active copy
+   keeps serving, and says so;
+3. *persist*: the slot history and the snapshot (the commit point, as in the single process);
+4. *commit*: each replica swaps (requests in flight finish on the model they started on) and
+   says so; the time from the decision to the last swap is the plan-propagation time.
+
+Replicas reach the controller by long polls (:meth:`SlotController.sync`), so a replica that
+Ray Serve restarts simply asks again and builds the committed plan before it takes traffic. A
+replica that stops polling for ``stale_s`` is no longer waited for. Served requests and
+feedback are committed to the state store here before the client's answer leaves the replica,
+so killing a replica loses no acknowledged feedback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tanbr.backend.requests import Requests
+from tanbr.backend.scorers import Agreement
+from tanbr.experiment.loop import Decision, decide, feedback, observe
+from tanbr.experiment.reward import Outcomes
+from tanbr.serve.replicas import ServeConfig, build_replicas
+from tanbr.serve.slots import _outcomes
+from tanbr.serve.state import (
+    FeedbackRow,
+    RequestRow,
+    SlotRow,
+    StateLock,
+    StateStore,
+    UpdateRow,
+)
+
+logger = logging.getLogger(__name__)
+
+_KEEP_DECISIONS = 64
+_WINDOW = 2048
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What a starting replica gets: the model's labels and the service's meta (which model,
+    signature and precision to load), the learning state's parts its loop phases carry, and the
+    committed slot and decision it must serve."""
+
+    labels: tuple[str, ...]
+    meta: dict[str, Any]
+    parts: dict[str, Any]  # the System's fields but its backend: a replica loads its own
+    slot: int
+    decision: Decision
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """A long poll's answer: ``prepare`` (build ``decision`` on the standby copy), ``commit``
+    (serve ``slot`` with ``decision`` now), or ``wait`` (nothing new). ``failure``: the
+    controller's boundary failed (the replicas report it on /healthz)."""
+
+    kind: str
+    slot: int = -1
+    decision: Decision | None = None
+    failure: str | None = None
+
+
+@dataclass
+class _Replica:
+    seen: float
+    slot: int = -1
+    prepared: int = -1
+    memory_bytes: int = 0
+    merge_ms: float = 0.0
+
+
+@dataclass
+class _Pending:
+    slot: int
+    decision: Decision
+    decided: float
+    committed: bool = False
+    swapped: dict[str, float] = field(default_factory=dict)
+
+
+class SlotController:
+    """See the module docstring. Runs as a threaded Ray actor; every method is thread-safe."""
+
+    def __init__(self, config: ServeConfig, *, stale_s: float = 6.0) -> None:
+        self.config = config
+        self.stale_s = stale_s
+        self._lock = threading.Condition()
+        self._replicas: dict[str, _Replica] = {}
+        self._pending: _Pending | None = None
+        self._failure: str | None = None
+        self._stopping = False
+        self._opened = False
+        self._propagation_ms: list[float] = []
+        self._model_ms: list[float] = []
+        self._boundary_ms: list[float] = []
+        self._merge_ms: list[float] = []
+        self._slot = 0
+        self._slot_opened = time.time()
+        self._slot_served = 0
+        self._slot_first_request: float | None = None
+        self._slot_latency_ms = 0.0
+        self._served_total = 0
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def open(self) -> dict[str, Any]:
+        """Take the state folder's lock, load the model and the learning state, and start the
+        boundary thread; returns the service's meta. Raises
+        :class:`~tanbr.serve.state.StateFolderInUseError` when the folder is in use."""
+        self._state_lock = StateLock(self.config.state_dir).acquire()
+        try:
+            replicas = build_replicas(self.config)
+            self.store = StateStore(self.config.state_dir)
+        except BaseException:
+            self._state_lock.release()
+            raise
+        self.system = replicas.systems[0]
+        self.labels = replicas.labels
+        self.meta = replicas.meta
+        self.policy_name = self.system.mode.name
+        scorer = self.system.scorer
+        slots = self.config.slots
+        self.shadow = (
+            slots.shadow
+            if slots.shadow is not None
+            else (0 if scorer.needs_truth else self.system.labelling.probe)
+        )
+        self._decisions: dict[int, Decision] = {}
+        self._watermark = self._merges = self._updates = 0
+        self._texts: list[str] = []
+        self._served_labels: list[int] = []
+        snapshot = self.store.load_snapshot()
+        if snapshot is None:
+            decision = decide(self.system, slot=0)
+            self._decisions[0] = decision
+            self._record_slot(0, decision, 0.0, 0)
+            self._open(0)
+            self._persist(0)
+        else:
+            slot = self._restore(snapshot)
+            self._open(slot)
+            index = {label: i for i, label in enumerate(self.labels)}
+            served = self.store.served(slot)
+            self._texts = [text for text, _ in served]
+            self._served_labels = [index.get(label, -1) for _, label in served]
+        self._served_total = self.store.count_requests()
+        self._boundary_reason: str | None = None
+        self._thread = threading.Thread(target=self._boundary_loop, name="tanbr-boundary")
+        self._thread.daemon = True
+        self._thread.start()
+        self._opened = True
+        logger.info("controller serves slot %d from %s", self._slot, self.config.state_dir)
+        return dict(self.meta)
+
+    def stop(self) -> None:
+        """Stop the boundary thread, close the store and release the lock."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if not self._opened:
+            return
+        self._thread.join(60)
+        self.store.close()
+        self._state_lock.release()
+        self._opened = False
+
+    # --- replicas -------------------------------------------------------------------------
+
+    def hello(self, replica: str) -> Hello:
+        """Register a starting replica; it serves the committed slot's decision."""
+        with self._lock:
+            self._replicas[replica] = _Replica(seen=time.monotonic())
+            slot = self._slot
+            parts = {
+                f.name: getattr(self.system, f.name)
+                for f in dataclasses.fields(self.system)
+                if f.name not in ("backend", "pending", "applied")
+            }
+            return Hello(self.labels, dict(self.meta), parts, slot, self._decisions[slot])
+
+    def sync(self, replica: str, slot: int, prepared: int, timeout: float = 2.0) -> Instruction:
+        """A replica's long poll: it serves ``slot`` and has ``prepared`` on its standby copy.
+        Returns as soon as there is something to do, else after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            state = self._replicas.setdefault(replica, _Replica(seen=time.monotonic()))
+            state.slot, state.prepared = slot, prepared
+            while True:
+                state.seen = time.monotonic()
+                if self._failure is not None:
+                    return Instruction("wait", failure=self._failure)
+                if self._slot != slot:
+                    return Instruction("commit", self._slot, self._decisions[self._slot])
+                pending = self._pending
+                if pending is not None and pending.committed and slot != pending.slot:
+                    return Instruction("commit", pending.slot, pending.decision)
+                if pending is not None and not pending.committed and prepared != pending.slot:
+                    return Instruction("prepare", pending.slot, pending.decision)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    return Instruction("wait")
+                self._lock.wait(remaining)
+
+    def prepared(self, replica: str, slot: int, merge_ms: float, memory_bytes: int) -> None:
+        """A replica built ``slot``'s decision on its standby copy."""
+        with self._lock:
+            state = self._replicas.setdefault(replica, _Replica(seen=time.monotonic()))
+            state.prepared, state.seen = slot, time.monotonic()
+            state.merge_ms, state.memory_bytes = merge_ms, memory_bytes
+            self._lock.notify_all()
+
+    def swapped(self, replica: str, slot: int) -> None:
+        """A replica serves ``slot`` now."""
+        with self._lock:
+            state = self._replicas.setdefault(replica, _Replica(seen=time.monotonic()))
+            state.slot, state.seen = slot, time.monotonic()
+            if self._pending is not None and self._pending.slot == slot:
+                self._pending.swapped[replica] = time.perf_counter()
+            self._lock.notify_all()
+
+    def replicas(self) -> dict[str, int]:
+        """Live replicas and the slot each serves."""
+        with self._lock:
+            now = time.monotonic()
+            return {k: r.slot for k, r in self._replicas.items() if now - r.seen < self.stale_s}
+
+    def propagation_ms(self) -> list[float]:
+        """Plan-propagation times so far: a decision to its last replica's swap (ms)."""
+        with self._lock:
+            return list(self._propagation_ms)
+
+    # --- request path ---------------------------------------------------------------------
+
+    def record(
+        self, rows: Sequence[RequestRow], texts: Sequence[str], tops: Sequence[int], model_ms: float
+    ) -> None:
+        """Served requests, durable before their ids reach the client; a slot closes once it
+        has served ``slot_size`` texts."""
+        self.store.add_requests(rows, texts=texts)
+        with self._lock:
+            self._served_total += len(rows)
+            self._texts.extend(texts)
+            self._served_labels.extend(int(k) for k in tops)
+            self._model_ms.append(model_ms)
+            del self._model_ms[:-_WINDOW]
+            served_now = sum(1 for r in rows if r.slot == self._slot)
+            if served_now:
+                self._slot_served += served_now
+                self._slot_latency_ms += model_ms * served_now / len(rows)
+                if self._slot_first_request is None:
+                    self._slot_first_request = time.time()
+                    self._lock.notify_all()
+                if self._slot_served >= self.config.slots.slot_size:
+                    self._request_boundary("count")
+
+    def feedback(
+        self, request_id: str, *, label: str | None = None, reward: float | None = None
+    ) -> FeedbackRow:
+        """Acknowledge feedback durably; the policy learns it at the next slot boundary."""
+        return self.store.add_feedback(request_id, label=label, reward=reward)
+
+    def pending_feedback(self) -> int:
+        return max(0, self.store.last_feedback_seq() - self._watermark)
+
+    def close_slot(self, reason: str = "admin", timeout: float = 300.0) -> tuple[int, int]:
+        """Close the current slot now; returns once every live replica serves the next one."""
+        with self._lock:
+            self._check_alive()
+            closing = self._slot
+            self._request_boundary(reason)
+            done = self._lock.wait_for(
+                lambda: (
+                    (self._slot != closing and self._pending is None)
+                    or self._failure is not None
+                    or self._stopping
+                ),
+                timeout,
+            )
+            self._check_alive()
+            if not done:
+                raise TimeoutError(f"slot {closing} did not close within {timeout} s")
+            return closing, self._slot
+
+    def failure(self) -> str | None:
+        return self._failure
+
+    def status(self) -> dict[str, Any]:
+        """The same view as the single-process service's /v1/status (predict latencies are
+        the asking replica's, filled in there)."""
+        with self._lock:
+            slot = self._slot
+            decision = self._decisions[slot]
+            served, opened = self._slot_served, self._slot_opened
+            total, merges, updates = self._served_total, self._merges, self._updates
+            model_ms, merge_ms = list(self._model_ms), list(self._merge_ms)
+            boundary_ms = list(self._boundary_ms)
+        plan = decision.plan or {}
+        return {
+            "slot": slot,
+            "slot_requests": served,
+            "slot_age_s": round(time.time() - opened, 3),
+            "slot_size": self.config.slots.slot_size,
+            "slot_seconds": self.config.slots.slot_seconds,
+            "policy": self.policy_name,
+            "kind": decision.kind,
+            "mix": _floats(decision.mix),
+            "action": [] if decision.action is None else _floats(decision.action),
+            "coeffs": {name: _floats(c) for name, c in plan.items()},
+            "merges": merges,
+            "requests": total,
+            "feedback": self.store.count_feedback(),
+            "pending_feedback": self.pending_feedback(),
+            "policy_updates": updates,
+            "latency": {
+                "window": 0,
+                "predict_p50_ms": None,
+                "predict_p99_ms": None,
+                "model_p50_ms": _quantile(model_ms, 0.5),
+                "merge_p50_ms": _quantile(merge_ms, 0.5),
+                "boundary_p50_ms": _quantile(boundary_ms, 0.5),
+            },
+        }
+
+    # --- slot boundaries ------------------------------------------------------------------
+
+    def _request_boundary(self, reason: str) -> None:
+        if self._boundary_reason is None:
+            self._boundary_reason = reason
+            self._lock.notify_all()
+
+    def _boundary_loop(self) -> None:
+        seconds = self.config.slots.slot_seconds
+        while True:
+            with self._lock:
+                while self._boundary_reason is None and not self._stopping:
+                    timeout = None
+                    if seconds is not None and self._slot_first_request:
+                        timeout = self._slot_first_request + seconds - time.time()
+                        if timeout <= 0:
+                            self._boundary_reason = "time"
+                            break
+                    self._lock.wait(timeout)
+                if self._stopping:
+                    return
+                reason = self._boundary_reason
+            assert reason is not None
+            try:
+                self._turn(reason)
+            except Exception as err:
+                logger.exception("slot boundary failed; the current slot keeps serving")
+                with self._lock:
+                    self._failure = f"{type(err).__name__}: {err}"
+                    self._pending = None
+                    self._lock.notify_all()
+                return
+
+    def _turn(self, reason: str) -> None:
+        t0 = time.perf_counter()
+        closing, nxt = self._slot, self._slot + 1
+        with self._lock:
+            latency_ms = self._slot_latency_ms
+            texts, self._texts = self._texts, []
+            served_labels, self._served_labels = self._served_labels, []
+        # 6-7. reward and policy update from the feedback acknowledged so far
+        upto = self.store.last_feedback_seq()
+        updates = self._learn(self.store.feedback_after(self._watermark, upto=upto), upto)
+        shadow = self._shadow_reward(closing, texts, served_labels, latency_ms, upto)
+        if shadow is not None:
+            updates.append(shadow)
+        # 1-3. the closing slot's texts join the estimator's history; estimate, select, plan
+        if self.system.mode.learns:
+            observe(self.system, Requests(tuple(self._sample(texts, closing))))
+        decision = decide(self.system, slot=nxt)
+        # 4. prepare: every live replica builds it on its standby copy
+        with self._lock:
+            self._pending = _Pending(nxt, decision, time.perf_counter())
+            self._lock.notify_all()
+            live = self._wait_replicas(lambda r: r.prepared == nxt)
+            merge_ms = max((self._replicas[k].merge_ms for k in live), default=0.0)
+            memory = max((self._replicas[k].memory_bytes for k in live), default=0)
+        # persist: slot history, then the snapshot that commits it all
+        self.store.close_slot(closing, reason=reason, latency_ms=latency_ms)
+        self.store.add_updates(updates)
+        self._decisions[nxt] = decision
+        for old in [s for s in self._decisions if s <= nxt - _KEEP_DECISIONS]:
+            del self._decisions[old]
+        self._watermark = upto
+        self._updates += len(updates)
+        if decision.kind == "merge":
+            self._merges += 1
+            self._merge_ms.append(merge_ms)
+        self._record_slot(nxt, decision, merge_ms, memory)
+        self._persist(nxt)
+        # commit: every live replica swaps
+        with self._lock:
+            pending = self._pending
+            assert pending is not None
+            pending.committed = True
+            self._open(nxt)
+            self._lock.notify_all()
+            self._wait_replicas(lambda r: r.slot == nxt)
+            if pending.swapped:
+                self._propagation_ms.append((max(pending.swapped.values()) - pending.decided) * 1e3)
+            self._pending = None
+            self._boundary_reason = None
+            self._boundary_ms.append((time.perf_counter() - t0) * 1e3)
+            self._lock.notify_all()
+        logger.info("slot %d closed (%s); slot %d serves (%s)", closing, reason, nxt, decision.kind)
+
+    def _wait_replicas(self, done: Any, timeout: float = 120.0) -> list[str]:
+        """Wait (holding ``_lock``) until every live replica is ``done``; a replica that stops
+        polling is dropped. Returns the live replicas."""
+        deadline = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            live = [k for k, r in self._replicas.items() if now - r.seen < self.stale_s]
+            if all(done(self._replicas[k]) for k in live) or self._stopping:
+                return live
+            if now >= deadline:
+                late = [k for k in live if not done(self._replicas[k])]
+                logger.warning("replicas %s did not follow within %.0f s", late, timeout)
+                return [k for k in live if k not in late]
+            self._lock.wait(0.5)
+
+    def _learn(self, rows: Sequence[FeedbackRow], upto: int) -> list[UpdateRow]:
+        by_slot: dict[int, list[FeedbackRow]] = {}
+        for row in rows:
+            by_slot.setdefault(row.slot, []).append(row)
+        updates, now = [], time.time()
+        for slot, slot_rows in sorted(by_slot.items()):
+            decision, latency_ms, memory = self._decision_of(slot)
+            reward = feedback(self.system, decision, _outcomes(slot_rows, latency_ms, memory))
+            if reward is not None:
+                updates.append(UpdateRow(slot, reward, len(slot_rows), upto, now))
+        return updates
+
+    def _shadow_reward(
+        self, slot: int, texts: list[str], labels: list[int], latency_ms: float, upto: int
+    ) -> UpdateRow | None:
+        """A sample of the closed slot's served labels against the full MoE (label-free)."""
+        if self.shadow <= 0 or not texts or slot not in self._decisions:
+            return None
+        rng = np.random.default_rng([slot, 11])
+        pick = np.sort(rng.choice(len(texts), size=min(self.shadow, len(texts)), replace=False))
+        requests = Requests(tuple(texts[i] for i in pick))
+        served = np.asarray([labels[i] for i in pick], dtype=np.int64)
+        scores = Agreement().score(self.system.backend, requests, served, None)
+        row = self.store.slot(slot)
+        memory = row.memory_bytes if row is not None else 0
+        outcomes = Outcomes(
+            float(scores.sum()), len(pick), latency_ms=latency_ms, memory_bytes=memory
+        )
+        reward = feedback(self.system, self._decisions[slot], outcomes)
+        return None if reward is None else UpdateRow(slot, reward, len(pick), upto, time.time())
+
+    def _sample(self, texts: list[str], slot: int) -> list[str]:
+        limit = self.config.slots.observe_max
+        if limit == 0 or len(texts) <= limit:
+            return texts
+        keep = np.random.default_rng(slot).choice(len(texts), size=limit, replace=False)
+        return [texts[i] for i in np.sort(keep)]
+
+    def _decision_of(self, slot: int) -> tuple[Decision, float, int]:
+        row = self.store.slot(slot)
+        if row is None:
+            raise RuntimeError(f"slot {slot} served requests but has no history entry")
+        decision = self._decisions.get(slot)
+        if decision is None:
+            decision = Decision(
+                slot=slot,
+                mix=np.asarray(row.mix, dtype=np.float64),
+                kind=row.kind,
+                action=None if row.action is None else np.asarray(row.action, dtype=np.float64),
+                plan=None
+                if row.plan is None
+                else {k: np.asarray(v, dtype=np.float64) for k, v in row.plan.items()},
+            )
+        latency_ms = self._slot_latency_ms if slot == self._slot else row.latency_ms
+        return decision, latency_ms, row.memory_bytes
+
+    def _open(self, slot: int) -> None:
+        self._slot = slot
+        self._slot_opened = time.time()
+        self._slot_served = self.store.count_requests(slot)
+        self._slot_first_request = time.time() if self._slot_served else None
+        self._slot_latency_ms = 0.0
+
+    def _record_slot(self, slot: int, decision: Decision, merge_ms: float, memory: int) -> None:
+        plan = decision.plan
+        self.store.open_slot(
+            SlotRow(
+                slot=slot,
+                opened=time.time(),
+                kind=decision.kind,
+                mix=tuple(_exact(decision.mix)),
+                action=None if decision.action is None else tuple(_exact(decision.action)),
+                plan=None if plan is None else {k: tuple(_exact(v)) for k, v in plan.items()},
+                merge_ms=merge_ms,
+                memory_bytes=int(memory),
+            )
+        )
+
+    def _persist(self, slot: int) -> None:
+        self.store.save_snapshot(
+            {
+                "slot": slot,
+                "watermark": self._watermark,
+                "merges": self._merges,
+                "updates": self._updates,
+                "decisions": self._decisions,
+                "estimator": self.system.estimator,
+                "mode": self.system.mode,
+                "reward": self.system.reward,
+                "rng": self.system.rng,
+                "meta": self.meta,
+            }
+        )
+
+    def _restore(self, snapshot: dict[str, Any]) -> int:
+        try:
+            slot = int(snapshot["slot"])
+            self._watermark = int(snapshot["watermark"])
+            self._merges = int(snapshot["merges"])
+            self._updates = int(snapshot["updates"])
+            self._decisions = dict(snapshot["decisions"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"snapshot in {self.store.folder} is incomplete: {err}") from err
+        if slot not in self._decisions:
+            raise ValueError(f"snapshot in {self.store.folder} has no decision for slot {slot}")
+        self.store.rollback(slot=slot, watermark=self._watermark)
+        return slot
+
+    def _check_alive(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"slot boundary failed: {self._failure}")
+        if self._stopping:
+            raise RuntimeError("the service is shutting down")
+
+
+def _exact(x: Any) -> list[float]:
+    return [float(v) for v in np.asarray(x, dtype=np.float64).ravel()]
+
+
+def _floats(x: Any, digits: int = 6) -> list[float]:
+    return [round(float(v), digits) for v in np.asarray(x, dtype=np.float64).ravel()]
+
+
+def _quantile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    return round(float(np.quantile(np.asarray(values, dtype=np.float64), q)), 3)
