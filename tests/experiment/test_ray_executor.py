@@ -112,6 +112,7 @@ def test_ray_gives_the_local_records_slot_for_slot(local_ray: None, tmp_path: Pa
             assert on_ray.summary["policies"][name][key] == row[key]
 
 
+@pytest.mark.slow  # a worker process is started again after it dies (~1 min)
 def test_a_dead_worker_is_retried_on_a_new_one(local_ray: None, tmp_path: Path) -> None:
     """The actor running the job is killed mid-run: the job runs again on a fresh actor, and
     the records are those of an undisturbed run."""
@@ -128,6 +129,7 @@ def test_a_dead_worker_is_retried_on_a_new_one(local_ray: None, tmp_path: Path) 
     assert _strip(retried) == _strip(clean)
 
 
+@pytest.mark.slow  # a worker process is started again after it dies (~1 min)
 def test_a_worker_that_keeps_dying_fails_the_comparison(local_ray: None, tmp_path: Path) -> None:
     cfg = load_config(overrides=[*CONFIG, "seeds=[0]", "policies=['tanbr']"])
     backend, calib, test = _fake()
