@@ -13,8 +13,9 @@ vocabulary costs one row per request, not one per token.
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ class HFCausalLMBackend(HFBackend):
         self.nll_batch_size = nll_batch_size
         self.nll_ms = 0.0  # time spent in nll, for reports
         self._nll_memo: dict[bytes, dict[tuple[int, str | None], float]] = {}
+        self._forward_args = frozenset(inspect.signature(self.model.forward).parameters)
 
     def _caches(self) -> list[dict[Any, Any]]:
         return [*super()._caches(), self._nll_memo]
@@ -101,7 +103,6 @@ class HFCausalLMBackend(HFBackend):
         return np.array([cache[k] for k in keys], dtype=np.float64)
 
     def _nll(self, texts: Sequence[str], targets: Sequence[str | None]) -> np.ndarray:
-        t0 = time.perf_counter()
         sequences, starts = [], []
         for i, (text, target) in enumerate(zip(texts, targets, strict=True)):
             ids, start = self._scored_ids(text, target)
@@ -110,7 +111,14 @@ class HFCausalLMBackend(HFBackend):
                 raise ValueError(f"nll: request {i}: {what} has no token to score")
             sequences.append(ids)
             starts.append(start)
-        out = np.zeros(len(texts), dtype=np.float64)
+        return self._nll_sequences(sequences, starts)
+
+    def _nll_sequences(
+        self, sequences: Sequence[Sequence[int]], starts: Sequence[int]
+    ) -> np.ndarray:
+        """(n,) mean NLL per token of ``sequences[i][starts[i]:]`` given what precedes it."""
+        t0 = time.perf_counter()
+        out = np.zeros(len(sequences), dtype=np.float64)
         pad = int(self.tokenizer.pad_token_id)
         with torch.inference_mode():
             for batch in pad_batches(sequences, self.nll_batch_size, pad):
@@ -160,3 +168,82 @@ class HFCausalLMBackend(HFBackend):
         if not prompt:
             raise ValueError(f"nll: prompt {text!r} has no token and the tokenizer no start token")
         return [*prompt, *cont], len(prompt)
+
+    # --- generation: one sequence at a time, each with its own KV cache ----------------------
+
+    @property
+    def context_length(self) -> int:
+        """Tokens a prompt and its continuation may hold together."""
+        return self.max_length
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        """Tokens that end a continuation: the tokenizer's end of sequence, and the model's
+        (a generation config may name several)."""
+        ids: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif isinstance(configured, list | tuple):
+            ids.update(int(i) for i in configured)
+        return frozenset(ids)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's chat template (None: the model has none, so no chat)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) and template else None
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """The prompt text of a conversation, with the cue for the assistant's turn."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.path.name} has no chat template")
+        text = self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
+        )
+        return str(text)
+
+    def encode_prompt(self, text: str, *, special_tokens: bool = True) -> list[int]:
+        """A prompt's token ids, whole (a generation refuses a prompt too long for the
+        context rather than cutting it); ``special_tokens`` False for a rendered chat, whose
+        template writes its own."""
+        ids = self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
+        return [int(i) for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, special tokens left out."""
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def next_logits(self, ids: Sequence[int], cache: Any | None) -> tuple[torch.Tensor, Any]:
+        """(V,) float32 logits of the token after ``ids``, and the KV cache of the whole
+        sequence. ``cache`` holds the sequence before ``ids`` (None: ``ids`` is a new prompt,
+        and the model is first set as the last merge / restore asked)."""
+        if cache is None:
+            self._sync()
+        input_ids = torch.as_tensor([list(ids)], dtype=torch.long)  # (1, t)
+        with torch.inference_mode():
+            if self.merger.mode == "soft":
+                self.merger.set_token_mask(torch.ones_like(input_ids))
+            # transformers renamed ``past_key_values`` to ``cache`` (5.2x); speak either
+            name = "cache" if "cache" in self._forward_args else "past_key_values"
+            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{name: cache})
+        kept = out["cache"] if "cache" in out else out["past_key_values"]
+        return out.logits[0, -1].float(), kept
+
+    def nll_ids(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> np.ndarray:
+        """(n,) mean NLL per token of each continuation's exact token ids given its prompt's,
+        under the model as currently set (a served continuation, scored as it was served)."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"nll_ids: {len(continuations)} continuations for {len(prompts)}")
+        sequences, starts = [], []
+        for i, (prompt, cont) in enumerate(zip(prompts, continuations, strict=True)):
+            if not prompt or not cont:
+                raise ValueError(f"nll_ids: request {i} needs a prompt token and a continuation")
+            sequences.append([*prompt, *cont][: self.max_length])
+            starts.append(len(prompt))
+        self._sync()
+        return self._nll_sequences(sequences, starts)
