@@ -1,5 +1,8 @@
 """``tanbr serve``: the HTTP service on the default model or a local checkpoint.
 
+A causal language model is served through the OpenAI-compatible API (``/v1/completions``,
+``/v1/chat/completions``, ``/v1/models``); a slot then counts requests, not texts.
+
 Binds 127.0.0.1 by default. The bearer token that protects feedback and admin endpoints comes
 from ``--token-file`` or the ``TANBR_SERVE_TOKEN`` environment variable (never from the
 command line, where other users of the machine could read it).
@@ -83,6 +86,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="texts of a closing slot the estimator observes, sampled (0: all; 64)",
     )
     parser.add_argument("--max-texts", type=int, default=64, help="texts per predict call")
+    parser.add_argument(
+        "--served-model-name",
+        help="a language model's id in the OpenAI-compatible API (default: its folder's name)",
+    )
+    parser.add_argument(
+        "--max-tokens-cap",
+        type=int,
+        default=512,
+        help="largest max_tokens a generation request may ask for (512)",
+    )
+    parser.add_argument(
+        "--max-running",
+        type=int,
+        default=64,
+        help="generations in flight at once; more wait in a queue (64)",
+    )
     parser.add_argument("--max-chars", type=int, default=2000, help="characters per text")
     parser.add_argument(
         "--token-file",
@@ -101,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tanbr.serve.app import create_app
+    from tanbr.serve.generation import GenerationConfig
     from tanbr.serve.replicas import ServeConfig, build_replicas
     from tanbr.serve.slots import SlotConfig
     from tanbr.serve.state import StateLock
@@ -133,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
         max_texts=args.max_texts,
         max_chars=args.max_chars,
         token=_read_token(args.token_file),
+        model_name=args.served_model_name,
+        generation=GenerationConfig(
+            max_tokens_cap=args.max_tokens_cap, max_running=args.max_running
+        ),
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the service is reachable from other machines", args.host)

@@ -9,6 +9,7 @@ from typing import Any
 
 from tanbr.backend.scorers import make_scorer
 from tanbr.experiment.loop import System
+from tanbr.serve.generation import GenerationConfig
 from tanbr.serve.slots import SlotConfig
 from tanbr.serve.state import read_snapshot
 
@@ -23,7 +24,9 @@ class ServeConfig:
     (``experiment``: a TOML file, or ``preset``: a named one; neither: the defaults) with dotted
     ``overrides``. ``model`` (a default-model variant such as ``tiny``, or a local checkpoint
     folder) overrides the config's model; ``policy`` is a name the experiment's modes know
-    (``tanbr``, ``full-moe``, ``uniform``, ...).
+    (``tanbr``, ``full-moe``, ``uniform``, ...). A language model is served under
+    ``model_name`` (the OpenAI-compatible API's model id; default: its folder's name) with the
+    ``generation`` limits.
     """
 
     experiment: str | None = None
@@ -39,6 +42,8 @@ class ServeConfig:
     max_chars: int = 2000
     max_body_bytes: int = 1 << 20
     token: str | None = None
+    model_name: str | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_texts <= 4096:
@@ -49,6 +54,8 @@ class ServeConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.token is not None and len(self.token) < 8:
             raise ValueError("token must have at least 8 characters")
+        if self.model_name is not None and not self.model_name.strip():
+            raise ValueError("model_name must not be empty")
         if self.experiment is not None and self.preset is not None:
             raise ValueError("give an experiment config or a preset, not both")
 
