@@ -108,10 +108,7 @@ def create_app(
             engine = GenerationEngine(manager, config.generation)
             engine.start()
             backend = replicas.systems[0].backend
-            checkpoint = backend.checkpoint
-            app.state.model_id = config.model_name or (
-                checkpoint.name if checkpoint is not None else "tanbr"
-            )
+            app.state.model_id = config.model_id(backend.checkpoint)
             app.state.model_created = int(time.time())
             app.state.chat_template = getattr(backend, "chat_template", None) is not None
         app.state.engine = engine

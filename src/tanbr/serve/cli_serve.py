@@ -41,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        help="default-model variant (default, task-routed, gate-routed, tiny) or a local"
-        " checkpoint folder (default: the config's model)",
+        help="default-model variant (default, task-routed, gate-routed, tiny), language-model"
+        " variant (lm, lm-tiny: built and cached on first use) or a local checkpoint folder"
+        " (default: the config's model)",
     )
     parser.add_argument(
         "--tasks",
