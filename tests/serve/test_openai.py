@@ -27,6 +27,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
+from tanbr.backend.hf_lm import DecodeBatch
 from tanbr.serve.app import create_app
 from tanbr.serve.bench import ServerProcess
 from tanbr.serve.generation import GenerationConfig, SamplingParams, TextStream, sample_token
@@ -400,7 +401,9 @@ def test_feedback_takes_a_completions_id(plain: Served) -> None:
 # --- slots -----------------------------------------------------------------------------------
 
 
-def test_a_stream_finishes_on_its_slot_across_a_boundary(serve_lm: Callable[..., Served]) -> None:
+def test_a_stream_finishes_on_its_slot_across_a_boundary(
+    serve_lm: Callable[..., Served], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The engine is held after a few tokens of a stream; a slot boundary swaps the replicas
     meanwhile; the stream then finishes on the replica (merged model, KV cache) it started on,
     and the next request is served by the new slot's merge."""
@@ -414,18 +417,16 @@ def test_a_stream_finishes_on_its_slot_across_a_boundary(serve_lm: Callable[...,
     reached, release = threading.Event(), threading.Event()
     calls = {"n": 0}
     replicas = served.manager._replicas
-    for replica in replicas:
-        backend: Any = replica.system.backend
-        original = backend.next_logits
+    original = DecodeBatch.step
 
-        def held(ids: Any, cache: Any, _original: Any = original) -> Any:
-            calls["n"] += 1
-            if calls["n"] == 6:  # the prompt and four tokens in
-                reached.set()
-                assert release.wait(60)
-            return _original(ids, cache)
+    def held(self: DecodeBatch, tokens: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 4:  # four decoding steps in
+            reached.set()
+            assert release.wait(60)
+        return original(self, tokens)
 
-        backend.next_logits = held
+    monkeypatch.setattr(DecodeBatch, "step", held)
     chunks: list[Any] = []
     reader = threading.Thread(
         target=lambda: chunks.extend(

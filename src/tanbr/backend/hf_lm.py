@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from tanbr.backend.hf import HFBackend
 from tanbr.backend.protocol import Prediction
@@ -232,6 +233,10 @@ class HFCausalLMBackend(HFBackend):
         kept = out["cache"] if "cache" in out else out["past_key_values"]
         return out.logits[0, -1].float(), kept
 
+    def decode_batch(self) -> DecodeBatch:
+        """An empty batch of sequences decoded together, one token each per step."""
+        return DecodeBatch(self)
+
     def nll_ids(
         self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
     ) -> np.ndarray:
@@ -247,3 +252,112 @@ class HFCausalLMBackend(HFBackend):
             starts.append(len(prompt))
         self.served.sync()
         return self._nll_sequences(sequences, starts)
+
+
+class DecodeBatch:
+    """Sequences of one model decoded together: one forward pass per step for all of them.
+
+    Their KV caches live in one batch cache, left-padded to a common length and masked, each
+    row with its own positions. A sequence joins with the cache of its prompt
+    (:meth:`HFCausalLMBackend.next_logits`) and leaves by its row; between changes, a step
+    appends one column in place. On a CPU the per-module overhead of a small model dominates
+    a one-token forward pass, so a step for b sequences costs little more than for one.
+    Models whose caches are not plain key/value tensors per layer (a sliding window) step
+    their sequences one by one.
+    """
+
+    def __init__(self, backend: HFCausalLMBackend) -> None:
+        self.backend = backend
+        self.cache: Any = None  # the batch's cache (b rows), or per-row caches (fallback)
+        self.rows: list[Any] = []  # fallback: one cache per row
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # (b, T): 1 where a row has a token
+        self.plain = True
+
+    def __len__(self) -> int:
+        return int(self.mask.shape[0]) if self.plain else len(self.rows)
+
+    def add(self, cache: Any) -> None:
+        """Append a sequence (the KV cache of its tokens so far) as the last row."""
+        if not _plain_cache(cache) or not self.plain:
+            self._fallback()
+            self.rows.append(cache)
+            return
+        n = int(cache.get_seq_length())
+        if len(self) == 0:
+            self.cache = cache
+            self.mask = torch.ones(1, n, dtype=torch.long)
+            return
+        length = int(self.mask.shape[1])
+        if n > length:  # the batch grows to the left
+            for layer in self.cache.layers:
+                layer.keys = _left_pad(layer.keys, n)
+                layer.values = _left_pad(layer.values, n)
+            self.mask = torch.nn.functional.pad(self.mask, (n - length, 0))
+            length = n
+        for mine, new in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([mine.keys, _left_pad(new.keys, length)])
+            mine.values = torch.cat([mine.values, _left_pad(new.values, length)])
+        row = torch.zeros(1, length, dtype=torch.long)
+        row[0, length - n :] = 1
+        self.mask = torch.cat([self.mask, row])
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order); the others' sequences have ended."""
+        if not self.plain:
+            self.rows = [self.rows[i] for i in rows]
+            return
+        if not rows:
+            self.cache, self.mask = None, torch.zeros(0, 0, dtype=torch.long)
+            return
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        mask = self.mask[index]
+        pad = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())  # columns no row uses
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, pad:]
+            layer.values = layer.values[index, :, pad:]
+        self.mask = mask[:, pad:]
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """(b, V) float32 logits after feeding row i the token ``tokens[i]``."""
+        if len(tokens) != len(self):
+            raise ValueError(f"step: {len(tokens)} tokens for a batch of {len(self)}")
+        backend = self.backend
+        if not self.plain:
+            out = [backend.next_logits([t], c) for t, c in zip(tokens, self.rows, strict=True)]
+            self.rows = [c for _, c in out]
+            return torch.stack([logits for logits, _ in out])
+        input_ids = torch.as_tensor(list(tokens), dtype=torch.long)[:, None]  # (b, 1)
+        positions = self.mask.sum(dim=1, keepdim=True)  # each row's own next position
+        self.mask = torch.nn.functional.pad(self.mask, (0, 1), value=1)
+        with torch.inference_mode():
+            if backend.merger.mode == "soft":
+                backend.merger.set_token_mask(torch.ones_like(input_ids))
+            name = "cache" if "cache" in backend._forward_args else "past_key_values"
+            out = backend.model(
+                input_ids=input_ids,
+                attention_mask=self.mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{name: self.cache},
+            )
+        self.cache = out["cache"] if "cache" in out else out["past_key_values"]
+        logits: torch.Tensor = out.logits[:, -1].float()
+        return logits
+
+    def _fallback(self) -> None:
+        """Step rows one by one from now on (a cache that cannot be batched)."""
+        if self.plain and len(self) > 0:
+            raise ValueError("a batch of plain caches cannot take a sliding-window cache")
+        self.plain = False
+
+
+def _plain_cache(cache: Any) -> bool:
+    """Whether a KV cache is one plain key/value tensor pair per layer (no sliding window)."""
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """(1, h, n, d) keys or values left-padded with zeros to (1, h, length, d)."""
+    return torch.nn.functional.pad(x, (0, 0, length - x.shape[-2], 0))

@@ -145,6 +145,24 @@ class LikelihoodBackend(Protocol):
         ...
 
 
+class DecodeBatch(Protocol):
+    """Sequences of one model decoded together, one token each per step (rows in order)."""
+
+    def __len__(self) -> int: ...
+
+    def add(self, cache: Any) -> None:
+        """Append a sequence, given the KV cache of its tokens so far, as the last row."""
+        ...
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows``, in that order (the others' sequences have ended)."""
+        ...
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """(b, V) logits after feeding row i the token ``tokens[i]``."""
+        ...
+
+
 @runtime_checkable
 class GenerativeBackend(Protocol):
     """A backend that generates text token by token (a causal language model): what the
@@ -176,6 +194,10 @@ class GenerativeBackend(Protocol):
     def next_logits(self, ids: Sequence[int], cache: Any | None) -> tuple[torch.Tensor, Any]:
         """(V,) logits of the token after ``ids`` and the KV cache of the whole sequence
         (``cache``: the sequence before ``ids``; None for a new prompt)."""
+        ...
+
+    def decode_batch(self) -> DecodeBatch:
+        """An empty batch of sequences decoded together (one forward pass per step)."""
         ...
 
     def nll_ids(

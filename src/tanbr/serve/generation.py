@@ -1,12 +1,17 @@
 """Text generation on the slot's merged model: sampling, stop sequences, streaming, KV caches.
 
 One engine thread runs every generation in flight, one token each per round (iteration-level
-scheduling): a new request is admitted between two rounds, so it waits for at most one round,
-not for the others to finish, and a long generation never holds the rest back. Each generation
-is *pinned* at admission to the replica that serves then (a :class:`~tanbr.serve.slots.Lease`)
-and keeps its own KV cache, built by that replica's merged model; it runs to its end there even
-if a slot boundary swaps replicas meanwhile, and the boundary re-merges that replica only once
-its last generation has finished (the slot manager counts them).
+scheduling, as vLLM and TGI do): a new request is admitted between two rounds, so it waits for
+at most one round, not for the others to finish, and a long generation never holds the rest
+back. Each generation is *pinned* at admission to the replica that serves then (a
+:class:`~tanbr.serve.slots.Lease`); its prompt is prefilled alone, then it joins that replica's
+:class:`~tanbr.backend.protocol.DecodeBatch`, whose KV cache holds every sequence of the
+replica, and each round is one forward pass per replica for all its sequences. A generation
+runs to its end on its replica's merged model even if a slot boundary swaps replicas meanwhile,
+and the boundary re-merges that replica only once its last generation has finished (the slot
+manager counts them). Batching changes the floating-point sums a little, so a seeded sampled
+continuation is reproducible for the same batch of companions (alone: always), not under any
+load.
 
 The text of a continuation is decoded incrementally (a window of the last tokens, so that a
 token whose text depends on its neighbours is decoded with them) and streamed as it becomes
@@ -29,13 +34,14 @@ from typing import Any
 
 import torch
 
-from tanbr.backend.protocol import GenerativeBackend
+from tanbr.backend.protocol import DecodeBatch, GenerativeBackend
 from tanbr.serve.slots import Completion, Lease, ServiceBusyError, SlotManager
 
 logger = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
 _DECODE_WINDOW = 6  # tokens before the new one decoded with it (their text may depend on it)
+_NUCLEUS_FIRST = 64  # tokens looked at first for the top_p nucleus
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,16 +92,30 @@ class SamplingParams:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token id drawn from ``logits`` (V,) as ``params`` say."""
+    """One token id drawn from ``logits`` (V,) as ``params`` say.
+
+    One uniform draw against the cumulative distribution (``torch.multinomial`` costs ten
+    times as much on a CPU for one draw); the nucleus of ``top_p`` is found among the top
+    64 tokens, widened only when they hold less than ``top_p`` (a full sort is the slow part).
+    """
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.double() / params.temperature, dim=-1)
+    ids: torch.Tensor | None = None
     if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True, stable=True)
-        keep = (torch.cumsum(sorted_p, dim=0) - sorted_p) < params.top_p  # the first is kept
-        choice = torch.multinomial(sorted_p * keep, 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        k = min(_NUCLEUS_FIRST, probs.numel())
+        while True:
+            top, idx = torch.topk(probs, k)  # descending
+            mass = torch.cumsum(top, dim=0)
+            if float(mass[-1]) >= params.top_p or k == probs.numel():
+                break
+            k = min(4 * k, probs.numel())
+        keep = (mass - top) < params.top_p  # the first is always kept
+        probs, ids = top[keep], idx[keep]
+    cdf = torch.cumsum(probs, dim=0)
+    u = torch.rand(1, generator=generator, dtype=torch.float64) * cdf[-1]
+    i = min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
+    return int(ids[i]) if ids is not None else i
 
 
 class TextStream:
@@ -226,12 +246,19 @@ class _Running:
     prompt_ids: list[int]
     stream: TextStream
     generator: torch.Generator
-    logits: torch.Tensor
-    cache: Any
+    logits: torch.Tensor  # (V,) of the next token
     max_tokens: int
     output: list[int] = field(default_factory=list)
     logprob: float = 0.0  # sum of log p(token) under the serving model (temperature 1)
     model_ms: float = 0.0
+
+
+@dataclass(eq=False)
+class _Cohort:
+    """The generations pinned to one replica, in the order of their rows in ``batch``."""
+
+    batch: DecodeBatch
+    members: list[_Running] = field(default_factory=list)
 
 
 class GenerationEngine:
@@ -245,6 +272,7 @@ class GenerationEngine:
         self._queue: queue.Queue[GenerationJob | None] = queue.Queue(maxsize=config.max_queue)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._cohorts: dict[int, _Cohort] = {}  # id of the replica -> its generations
         self.running = 0
 
     # --- lifecycle and the request side ---------------------------------------------------
@@ -282,37 +310,38 @@ class GenerationEngine:
     # --- the engine thread ----------------------------------------------------------------
 
     def _loop(self) -> None:
-        running: list[_Running] = []
         with torch.inference_mode():
             while True:
                 jobs: list[GenerationJob | None] = []
-                if not running:
+                if self.running == 0:
                     jobs.append(self._queue.get())  # idle: wait for work
-                while len(running) + len(jobs) < self.config.max_running:
+                while self.running + len(jobs) < self.config.max_running:
                     try:
                         jobs.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
                 if None in jobs:
-                    self._shutdown(running, [j for j in jobs if j is not None])
+                    self._shutdown([j for j in jobs if j is not None])
                     return
                 for job in jobs:
                     assert job is not None
-                    admitted = self._admit(job)
-                    if admitted is not None:
-                        running.append(admitted)
-                running = [r for r in running if not self._advance(r)]
-                self.running = len(running)
+                    self._admit(job)
+                for key in list(self._cohorts):
+                    self._round(self._cohorts[key])
+                    if not self._cohorts[key].members:
+                        del self._cohorts[key]
+                self.running = sum(len(c.members) for c in self._cohorts.values())
 
-    def _admit(self, job: GenerationJob) -> _Running | None:
-        """Pin the job to the replica serving now, render and check its prompt, prefill."""
+    def _admit(self, job: GenerationJob) -> None:
+        """Pin the job to the replica serving now, render and check its prompt, prefill it,
+        and add it to that replica's batch."""
         if job.cancelled.is_set():
-            return None
+            return
         try:
             lease = self.manager.lease()
         except ServiceBusyError as err:
             job.sink(Failed(GenerationError(503, str(err))))
-            return None
+            return
         backend = lease.backend
         assert isinstance(backend, GenerativeBackend)
         try:
@@ -321,29 +350,60 @@ class GenerationEngine:
             t0 = time.perf_counter()
             logits, cache = backend.next_logits(ids, None)  # the prompt's KV cache
             model_ms = (time.perf_counter() - t0) * 1e3
+            cohort = self._cohorts.get(id(lease.replica))
+            if cohort is None:
+                cohort = self._cohorts[id(lease.replica)] = _Cohort(backend.decode_batch())
+            cohort.batch.add(cache)
         except GenerationError as err:
             self.manager.release(lease)
             job.sink(Failed(err))
-            return None
+            return
         except Exception:
             logger.exception("prefill failed for %s", job.request_id)
             self.manager.release(lease)
             job.sink(Failed(GenerationError(500, "the model failed on this request")))
-            return None
+            return
         seed = job.params.seed if job.params.seed is not None else secrets.randbits(63)
-        return _Running(
-            job=job,
-            lease=lease,
-            backend=backend,
-            prompt=prompt,
-            prompt_ids=ids,
-            stream=TextStream(backend.decode, ids, job.params.stop),
-            generator=torch.Generator().manual_seed(seed),
-            logits=logits,
-            cache=cache,
-            max_tokens=max_tokens,
-            model_ms=model_ms,
+        cohort.members.append(
+            _Running(
+                job=job,
+                lease=lease,
+                backend=backend,
+                prompt=prompt,
+                prompt_ids=ids,
+                stream=TextStream(backend.decode, ids, job.params.stop),
+                generator=torch.Generator().manual_seed(seed),
+                logits=logits,
+                max_tokens=max_tokens,
+                model_ms=model_ms,
+            )
         )
+
+    def _round(self, cohort: _Cohort) -> None:
+        """Each generation of a replica draws its next token; those that go on are run one
+        step, together."""
+        going = [i for i, r in enumerate(cohort.members) if not self._advance(r)]
+        members = [cohort.members[i] for i in going]
+        try:
+            cohort.batch.keep(going)
+            if not members:
+                cohort.members = []
+                return
+            t0 = time.perf_counter()
+            logits = cohort.batch.step([r.output[-1] for r in members])
+            share = (time.perf_counter() - t0) * 1e3 / len(members)
+        except Exception:
+            logger.exception("a decoding step failed for %d generations", len(members))
+            for r in members:
+                self.manager.release(r.lease)
+                r.job.sink(Failed(GenerationError(500, "the model failed on this request")))
+            cohort.members = []
+            cohort.batch.keep([])
+            return
+        for r, row in zip(members, logits, strict=True):
+            r.logits = row
+            r.model_ms += share
+        cohort.members = members
 
     def _prompt(self, job: GenerationJob, backend: GenerativeBackend) -> tuple[str, list[int], int]:
         """The prompt text and ids, and how many tokens may follow them."""
@@ -378,7 +438,7 @@ class GenerationEngine:
         return prompt, ids, max_tokens
 
     def _advance(self, r: _Running) -> bool:
-        """Draw one token, send what became final, run the model one step; True when done."""
+        """Draw one token and send what became final; True when the generation has ended."""
         if r.job.cancelled.is_set():
             self.manager.release(r.lease)
             logger.debug("%s cancelled after %d tokens", r.job.request_id, len(r.output))
@@ -403,9 +463,6 @@ class GenerationEngine:
             if finish is not None:
                 self._finish(r, finish)
                 return True
-            t0 = time.perf_counter()
-            r.logits, r.cache = r.backend.next_logits([token], r.cache)
-            r.model_ms += (time.perf_counter() - t0) * 1e3
         except Exception:
             logger.exception("generation failed for %s", r.job.request_id)
             self.manager.release(r.lease)
@@ -426,7 +483,6 @@ class GenerationEngine:
             finish_reason=reason,
             served_nll=-r.logprob / len(r.output),
         )
-        r.cache = None
         try:
             self.manager.complete(completion, model_ms=r.model_ms)
         except Exception:
@@ -437,11 +493,13 @@ class GenerationEngine:
         self.manager.release(r.lease)
         r.job.sink(Finished(reason, len(r.prompt_ids), len(r.output)))
 
-    def _shutdown(self, running: list[_Running], waiting: list[GenerationJob]) -> None:
+    def _shutdown(self, waiting: list[GenerationJob]) -> None:
         error = GenerationError(503, "the service is shutting down")
-        for r in running:
-            self.manager.release(r.lease)
-            r.job.sink(Failed(error))
+        for cohort in self._cohorts.values():
+            for r in cohort.members:
+                self.manager.release(r.lease)
+                r.job.sink(Failed(error))
+        self._cohorts.clear()
         for job in waiting:
             job.sink(Failed(error))
         while True:
