@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="requests of each closing slot scored against the full MoE off the request path,"
         " so the policy learns with no client feedback (default: the config's reward.probe"
-        " when reward.kind is 'proxy', else 0)",
+        " for a label-free reward or a language model, else 0)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the policy and estimator")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
