@@ -499,9 +499,10 @@ def test_the_policy_learns_without_any_feedback(serve_lm: Callable[..., Served])
 
 
 def test_serve_on_the_command_line(lm_files: dict[str, Path], tmp_path: Path) -> None:
-    """``tanbr serve --model FOLDER --tasks FILE`` in its own process, as a user starts it."""
+    """``tanbr serve --model FOLDER`` in its own process, as a user starts it (a built
+    language model's folder serves the tasks.jsonl beside its weights)."""
     proc = ServerProcess(
-        ["--model", str(lm_files["chat"]), "--tasks", str(lm_files["tasks"]), "--threads", "1",
+        ["--model", str(lm_files["chat"]), "--threads", "1",
          "--served-model-name", "mine", "--max-tokens-cap", "8",
          *(a for s in SETTINGS for a in ("--set", s))],
         state_dir=tmp_path / "state",
@@ -519,3 +520,20 @@ def test_serve_on_the_command_line(lm_files: dict[str, Path], tmp_path: Path) ->
             client.completions.create(model="mine", prompt="red", max_tokens=9)
     finally:
         proc.kill()
+
+
+def test_model_lm_tiny_names_the_built_variant(
+    lm_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--model lm-tiny`` serves the cached build (its own tasks.jsonl) under the id lm-tiny."""
+    monkeypatch.setenv("TANBR_CACHE", str(lm_files["chat"].parents[1]))  # where it was built
+    config = ServeConfig(
+        model="lm-tiny", overrides=SETTINGS, state_dir=tmp_path / "state", slots=SlotConfig()
+    )
+    replicas = build_replicas(config)
+    backend = replicas.systems[0].backend
+    assert backend.checkpoint == lm_files["chat"]
+    assert config.model_id(backend.checkpoint) == "lm-tiny"
+    assert ServeConfig(model=str(lm_files["chat"])).model_id(backend.checkpoint) == (
+        lm_files["chat"].name
+    )
