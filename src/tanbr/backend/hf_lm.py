@@ -13,12 +13,14 @@ vocabulary costs one row per request, not one per token.
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from tanbr.backend.hf import HFBackend
 from tanbr.backend.protocol import Prediction
@@ -48,6 +50,7 @@ class HFCausalLMBackend(HFBackend):
         self.nll_batch_size = nll_batch_size
         self.nll_ms = 0.0  # time spent in nll, for reports
         self._nll_memo: dict[bytes, dict[tuple[int, str | None], float]] = {}
+        self._forward_args = frozenset(inspect.signature(self.model.forward).parameters)
 
     def _caches(self) -> list[dict[Any, Any]]:
         return [*super()._caches(), self._nll_memo]
@@ -107,7 +110,6 @@ class HFCausalLMBackend(HFBackend):
         return np.array([cache[k] for k in keys], dtype=np.float64)
 
     def _nll(self, texts: Sequence[str], targets: Sequence[str | None]) -> np.ndarray:
-        t0 = time.perf_counter()
         sequences, starts = [], []
         for i, (text, target) in enumerate(zip(texts, targets, strict=True)):
             ids, start = self._scored_ids(text, target)
@@ -116,7 +118,14 @@ class HFCausalLMBackend(HFBackend):
                 raise ValueError(f"nll: request {i}: {what} has no token to score")
             sequences.append(ids)
             starts.append(start)
-        out = np.zeros(len(texts), dtype=np.float64)
+        return self._nll_sequences(sequences, starts)
+
+    def _nll_sequences(
+        self, sequences: Sequence[Sequence[int]], starts: Sequence[int]
+    ) -> np.ndarray:
+        """(n,) mean NLL per token of ``sequences[i][starts[i]:]`` given what precedes it."""
+        t0 = time.perf_counter()
+        out = np.zeros(len(sequences), dtype=np.float64)
         pad = int(self.tokenizer.pad_token_id)
         with torch.inference_mode():
             for batch in pad_batches(sequences, self.nll_batch_size, pad):
@@ -166,3 +175,195 @@ class HFCausalLMBackend(HFBackend):
         if not prompt:
             raise ValueError(f"nll: prompt {text!r} has no token and the tokenizer no start token")
         return [*prompt, *cont], len(prompt)
+
+    # --- generation: one sequence at a time, each with its own KV cache ----------------------
+
+    @property
+    def context_length(self) -> int:
+        """Tokens a prompt and its continuation may hold together."""
+        return self.max_length
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        """Tokens that end a continuation: the tokenizer's end of sequence, and the model's
+        (a generation config may name several)."""
+        ids: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif isinstance(configured, list | tuple):
+            ids.update(int(i) for i in configured)
+        return frozenset(ids)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's chat template (None: the model has none, so no chat)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) and template else None
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """The prompt text of a conversation, with the cue for the assistant's turn."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.path.name} has no chat template")
+        text = self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
+        )
+        return str(text)
+
+    def encode_prompt(self, text: str, *, special_tokens: bool = True) -> list[int]:
+        """A prompt's token ids, whole (a generation refuses a prompt too long for the
+        context rather than cutting it); ``special_tokens`` False for a rendered chat, whose
+        template writes its own."""
+        ids = self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
+        return [int(i) for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, special tokens left out."""
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def next_logits(self, ids: Sequence[int], cache: Any | None) -> tuple[torch.Tensor, Any]:
+        """(V,) float32 logits of the token after ``ids``, and the KV cache of the whole
+        sequence. ``cache`` holds the sequence before ``ids`` (None: ``ids`` is a new prompt,
+        and the model is first set as the last merge / restore asked)."""
+        if cache is None:
+            self.served.sync()
+        input_ids = torch.as_tensor([list(ids)], dtype=torch.long)  # (1, t)
+        with torch.inference_mode():
+            if self.merger.mode == "soft":
+                self.merger.set_token_mask(torch.ones_like(input_ids))
+            # transformers renamed ``past_key_values`` to ``cache`` (5.2x); speak either
+            name = "cache" if "cache" in self._forward_args else "past_key_values"
+            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{name: cache})
+        kept = out["cache"] if "cache" in out else out["past_key_values"]
+        return out.logits[0, -1].float(), kept
+
+    def decode_batch(self) -> DecodeBatch:
+        """An empty batch of sequences decoded together, one token each per step."""
+        return DecodeBatch(self)
+
+    def nll_ids(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> np.ndarray:
+        """(n,) mean NLL per token of each continuation's exact token ids given its prompt's,
+        under the model as currently set (a served continuation, scored as it was served)."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"nll_ids: {len(continuations)} continuations for {len(prompts)}")
+        sequences, starts = [], []
+        for i, (prompt, cont) in enumerate(zip(prompts, continuations, strict=True)):
+            if not prompt or not cont:
+                raise ValueError(f"nll_ids: request {i} needs a prompt token and a continuation")
+            sequences.append([*prompt, *cont][: self.max_length])
+            starts.append(len(prompt))
+        self.served.sync()
+        return self._nll_sequences(sequences, starts)
+
+
+class DecodeBatch:
+    """Sequences of one model decoded together: one forward pass per step for all of them.
+
+    Their KV caches live in one batch cache, left-padded to a common length and masked, each
+    row with its own positions. A sequence joins with the cache of its prompt
+    (:meth:`HFCausalLMBackend.next_logits`) and leaves by its row; between changes, a step
+    appends one column in place. On a CPU the per-module overhead of a small model dominates
+    a one-token forward pass, so a step for b sequences costs little more than for one.
+    Models whose caches are not plain key/value tensors per layer (a sliding window) step
+    their sequences one by one.
+    """
+
+    def __init__(self, backend: HFCausalLMBackend) -> None:
+        self.backend = backend
+        self.cache: Any = None  # the batch's cache (b rows), or per-row caches (fallback)
+        self.rows: list[Any] = []  # fallback: one cache per row
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # (b, T): 1 where a row has a token
+        self.plain = True
+
+    def __len__(self) -> int:
+        return int(self.mask.shape[0]) if self.plain else len(self.rows)
+
+    def add(self, cache: Any) -> None:
+        """Append a sequence (the KV cache of its tokens so far) as the last row."""
+        if not _plain_cache(cache) or not self.plain:
+            self._fallback()
+            self.rows.append(cache)
+            return
+        n = int(cache.get_seq_length())
+        if len(self) == 0:
+            self.cache = cache
+            self.mask = torch.ones(1, n, dtype=torch.long)
+            return
+        length = int(self.mask.shape[1])
+        if n > length:  # the batch grows to the left
+            for layer in self.cache.layers:
+                layer.keys = _left_pad(layer.keys, n)
+                layer.values = _left_pad(layer.values, n)
+            self.mask = torch.nn.functional.pad(self.mask, (n - length, 0))
+            length = n
+        for mine, new in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([mine.keys, _left_pad(new.keys, length)])
+            mine.values = torch.cat([mine.values, _left_pad(new.values, length)])
+        row = torch.zeros(1, length, dtype=torch.long)
+        row[0, length - n :] = 1
+        self.mask = torch.cat([self.mask, row])
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order); the others' sequences have ended."""
+        if not self.plain:
+            self.rows = [self.rows[i] for i in rows]
+            return
+        if not rows:
+            self.cache, self.mask = None, torch.zeros(0, 0, dtype=torch.long)
+            return
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        mask = self.mask[index]
+        pad = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())  # columns no row uses
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, pad:]
+            layer.values = layer.values[index, :, pad:]
+        self.mask = mask[:, pad:]
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """(b, V) float32 logits after feeding row i the token ``tokens[i]``."""
+        if len(tokens) != len(self):
+            raise ValueError(f"step: {len(tokens)} tokens for a batch of {len(self)}")
+        backend = self.backend
+        if not self.plain:
+            out = [backend.next_logits([t], c) for t, c in zip(tokens, self.rows, strict=True)]
+            self.rows = [c for _, c in out]
+            return torch.stack([logits for logits, _ in out])
+        input_ids = torch.as_tensor(list(tokens), dtype=torch.long)[:, None]  # (b, 1)
+        positions = self.mask.sum(dim=1, keepdim=True)  # each row's own next position
+        self.mask = torch.nn.functional.pad(self.mask, (0, 1), value=1)
+        with torch.inference_mode():
+            if backend.merger.mode == "soft":
+                backend.merger.set_token_mask(torch.ones_like(input_ids))
+            name = "cache" if "cache" in backend._forward_args else "past_key_values"
+            out = backend.model(
+                input_ids=input_ids,
+                attention_mask=self.mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{name: self.cache},
+            )
+        self.cache = out["cache"] if "cache" in out else out["past_key_values"]
+        logits: torch.Tensor = out.logits[:, -1].float()
+        return logits
+
+    def _fallback(self) -> None:
+        """Step rows one by one from now on (a cache that cannot be batched)."""
+        if self.plain and len(self) > 0:
+            raise ValueError("a batch of plain caches cannot take a sliding-window cache")
+        self.plain = False
+
+
+def _plain_cache(cache: Any) -> bool:
+    """Whether a KV cache is one plain key/value tensor pair per layer (no sliding window)."""
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """(1, h, n, d) keys or values left-padded with zeros to (1, h, length, d)."""
+    return torch.nn.functional.pad(x, (0, 0, length - x.shape[-2], 0))

@@ -12,12 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from tanbr.backend.requests import Requests, Truth
 from tanbr.model.coeffs import MergedWeights
+
+if TYPE_CHECKING:
+    import torch
 
 Plan = Mapping[str, "np.ndarray | MergedWeights"]
 """Every MoE block's merge: block name -> coeffs (E,) on the simplex, (m, E) for m merged
@@ -145,6 +148,68 @@ class LikelihoodBackend(Protocol):
     def nll(self, requests: Requests, targets: Sequence[str | None]) -> np.ndarray:
         """(n,) mean negative log-likelihood per token, under the model as currently set, of
         each target as the continuation of its request (of the request's text when None)."""
+        ...
+
+
+class DecodeBatch(Protocol):
+    """Sequences of one model decoded together, one token each per step (rows in order)."""
+
+    def __len__(self) -> int: ...
+
+    def add(self, cache: Any) -> None:
+        """Append a sequence, given the KV cache of its tokens so far, as the last row."""
+        ...
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows``, in that order (the others' sequences have ended)."""
+        ...
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """(b, V) logits after feeding row i the token ``tokens[i]``."""
+        ...
+
+
+@runtime_checkable
+class GenerativeBackend(Protocol):
+    """A backend that generates text token by token (a causal language model): what the
+    service's generation needs, each sequence with its own KV cache."""
+
+    @property
+    def context_length(self) -> int:
+        """Tokens a prompt and its continuation may hold together."""
+        ...
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        """Tokens that end a continuation."""
+        ...
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's chat template; None when the model has none."""
+        ...
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """A conversation as prompt text, ending with the cue for the assistant's turn."""
+        ...
+
+    def encode_prompt(self, text: str, *, special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def next_logits(self, ids: Sequence[int], cache: Any | None) -> tuple[torch.Tensor, Any]:
+        """(V,) logits of the token after ``ids`` and the KV cache of the whole sequence
+        (``cache``: the sequence before ``ids``; None for a new prompt)."""
+        ...
+
+    def decode_batch(self) -> DecodeBatch:
+        """An empty batch of sequences decoded together (one forward pass per step)."""
+        ...
+
+    def nll_ids(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> np.ndarray:
+        """(n,) mean NLL per token of each continuation's token ids given its prompt's."""
         ...
 
 

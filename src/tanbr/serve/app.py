@@ -8,9 +8,12 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 * ``GET /v1/status``: the slot, estimated mix, action and coeffs in use, merges, latencies.
 * ``POST /v1/admin/close-slot``: close the current slot now (token-protected).
 * ``GET /healthz``, ``GET /metrics`` (Prometheus text format).
+* A language model instead serves the OpenAI-compatible ``POST /v1/completions``,
+  ``POST /v1/chat/completions`` and ``GET /v1/models`` (:mod:`tanbr.serve.openai_api`).
 
-Every client mistake is a 4xx whose ``detail`` is one sentence naming the problem; a 5xx
-always means a fault of the service.
+Every client mistake is a 4xx whose ``detail`` is one sentence naming the problem (OpenAI's
+``{"error": {...}}`` on the OpenAI-compatible routes); a 5xx always means a fault of the
+service.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,7 +33,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tanbr.serve.generation import GenerationEngine
 from tanbr.serve.metrics import CONTENT_TYPE, ServiceMetrics
+from tanbr.serve.openai_api import OpenAIError, error_body, is_openai_path, openai_router
 from tanbr.serve.replicas import Replicas, ServeConfig, build_replicas
 from tanbr.serve.schemas import (
     CloseSlotResponse,
@@ -115,12 +120,23 @@ def create_app(
             lock.release()
             app.state.startup_error = err
             raise
+        engine = None
+        if manager.generative:  # a language model: the OpenAI-compatible routes generate
+            engine = GenerationEngine(manager, config.generation)
+            engine.start()
+            backend = replicas.systems[0].backend
+            app.state.model_id = config.model_id(backend.checkpoint)
+            app.state.model_created = int(time.time())
+            app.state.chat_template = getattr(backend, "chat_template", None) is not None
+        app.state.engine = engine
         app.state.manager = manager
         app.state.labels = frozenset(replicas.labels)
         logger.info("serving policy %r, slot %d", manager.policy_name, manager.slot)
         try:
             yield
         finally:
+            if engine is not None:
+                await asyncio.to_thread(engine.stop)
             await asyncio.to_thread(manager.stop)
             store.close()
             lock.release()
@@ -138,6 +154,7 @@ def create_app(
     app.state.metrics = metrics
     app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
     _install_error_handlers(app)
+    app.include_router(openai_router())
 
     @app.middleware("http")
     async def count_requests(
@@ -182,6 +199,12 @@ def create_app(
         texts = body.items()
         _check_texts(texts, config, field="text" if body.text is not None else "texts")
         manager = manager_of(request)
+        if manager.generative:
+            raise ClientError(
+                400,
+                "the served model is a language model: use POST /v1/completions or"
+                " POST /v1/chat/completions",
+            )
         try:
             future = manager.submit(texts)
         except ServiceBusyError as err:
@@ -216,6 +239,12 @@ def create_app(
     def post_feedback(body: FeedbackRequest, request: Request) -> FeedbackResponse:
         """Give a served request's true label (or a reward); durable once acknowledged."""
         manager = manager_of(request)
+        if body.label is not None and manager.generative:
+            raise ClientError(
+                422,
+                "the served model is a language model, whose completions have no label: give a"
+                " reward in [0, 1] instead",
+            )
         if body.label is not None and body.label not in request.app.state.labels:
             examples = ", ".join(repr(x) for x in sorted(request.app.state.labels)[:3])
             raise ClientError(
@@ -302,15 +331,41 @@ def _check_texts(texts: Sequence[str], config: ServeConfig, *, field: str) -> No
 def _install_error_handlers(app: FastAPI) -> None:
     """One JSON shape for every error: ``{"detail": "<sentence naming the problem>"}``."""
 
+    def answer(
+        request: Request,
+        status: int,
+        detail: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> JSONResponse:
+        if is_openai_path(request.url.path):
+            body = error_body(status, detail, param=param, code=code)
+        else:
+            body = {"detail": detail}
+        return JSONResponse(body, status_code=status, headers=headers)
+
     async def client_error(request: Request, exc: Exception) -> JSONResponse:
         if not isinstance(exc, ClientError):
             return await server_error(request, exc)
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+        return answer(request, exc.status, exc.detail)
+
+    async def openai_error(request: Request, exc: Exception) -> JSONResponse:
+        if not isinstance(exc, OpenAIError):
+            return await server_error(request, exc)
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return answer(
+            request, exc.status, exc.message, param=exc.param, code=exc.code, headers=headers
+        )
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         if not isinstance(exc, RequestValidationError):
             return await server_error(request, exc)
-        return JSONResponse({"detail": _describe(exc.errors())}, status_code=422)
+        if is_openai_path(request.url.path):  # OpenAI's API answers 400 for a bad parameter
+            message, param = _describe_openai(exc.errors())
+            return answer(request, 400, message, param=param)
+        return answer(request, 422, _describe(exc.errors()))
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         if not isinstance(exc, StarletteHTTPException):
@@ -318,16 +373,27 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = str(exc.detail)
         if exc.status_code == 400 and detail == "There was an error parsing the body":
             detail = "the body could not be parsed as JSON (it must be UTF-8 encoded JSON)"
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+        return answer(request, exc.status_code, detail, headers=exc.headers)
 
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+        return answer(request, 500, f"internal error: {type(exc).__name__}")
 
     app.add_exception_handler(ClientError, client_error)
+    app.add_exception_handler(OpenAIError, openai_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
+
+
+def _describe_openai(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """A validation error in OpenAI's words, and the parameter it is about."""
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = loc[0] if loc and first.get("type") != "json_invalid" else None
+    if first.get("type") == "extra_forbidden" and param is not None:
+        return f"Unrecognized request argument supplied: {param}", param
+    return _describe(errors), param
 
 
 def _describe(errors: Sequence[Any]) -> str:
@@ -372,7 +438,7 @@ class _BodyLimit:
                 except ValueError:
                     declared = -1
                 if declared < 0 or declared > self.max_bytes:
-                    await self._reject(send, declared)
+                    await self._reject(send, declared, scope.get("path", ""))
                     return
         # buffer the body (at most max_bytes), then replay it: chunked bodies are bounded too
         chunks: list[bytes] = []
@@ -385,7 +451,7 @@ class _BodyLimit:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
-                await self._reject(send, size)
+                await self._reject(send, size, scope.get("path", ""))
                 return
             chunks.append(body)
             if not message.get("more_body", False):
@@ -393,14 +459,15 @@ class _BodyLimit:
         whole: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         await self.app(scope, _replay([whole], receive), send)
 
-    async def _reject(self, send: Send, size: int) -> None:
+    async def _reject(self, send: Send, size: int, path: str) -> None:
         detail = (
             f"request body of {size} bytes is over the limit of {self.max_bytes} bytes"
             if size >= 0
             else "invalid Content-Length header"
         )
         status = 413 if size >= 0 else 400
-        response = JSONResponse({"detail": detail}, status_code=status)
+        body = error_body(status, detail) if is_openai_path(path) else {"detail": detail}
+        response = JSONResponse(body, status_code=status)
         await response({"type": "http"}, _no_receive, send)
 
 

@@ -10,6 +10,9 @@ on a shared machine then weighs on both runs alike.
 
 Throughput counts predictions per second of wall time (feedback calls are part of the load but
 not counted); latencies are client-side, per predict call, over loopback.
+
+A causal language model is benchmarked on streamed generation instead
+(:mod:`tanbr.serve.bench_lm`).
 """
 
 from __future__ import annotations
@@ -35,9 +38,24 @@ FIGURES = ("requests", "errors", "throughput_rps", "latency_p50_ms", "latency_p9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--requests", type=int, default=10000, help="predict calls per run")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        help="predict calls per run (10000); a language model: requests per concurrency level"
+        " (default max(16, 2 x concurrency))",
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="clients in parallel")
-    parser.add_argument("--slot-size", type=int, default=256, help="texts per slot (256)")
+    parser.add_argument(
+        "--slot-size", type=int, help="texts per slot (256); a language model: requests (16)"
+    )
+    parser.add_argument(
+        "--levels",
+        default="1,8,32",
+        help="a language model: the concurrency levels, comma-separated (1,8,32)",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=32, help="a language model: tokens per completion (32)"
+    )
     parser.add_argument(
         "--feedback", type=float, default=0.5, help="fraction of predictions labelled back"
     )
@@ -48,7 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--baseline", default="full-moe", help="policy of the comparison run (full-moe)"
     )
-    parser.add_argument("--model", default="default", help="default-model variant or folder")
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="default-model variant or folder; a causal LM (lm, lm-tiny or a folder) is"
+        " benchmarked on streamed generation (tanbr.serve.bench_lm)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload")
     parser.add_argument(
         "--threads",
@@ -295,7 +318,15 @@ async def _load(
 
 
 def run(args: argparse.Namespace) -> int:
+    from tanbr.serve import bench_lm
+
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call otherwise
+    if args.requests is not None and args.requests < 1:
+        raise ValueError(f"--requests must be >= 1, got {args.requests}")
+    if bench_lm.is_language_model(args.model):
+        return bench_lm.run(args)
+    args.requests = 10000 if args.requests is None else args.requests
+    args.slot_size = 256 if args.slot_size is None else args.slot_size
     if args.requests < 1:
         raise ValueError(f"--requests must be >= 1, got {args.requests}")
     if not 1 <= args.concurrency <= 1024:

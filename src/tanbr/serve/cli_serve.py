@@ -1,5 +1,8 @@
 """``tanbr serve``: the HTTP service on the default model or a local checkpoint.
 
+A causal language model is served through the OpenAI-compatible API (``/v1/completions``,
+``/v1/chat/completions``, ``/v1/models``); a slot then counts requests, not texts.
+
 Binds 127.0.0.1 by default. The bearer token that protects feedback and admin endpoints comes
 from ``--token-file`` or the ``TANBR_SERVE_TOKEN`` environment variable (never from the
 command line, where other users of the machine could read it).
@@ -38,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        help="default-model variant (default, task-routed, gate-routed, tiny) or a local"
-        " checkpoint folder (default: the config's model)",
+        help="default-model variant (default, task-routed, gate-routed, tiny), language-model"
+        " variant (lm, lm-tiny: built and cached on first use) or a local checkpoint folder"
+        " (default: the config's model)",
     )
     parser.add_argument(
         "--tasks",
@@ -54,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="requests of each closing slot scored against the full MoE off the request path,"
         " so the policy learns with no client feedback (default: the config's reward.probe"
-        " when reward.kind is 'proxy', else 0)",
+        " for a label-free reward or a language model, else 0)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the policy and estimator")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
@@ -83,6 +87,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="texts of a closing slot the estimator observes, sampled (0: all; 64)",
     )
     parser.add_argument("--max-texts", type=int, default=64, help="texts per predict call")
+    parser.add_argument(
+        "--served-model-name",
+        help="a language model's id in the OpenAI-compatible API (default: its folder's name)",
+    )
+    parser.add_argument(
+        "--max-tokens-cap",
+        type=int,
+        default=512,
+        help="largest max_tokens a generation request may ask for (512)",
+    )
+    parser.add_argument(
+        "--max-running",
+        type=int,
+        default=64,
+        help="generations in flight at once; more wait in a queue (64)",
+    )
     parser.add_argument("--max-chars", type=int, default=2000, help="characters per text")
     parser.add_argument(
         "--token-file",
@@ -116,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tanbr.serve.app import create_app
+    from tanbr.serve.generation import GenerationConfig
     from tanbr.serve.replicas import ServeConfig, build_replicas
     from tanbr.serve.slots import SlotConfig
     from tanbr.serve.state import StateLock
@@ -148,6 +169,10 @@ def run(args: argparse.Namespace) -> int:
         max_texts=args.max_texts,
         max_chars=args.max_chars,
         token=_read_token(args.token_file),
+        model_name=args.served_model_name,
+        generation=GenerationConfig(
+            max_tokens_cap=args.max_tokens_cap, max_running=args.max_running
+        ),
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the service is reachable from other machines", args.host)

@@ -9,6 +9,10 @@ from typing import Any
 
 from tanbr.backend.scorers import make_scorer
 from tanbr.experiment.loop import System
+from tanbr.model.lm import TASKS_FILE as LM_TASKS_FILE
+from tanbr.model.lm import VARIANTS as LM_VARIANTS
+from tanbr.model.lm import build_lm
+from tanbr.serve.generation import GenerationConfig
 from tanbr.serve.slots import SlotConfig
 from tanbr.serve.state import read_snapshot
 
@@ -21,9 +25,13 @@ class ServeConfig:
 
     The model, estimator, parameterization and reward come from an experiment config
     (``experiment``: a TOML file, or ``preset``: a named one; neither: the defaults) with dotted
-    ``overrides``. ``model`` (a default-model variant such as ``tiny``, or a local checkpoint
-    folder) overrides the config's model; ``policy`` is a name the experiment's modes know
-    (``tanbr``, ``full-moe``, ``uniform``, ...).
+    ``overrides``. ``model`` (a default-model variant such as ``tiny``, a language-model variant
+    ``lm`` or ``lm-tiny``, or a local checkpoint folder) overrides the config's model; a folder
+    with a ``tasks.jsonl`` beside its weights (a built language model) serves its tasks unless
+    ``tasks`` names others; ``policy`` is a name the experiment's modes know
+    (``tanbr``, ``full-moe``, ``uniform``, ...). A language model is served under
+    ``model_name`` (the OpenAI-compatible API's model id; default: its folder's name) with the
+    ``generation`` limits.
     """
 
     experiment: str | None = None
@@ -39,6 +47,17 @@ class ServeConfig:
     max_chars: int = 2000
     max_body_bytes: int = 1 << 20
     token: str | None = None
+    model_name: str | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def model_id(self, checkpoint: Path | None) -> str:
+        """The language model's id in the OpenAI-compatible API: ``model_name``, else the
+        variant asked for (``lm``), else the checkpoint folder's name."""
+        if self.model_name is not None:
+            return self.model_name
+        if self.model in LM_VARIANTS:
+            return self.model
+        return checkpoint.name if checkpoint is not None else "tanbr"
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_texts <= 4096:
@@ -49,6 +68,8 @@ class ServeConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.token is not None and len(self.token) < 8:
             raise ValueError("token must have at least 8 characters")
+        if self.model_name is not None and not self.model_name.strip():
+            raise ValueError("model_name must not be empty")
         if self.experiment is not None and self.preset is not None:
             raise ValueError("give an experiment config or a preset, not both")
 
@@ -104,10 +125,14 @@ def build_replicas(config: ServeConfig) -> Replicas:
             spec = spec.replace(path=str(Path(config.model).resolve()))
         elif "/" in config.model or config.model.startswith("."):
             raise FileNotFoundError(f"model folder not found: {config.model}")
+        elif config.model in LM_VARIANTS:  # the language model built here (cached)
+            spec = spec.replace(path=str(build_lm(config.model)))
         else:
             spec = spec.replace(variant=config.model, path="")
     if config.tasks is not None:
         spec = spec.replace(tasks=str(Path(config.tasks).resolve()))
+    elif spec.path and not spec.tasks and (Path(spec.path) / LM_TASKS_FILE).is_file():
+        spec = spec.replace(tasks=str(Path(spec.path) / LM_TASKS_FILE))  # a built lm's own
     snapshot = read_snapshot(config.state_dir)
     if snapshot is not None:
         meta = dict(snapshot.get("meta", {}))

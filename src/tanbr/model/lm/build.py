@@ -50,7 +50,7 @@ from tanbr.tasks import TaskExample, read_task_file, write_task_file
 log = logging.getLogger(__name__)
 
 # Bump when the code changes what a spec builds (invalidates cached checkpoints).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the tokenizer has a chat template
 
 TASKS_FILE = "tasks.jsonl"
 BUILD_FILE = "build.json"

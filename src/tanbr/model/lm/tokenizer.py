@@ -9,6 +9,11 @@ encodings concatenated are the encoding of the whole passage.
 Encoding with special tokens prepends ``<s>`` (the begin-of-sequence token the backend starts a
 scored text with); ``</s>`` ends every training document. There is no pad token: the backend
 pads with ``</s>`` and masks the padding.
+
+The model is trained on plain documents, not conversations, so its chat template
+(:data:`CHAT_TEMPLATE`) writes a conversation as plain text ("User: ..." lines, the system
+message as a first paragraph) and cues the reply with "Assistant:". The served chat API needs a
+template; this one asks nothing of the model it was not trained on beyond continuing text.
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ from typing import Any
 BOS = "<s>"
 EOS = "</s>"
 SPECIAL_TOKENS = (BOS, EOS)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] in ('system', 'developer') %}{{ message['content'] }}\n\n"
+    "{% else %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 
 def train_tokenizer(
@@ -47,10 +60,12 @@ def train_tokenizer(
     core.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", special_tokens=[(BOS, core.token_to_id(BOS))]
     )
-    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=core,
         bos_token=BOS,
         eos_token=EOS,
         model_max_length=max_length,
         clean_up_tokenization_spaces=False,
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
