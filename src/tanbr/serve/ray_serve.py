@@ -114,6 +114,7 @@ class ReplicaSlots:
         self._failure: str | None = None
         self._stopping = False
         self._threads: list[threading.Thread] = []
+        self.generative = False  # classifiers only (checked when the model loads)
 
     def start(self) -> None:
         """Register with the controller, load the model and build the committed plan."""
@@ -121,6 +122,11 @@ class ReplicaSlots:
         self.labels = list(hello.labels)
         self.policy_name = hello.parts["mode"].name
         backend = replica_backend(self.config, hello.meta)
+        if backend.kind == "lm":
+            raise ValueError(
+                "tanbr serve --executor ray serves classifiers; a causal LM is served by the "
+                "single-process service (tanbr serve --model PATH)"
+            )
         backend.restore()
         a = System(backend=backend, **hello.parts)
         b = dataclasses.replace(a, backend=backend.replica())

@@ -15,6 +15,7 @@ from tanbr.serve.state import FeedbackRow
 class SlotService(Protocol):
     labels: list[str]
     policy_name: str
+    generative: bool  # a causal LM: requests go through the generation endpoints
 
     @property
     def slot(self) -> int: ...
