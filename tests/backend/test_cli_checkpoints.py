@@ -1,6 +1,6 @@
 """A user's checkpoint and task file, end to end from the command line: ``tanbr compare`` on
-tiny checkpoints of every supported family, and ``tanbr serve`` on a classifier (requests, a
-slot turnover, feedback, and learning with no feedback at all).
+tiny checkpoints of every supported family, and ``tanbr serve`` on a classifier and on a causal
+LM of each family (requests, slot turnovers, feedback, and learning with no feedback at all).
 
 One family of each head runs in the default suite; the others are marked slow (each is a
 whole comparison: set-up, runs, latency probes).
@@ -178,3 +178,58 @@ def test_eval_model_on_a_users_checkpoint(
     assert report["latency"]["merged_ms"] > 0 and report["latency"]["full_ms"] > 0
     assert cli.main(["eval-model", "--model", str(folder)]) == 2  # no task file: one line
     assert "give your task file" in capsys.readouterr().err
+
+
+def _lm_cases() -> list[Any]:
+    return [
+        pytest.param(f, marks=[] if f == DEFAULT_FAMILIES["lm"] else [pytest.mark.slow], id=f)
+        for f in LM_FAMILIES
+    ]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", _lm_cases())
+def test_serve_a_users_causal_lm_checkpoint(
+    family: str,
+    checkpoint: Callable[[str, str], Path],
+    task_files: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """A causal LM of each family behind ``tanbr serve``: completions (whole and streamed)
+    through the OpenAI client, slot turnovers, and the policy learning from the full MoE's
+    scores of a sample of completions, with no client feedback at all."""
+    import openai
+
+    folder = checkpoint(family, "lm")
+    proc = ServerProcess(
+        ["--model", str(folder), "--tasks", str(task_files["lm"]), "--threads", "1",
+         "--slot-size", "2", "--shadow", "2",
+         "--set", "estimator.n_types=2", "--set", "model.dtype=float32"],
+        state_dir=tmp_path / "state",
+        log_path=tmp_path / "server.log",
+    )  # fmt: skip
+    proc.start(timeout=300)
+    try:
+        client = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="unused", max_retries=0)
+        model = client.models.list().data[0].id
+        for i in range(4):
+            reply = client.completions.create(
+                model=model, prompt=f"the team won the match {i}", max_tokens=4, seed=i
+            )
+            assert reply.usage is not None and 1 <= reply.usage.completion_tokens <= 4
+        pieces = client.completions.create(
+            model=model, prompt="bread and soup", max_tokens=4, stream=True, temperature=0
+        )
+        assert [c for c in pieces if c.choices]  # streamed chunks arrived
+        with httpx.Client(base_url=proc.url, timeout=120.0) as http:
+            for i in range(12):  # more slots of two, until a second turnover is seen
+                if http.get("/v1/status").json()["slot"] >= 2:
+                    break
+                client.completions.create(model=model, prompt=f"salt cake {i}", max_tokens=2)
+            status = _wait(
+                lambda: http.get("/v1/status").json(),
+                lambda s: s["slot"] >= 2 and s["policy_updates"] >= 1,
+            )
+        assert status["feedback"] == 0
+    finally:
+        proc.kill()
