@@ -299,11 +299,12 @@ def test_restart_after_kill_resumes_and_loses_no_feedback(
 def test_bad_start_arguments_are_one_line_errors(tiny_model: Path, tmp_path: Path) -> None:
     from tanbr.cli import main
 
+    state = ["--state-dir", str(tmp_path / "state")]  # never the default folder in the cwd
     bad = [
-        ["serve", "--model", str(tmp_path / "missing"), "--port", "0"],
-        ["serve", "--model", str(tiny_model), "--policy", "task-oracle", "--port", "0"],
-        ["serve", "--model", str(tiny_model), "--slot-size", "0", "--port", "0"],
-        ["serve", "--model", str(tiny_model), "--port", "70000"],
+        ["serve", "--model", str(tmp_path / "missing"), "--port", "0", *state],
+        ["serve", "--model", str(tiny_model), "--policy", "task-oracle", "--port", "0", *state],
+        ["serve", "--model", str(tiny_model), "--slot-size", "0", "--port", "0", *state],
+        ["serve", "--model", str(tiny_model), "--port", "70000", *state],
     ]
     for argv in bad:
         assert main(argv) == 2, argv
