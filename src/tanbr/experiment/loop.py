@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -58,6 +59,24 @@ class TaskEstimator(Protocol):
     def observe(self, signatures: np.ndarray, *, tasks: np.ndarray | None = None) -> None:
         """Add a served slot's signatures (n, d) to the history (online update)."""
         ...
+
+
+@runtime_checkable
+class OpensTypes(Protocol):
+    """An estimator that can open task types online (``estimator.novelty``): the policy's
+    context stays the ``n_types`` known types, and the ``n_new`` opened ones are served by
+    their profiles, learnt from a budgeted full-MoE gate pass (docs/experiment.md)."""
+
+    n_new: int
+    full_pass_ms: float  # charged per request of a profile's gate pass
+
+    def assign(self, signatures: np.ndarray) -> np.ndarray: ...
+
+    def profile_wants(self, signatures: np.ndarray) -> np.ndarray: ...
+
+    def learn_profiles(self, signatures: np.ndarray, gates: Mapping[str, np.ndarray]) -> None: ...
+
+    def new_profiles(self) -> list[dict[str, np.ndarray] | None]: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -246,11 +265,10 @@ def decide(
 def _with_new_types(estimator: TaskEstimator, plan: Plan, new_mass: np.ndarray) -> Plan:
     """Task types opened online are served by their profiles in proportion to their mass
     (plans of plain coefficients; a grouped plan is served as the policy chose it)."""
-    profiles = getattr(estimator, "new_profiles", None)
     coeffs = {name: c for name, c in plan.items() if isinstance(c, np.ndarray)}
-    if profiles is None or len(coeffs) != len(plan):
+    if not isinstance(estimator, OpensTypes) or len(coeffs) != len(plan):
         return plan
-    return with_new_types(coeffs, new_mass, profiles())
+    return with_new_types(coeffs, new_mass, estimator.new_profiles())
 
 
 def apply_decision(system: System, decision: Decision) -> float:
@@ -338,13 +356,15 @@ def observe(system: System, requests: Requests, *, truth: Truth | None = None) -
         tasks = np.asarray(truth.tasks, dtype=np.int64)
     signatures = system.backend.signatures(requests)
     system.estimator.observe(signatures, tasks=tasks)
-    wants = getattr(system.estimator, "profile_wants", None)
-    idx = np.zeros(0, dtype=np.int64) if wants is None else wants(signatures)
+    estimator = system.estimator
+    if not isinstance(estimator, OpensTypes):
+        return 0.0
+    idx = estimator.profile_wants(signatures)
     if not len(idx):
         return 0.0
     gates = system.backend.gate_probs(requests.take(idx))  # budgeted full-MoE pass
-    system.estimator.learn_profiles(signatures[idx], gates)  # type: ignore[attr-defined]
-    return float(len(idx) * getattr(system.estimator, "full_pass_ms", 0.0))
+    estimator.learn_profiles(signatures[idx], gates)
+    return float(len(idx) * estimator.full_pass_ms)
 
 
 def feedback(system: System, decision: Decision, outcomes: Outcomes) -> float | None:
@@ -455,11 +475,12 @@ def run_slot(
     served = serve(system, requests, decision=decision, truth=served_truth)
     merge_ms += served.merge_ms
     profile_ms = observe(system, slot.requests, truth=truth)
-    if evaluator is not None and truth is not None and int(getattr(system.estimator, "n_new", 0)):
+    estimator = system.estimator
+    if isinstance(estimator, OpensTypes) and estimator.n_new and truth is not None:
         count = getattr(evaluator, "count_new", None)  # what the opened types stand for
         if count is not None:
-            types = system.estimator.assign(system.backend.signatures(slot.requests))  # type: ignore[attr-defined]
-            count(types, truth.tasks, system.estimator.n_types)
+            types = estimator.assign(system.backend.signatures(slot.requests))
+            count(types, truth.tasks, estimator.n_types)
     memory = system.backend.memory_bytes()
     # 6-7. reward and update (possibly late)
     reward = None
