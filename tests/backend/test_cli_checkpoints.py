@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import httpx
 import pytest
 from hf_checkpoints import CLASSIFIER_FAMILIES, LM_FAMILIES
 
+from support import wait_until
 from tanbr import cli
 from tanbr.experiment.records import read_trace
 from tanbr.serve.bench import ServerProcess
@@ -93,17 +93,6 @@ def test_a_folder_the_project_cannot_use_is_refused_before_any_weight_is_read(
     assert len(err) == 1 and f"tanbr cannot serve {folder}" in err[0]
 
 
-def _wait(fetch: Callable[[], dict[str, Any]], ok: Callable[[dict[str, Any]], bool]) -> Any:
-    deadline = time.monotonic() + 120
-    while True:
-        value = fetch()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached; last value {value}")
-        time.sleep(0.1)
-
-
 def _classifier_cases() -> list[Any]:
     return [
         pytest.param(
@@ -142,13 +131,13 @@ def test_serve_a_users_classifier_checkpoint(
             first = r.json()["predictions"]
             assert {p["label"] for p in first} <= {"sport:win", "sport:lose", "food:tasty",
                                                     "food:bland"}  # fmt: skip
-            _wait(lambda: http.get("/v1/status").json(), lambda s: s["slot"] >= 1)
+            wait_until(lambda: http.get("/v1/status").json(), lambda s: s["slot"] >= 1)
             r = http.post(
                 "/v1/feedback", json={"request_id": first[0]["request_id"], "label": "sport:win"}
             )
             assert r.status_code == 200, r.text
             assert http.post("/v1/predict", json={"texts": texts[4:]}).status_code == 200
-            status = _wait(
+            status = wait_until(
                 lambda: http.get("/v1/status").json(),
                 lambda s: s["slot"] >= 2 and s["policy_updates"] >= 2,
             )
@@ -226,7 +215,7 @@ def test_serve_a_users_causal_lm_checkpoint(
                 if http.get("/v1/status").json()["slot"] >= 2:
                     break
                 client.completions.create(model=model, prompt=f"salt cake {i}", max_tokens=2)
-            status = _wait(
+            status = wait_until(
                 lambda: http.get("/v1/status").json(),
                 lambda s: s["slot"] >= 2 and s["policy_updates"] >= 1,
             )

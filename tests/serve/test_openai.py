@@ -27,6 +27,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
+from support import wait_until
 from tanbr.backend.hf_lm import DecodeBatch
 from tanbr.serve.app import create_app
 from tanbr.serve.bench import ServerProcess
@@ -147,17 +148,6 @@ def plain(serve_lm: Callable[..., Served]) -> Served:
 @pytest.fixture(scope="module")
 def chat(serve_lm: Callable[..., Served]) -> Served:
     return serve_lm("chat")
-
-
-def _wait_for(fetch: Callable[[], dict[str, Any]], ok: Callable[[dict[str, Any]], bool]) -> Any:
-    deadline = time.monotonic() + 120
-    while True:
-        value = fetch()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached; last value {value}")
-        time.sleep(0.05)
 
 
 # --- generation pieces ----------------------------------------------------------------------
@@ -483,8 +473,8 @@ def test_the_policy_learns_without_any_feedback(serve_lm: Callable[..., Served])
     for slot in range(2):
         for i in range(2):
             client.completions.create(model=MODEL, prompt=f"{PROMPT} {i}", max_tokens=5, seed=i)
-        _wait_for(served.status, lambda s: s["slot"] > slot)  # noqa: B023
-    status = _wait_for(served.status, lambda s: s["policy_updates"] >= 2)
+        wait_until(served.status, lambda s: s["slot"] > slot)  # noqa: B023
+    status = wait_until(served.status, lambda s: s["policy_updates"] >= 2)
     assert status["feedback"] == 0 and status["slot"] >= 2
     with sqlite3.connect(served.state_dir / DB_NAME) as db:
         rows = db.execute("SELECT slot, reward, n_feedback FROM updates ORDER BY id").fetchall()

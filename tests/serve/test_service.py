@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from support import wait_until
 from tanbr.serve.bench import ServerProcess
 from tanbr.serve.state import DB_NAME
 
@@ -34,18 +34,6 @@ TEXTS = [
     "Do you like to eat pizza?",
     "De vergadering is gesloten.",
 ]
-
-
-def _wait_for(fetch: Callable[[], dict[str, Any]], ok: Callable[[dict[str, Any]], bool]) -> Any:
-    """Poll ``fetch`` until ``ok``; the slot boundary runs on a thread of its own."""
-    deadline = time.monotonic() + 120
-    while True:
-        value = fetch()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached; last value {value}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +100,7 @@ def test_predictions_feedback_and_slot_turnover(server: ServerProcess, http: htt
 
     # --- slot 0 fills up (8 texts): the boundary re-merges off the request path
     _predict(http, TEXTS[5:8])
-    status = _wait_for(lambda: http.get("/v1/status").json(), lambda s: s["slot"] >= 1)
+    status = wait_until(lambda: http.get("/v1/status").json(), lambda s: s["slot"] >= 1)
     assert status["merges"] >= 2 and status["policy_updates"] >= 1
     assert status["pending_feedback"] == 0
     later = _predict(http, TEXTS[:2])
@@ -286,7 +274,7 @@ def test_restart_after_kill_resumes_and_loses_no_feedback(
             assert r.status_code == 409, r.text
         # the pending feedback is learned at the next boundary, here one closed by time
         _predict(http, TEXTS[3:4])
-        status = _wait_for(
+        status = wait_until(
             lambda: http.get("/v1/status").json(), lambda s: s["slot"] > before["slot"]
         )
         assert status["pending_feedback"] == 0
@@ -369,7 +357,7 @@ def test_kill_under_concurrent_load_loses_no_acknowledged_feedback(
     threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
-    _wait_for(lambda: {"n": len(acknowledged)}, lambda v: v["n"] >= 60)
+    wait_until(lambda: {"n": len(acknowledged)}, lambda v: v["n"] >= 60)
     server.kill()
     stop.set()
     for t in threads:
@@ -409,8 +397,8 @@ def test_the_policy_learns_without_any_feedback(tiny_model: Path, tmp_path: Path
         with httpx.Client(base_url=proc.url, timeout=120.0) as http:
             for slot in range(2):  # fill a slot, then wait until the next one serves
                 _predict(http, (TEXTS * 2)[4 * slot : 4 * slot + 4])
-                _wait_for(lambda: http.get("/v1/status").json(), lambda s: s["slot"] > slot)  # noqa: B023
-            status = _wait_for(
+                wait_until(lambda: http.get("/v1/status").json(), lambda s: s["slot"] > slot)  # noqa: B023
+            status = wait_until(
                 lambda: http.get("/v1/status").json(), lambda s: s["policy_updates"] >= 2
             )
             assert status["feedback"] == 0 and status["slot"] >= 2
