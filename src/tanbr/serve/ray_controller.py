@@ -45,6 +45,7 @@ from tanbr.backend.requests import Requests
 from tanbr.backend.scorers import Agreement
 from tanbr.experiment.loop import Decision, decide, feedback, observe
 from tanbr.experiment.reward import Outcomes
+from tanbr.serve.boundaries import BoundarySchedule
 from tanbr.serve.replicas import ServeConfig, build_replicas
 from tanbr.serve.slots import _outcomes
 from tanbr.serve.state import (
@@ -171,7 +172,7 @@ class SlotController:
             self._texts = [text for text, _ in served]
             self._served_labels = [index.get(label, -1) for _, label in served]
         self._served_total = self.store.count_requests()
-        self._boundary_reason: str | None = None
+        self._boundaries = BoundarySchedule(self._lock)
         self._thread = threading.Thread(target=self._boundary_loop, name="tanbr-boundary")
         self._thread.daemon = True
         self._thread.start()
@@ -278,7 +279,7 @@ class SlotController:
                     self._slot_first_request = time.time()
                     self._lock.notify_all()
                 if self._slot_served >= self.config.slots.slot_size:
-                    self._request_boundary("count")
+                    self._boundaries.request("count")
 
     def feedback(
         self, request_id: str, *, label: str | None = None, reward: float | None = None
@@ -290,16 +291,15 @@ class SlotController:
         return max(0, self.store.last_feedback_seq() - self._watermark)
 
     def close_slot(self, reason: str = "admin", timeout: float = 300.0) -> tuple[int, int]:
-        """Close the current slot now; returns once every live replica serves the next one."""
+        """Close the current slot now; returns once every live replica serves the next one. The
+        feedback acknowledged before this call is learned at that boundary."""
         with self._lock:
             self._check_alive()
             closing = self._slot
-            self._request_boundary(reason)
+            ticket = self._boundaries.request_fresh(reason)
             done = self._lock.wait_for(
                 lambda: (
-                    (self._slot != closing and self._pending is None)
-                    or self._failure is not None
-                    or self._stopping
+                    self._boundaries.done(ticket) or self._failure is not None or self._stopping
                 ),
                 timeout,
             )
@@ -350,27 +350,18 @@ class SlotController:
 
     # --- slot boundaries ------------------------------------------------------------------
 
-    def _request_boundary(self, reason: str) -> None:
-        if self._boundary_reason is None:
-            self._boundary_reason = reason
-            self._lock.notify_all()
-
     def _boundary_loop(self) -> None:
         seconds = self.config.slots.slot_seconds
+
+        def due() -> float | None:
+            first = self._slot_first_request
+            return None if seconds is None or not first else first + seconds
+
         while True:
             with self._lock:
-                while self._boundary_reason is None and not self._stopping:
-                    timeout = None
-                    if seconds is not None and self._slot_first_request:
-                        timeout = self._slot_first_request + seconds - time.time()
-                        if timeout <= 0:
-                            self._boundary_reason = "time"
-                            break
-                    self._lock.wait(timeout)
-                if self._stopping:
-                    return
-                reason = self._boundary_reason
-            assert reason is not None
+                reason = self._boundaries.take(due=due, stopping=lambda: self._stopping)
+            if reason is None:
+                return
             try:
                 self._turn(reason)
             except Exception as err:
@@ -429,9 +420,8 @@ class SlotController:
             if pending.swapped:
                 self._propagation_ms.append((max(pending.swapped.values()) - pending.decided) * 1e3)
             self._pending = None
-            self._boundary_reason = None
             self._boundary_ms.append((time.perf_counter() - t0) * 1e3)
-            self._lock.notify_all()
+            self._boundaries.finish()
         logger.info("slot %d closed (%s); slot %d serves (%s)", closing, reason, nxt, decision.kind)
 
     def _wait_replicas(self, done: Any, timeout: float = 120.0) -> list[str]:

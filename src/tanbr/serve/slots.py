@@ -59,6 +59,7 @@ from tanbr.experiment.loop import (
     serve,
 )
 from tanbr.experiment.reward import Outcomes
+from tanbr.serve.boundaries import BoundarySchedule
 from tanbr.serve.metrics import ServiceMetrics
 from tanbr.serve.state import FeedbackRow, RequestRow, SlotRow, StateStore, UpdateRow
 
@@ -232,7 +233,7 @@ class SlotManager:
         self.shadow = (
             config.shadow if config.shadow is not None else (a.labelling.probe if label_free else 0)
         )
-        self._boundary_reason: str | None = None
+        self._boundaries = BoundarySchedule(self._lock)
         self._stopping = False
         self._failure: BaseException | None = None
         self._predict_ms: collections.deque[float] = collections.deque(maxlen=_WINDOW)
@@ -328,7 +329,7 @@ class SlotManager:
                     self._slot_first_request = time.time()
                     self._lock.notify_all()  # the boundary thread starts the slot's clock
                 if self._slot_served >= self.config.slot_size:
-                    self._request_boundary("count")
+                    self._boundaries.request("count")
             served_now = self._slot_served
         self.metrics.slot_requests.set(served_now)
         return Lease(slot=slot, backend=replica.system.backend, replica=replica)
@@ -375,13 +376,16 @@ class SlotManager:
         return max(0, self.store.last_feedback_seq() - self._watermark)
 
     def close_slot(self, *, reason: str = "admin", timeout: float = 300.0) -> tuple[int, int]:
-        """Close the current slot now and wait until the next one serves: (closed, new)."""
+        """Close the current slot now and wait until the next one serves: (closed, new). The
+        feedback acknowledged before this call is learned at that boundary."""
         with self._lock:
             self._check_alive()
             closing = self._slot
-            self._request_boundary(reason)
+            ticket = self._boundaries.request_fresh(reason)
             done = self._lock.wait_for(
-                lambda: self._slot != closing or self._failure is not None or self._stopping,
+                lambda: (
+                    self._boundaries.done(ticket) or self._failure is not None or self._stopping
+                ),
                 timeout,
             )
             self._check_alive()
@@ -525,7 +529,7 @@ class SlotManager:
                     self._slot_first_request = now
                     self._lock.notify_all()  # the boundary thread starts the slot's clock
                 if self._slot_served >= self.config.slot_size:
-                    self._request_boundary("count")
+                    self._boundaries.request("count")
             served_now = self._slot_served
         self.metrics.slot_requests.set(served_now)
         pos = 0
@@ -535,28 +539,18 @@ class SlotManager:
 
     # --- slot boundaries ----------------------------------------------------------------
 
-    def _request_boundary(self, reason: str) -> None:
-        """Ask the boundary thread to close the current slot (caller holds ``_lock``)."""
-        if self._boundary_reason is None:
-            self._boundary_reason = reason
-            self._lock.notify_all()
-
     def _boundary_loop(self) -> None:
+        seconds = self.config.slot_seconds
+
+        def due() -> float | None:
+            first = self._slot_first_request
+            return None if seconds is None or not first else first + seconds
+
         while True:
             with self._lock:
-                while self._boundary_reason is None and not self._stopping:
-                    timeout = None
-                    if self.config.slot_seconds is not None and self._slot_first_request:
-                        due = self._slot_first_request + self.config.slot_seconds
-                        timeout = due - time.time()
-                        if timeout <= 0:
-                            self._boundary_reason = "time"
-                            break
-                    self._lock.wait(timeout)
-                if self._stopping:
-                    return
-                reason = self._boundary_reason
-            assert reason is not None
+                reason = self._boundaries.take(due=due, stopping=lambda: self._stopping)
+            if reason is None:
+                return
             try:
                 self._turn(reason)
             except Exception as err:
@@ -620,8 +614,7 @@ class SlotManager:
             standby.slot = nxt
             self._active = 1 - self._active
             self._open(nxt)
-            self._boundary_reason = None
-            self._lock.notify_all()
+            self._boundaries.finish()
         self._boundary_ms.append(clock.total_ms)
         logger.info(
             "slot %d closed (%s); slot %d serves (%s, %d policy updates); boundary %s",
