@@ -36,6 +36,28 @@ def test_bench_serve_prints_the_figures_of_both_runs(
     )
 
 
+def test_bench_serve_on_ray_replicas_beside_one(
+    tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--executor ray --replicas 2``: both Ray runs' figures, and the plan-propagation time
+    (a slot's decision to the last replica's swap) of each."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'tanbr[ray]')")
+    argv = ["bench", "serve", "--model", str(tiny_model), "--requests", "80", "--rounds", "2"]
+    argv += ["--concurrency", "4", "--slot-size", "10", "--executor", "ray", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["executor"] == "ray" and set(out["runs"]) == {"replicas_2", "replicas_1"}
+    for name, replicas in (("replicas_2", 2), ("replicas_1", 1)):
+        run = out["runs"][name]
+        assert run["replicas"] == replicas
+        assert run["requests"] == 80 and run["errors"] == 0 and run["merges"] >= 3
+        assert run["propagation_p99_ms"] >= run["propagation_p50_ms"] > 0
+    many, one = out["runs"]["replicas_2"], out["runs"]["replicas_1"]
+    assert out["throughput_ratio"] == pytest.approx(
+        many["throughput_rps"] / one["throughput_rps"], rel=1e-2
+    )
+
+
 def test_bench_serve_rejects_bad_arguments() -> None:
     for extra in (["--requests", "0"], ["--concurrency", "0"], ["--feedback", "2"]):
         assert main(["bench", "serve", *extra]) == 2

@@ -21,6 +21,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'tanbr[ray]')")
 httpx = pytest.importorskip("httpx")
 
+from support import wait_until  # noqa: E402
 from tanbr.serve.ray_serve import REPLICA_HEADER, RayService, start_controller, start_service  # noqa: E402
 from tanbr.serve.replicas import ServeConfig  # noqa: E402
 from tanbr.serve.slots import SlotConfig  # noqa: E402
@@ -200,7 +201,8 @@ def test_a_replica_killed_mid_traffic_loses_no_feedback(
     with httpx.Client(base_url=svc.url, timeout=60) as client:
         after = [(_predict(client, TEXTS[:1])).status_code for _ in range(30)]
         assert after == [200] * 30  # zero errors after recovery
-        assert len(_both_replicas(client)) == 2
+        # the proxy learns of the replacement a little after Ray Serve reports it running
+        wait_until(lambda: _both_replicas(client), lambda seen: len(seen) == 2, timeout_s=60)
         for rid in acked:  # every acknowledged feedback is stored
             r = client.post("/v1/feedback", json={"request_id": rid, "reward": 1.0})
             assert r.status_code == 409, (rid, r.text)

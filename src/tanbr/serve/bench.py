@@ -34,7 +34,16 @@ from typing import IO, Any
 
 logger = logging.getLogger(__name__)
 
-FIGURES = ("requests", "errors", "throughput_rps", "latency_p50_ms", "latency_p99_ms", "merges")
+FIGURES = (
+    "requests",
+    "errors",
+    "throughput_rps",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "merges",
+    "propagation_p50_ms",
+    "propagation_p99_ms",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +97,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait for a server to start"
     )
+    parser.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: merged vs full MoE, one process each; ray: the policy on --replicas Ray"
+        " Serve replicas beside the same policy on one replica (needs tanbr[ray])",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=2, help="replicas of the Ray run with --executor ray (2)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One server of the benchmark: its policy, and where it serves."""
+
+    policy: str
+    executor: str = "local"
+    replicas: int = 1
 
 
 @dataclass(frozen=True)
@@ -105,6 +133,9 @@ class LoadResult:
     accuracy: float
     slots: int
     wall_s: float
+    replicas: int
+    propagation_p50_ms: float | None
+    propagation_p99_ms: float | None
 
 
 # --- the server as a subprocess -------------------------------------------------------------
@@ -344,17 +375,16 @@ def run(args: argparse.Namespace) -> int:
     texts, labels = _workload(
         args.model, n=args.requests, slot_size=args.slot_size, period=args.period, seed=args.seed
     )
-    runs = {"merged": args.policy, "full_moe": args.baseline}
+    if args.executor == "ray":
+        return _run_ray(args, texts, labels)
+    runs = {"merged": Run(args.policy), "full_moe": Run(args.baseline)}
     with tempfile.TemporaryDirectory(prefix="tanbr-bench-serve-") as tmp:
         results = _interleaved(Path(tmp), runs, texts, labels, args=args)
     out: dict[str, Any] = {k: _round(v) for k, v in asdict(results["merged"]).items()}
     out["policy"] = args.policy
     out["full_moe"] = {k: _round(v) for k, v in asdict(results["full_moe"]).items()}
     out["full_moe"]["policy"] = args.baseline
-    full_rps = results["full_moe"].throughput_rps
-    out["throughput_ratio"] = (
-        round(results["merged"].throughput_rps / full_rps, 3) if full_rps else None
-    )
+    out["throughput_ratio"] = _ratio(results["merged"], results["full_moe"])
     out["concurrency"] = args.concurrency
     out["slot_size"] = args.slot_size
     out["rounds"] = args.rounds
@@ -365,9 +395,46 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r.errors == 0 for r in results.values()) else 1
 
 
+def _run_ray(args: argparse.Namespace, texts: Sequence[str], labels: Sequence[str]) -> int:
+    """The policy on ``--replicas`` Ray Serve replicas beside the same policy on one (each
+    server starts a Ray of its own on this machine): what more replicas buy, side by side."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError("--executor ray needs Ray: pip install 'tanbr[ray]'")
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    runs = {f"replicas_{args.replicas}": Run(args.policy, "ray", args.replicas)}
+    if args.replicas != 1:
+        runs["replicas_1"] = Run(args.policy, "ray", 1)
+    with tempfile.TemporaryDirectory(prefix="tanbr-bench-serve-ray-") as tmp:
+        results = _interleaved(Path(tmp), runs, texts, labels, args=args)
+    out: dict[str, Any] = {
+        "executor": "ray",
+        "policy": args.policy,
+        "runs": {name: {k: _round(v) for k, v in asdict(r).items()} for name, r in results.items()},
+        "concurrency": args.concurrency,
+        "slot_size": args.slot_size,
+        "rounds": args.rounds,
+        "threads_per_replica": args.threads,
+    }
+    if args.replicas != 1:
+        many, one = results[f"replicas_{args.replicas}"], results["replicas_1"]
+        out["throughput_ratio"] = _ratio(many, one)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print_table(results, args)
+    return 0 if all(r.errors == 0 for r in results.values()) else 1
+
+
+def _ratio(a: LoadResult, b: LoadResult) -> float | None:
+    return round(a.throughput_rps / b.throughput_rps, 3) if b.throughput_rps else None
+
+
 def _interleaved(
     folder: Path,
-    runs: dict[str, str],
+    runs: dict[str, Run],
     texts: Sequence[str],
     labels: Sequence[str],
     *,
@@ -381,10 +448,15 @@ def _interleaved(
 
     servers: dict[str, ServerProcess] = {}
     try:
-        for name, policy in runs.items():
+        for name, spec in runs.items():
             (folder / name).mkdir(parents=True)
-            print(f"tanbr bench serve: starting a {policy} server", file=sys.stderr, flush=True)
-            servers[name] = _server(folder / name, policy, args)
+            where = f" on {spec.replicas} Ray Serve replicas" if spec.executor == "ray" else ""
+            print(
+                f"tanbr bench serve: starting a {spec.policy} server{where}",
+                file=sys.stderr,
+                flush=True,
+            )
+            servers[name] = _server(folder / name, spec, args)
             servers[name].start(timeout=args.timeout)
         parts: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
         names = list(runs)
@@ -398,7 +470,7 @@ def _interleaved(
                         concurrency=args.concurrency,
                         feedback=args.feedback,
                         seed=args.seed + r,
-                        desc=f"{runs[name]} {r + 1}/{args.rounds}",
+                        desc=f"{name} {r + 1}/{args.rounds}",
                     )
                 )
         status = {
@@ -412,17 +484,21 @@ def _interleaved(
     for name, server in servers.items():
         code = server.stop()
         if code not in (0, -signal.SIGTERM):  # uvicorn re-raises SIGTERM after a clean stop
-            logger.warning("the %s server exited with code %d", runs[name], code)
+            logger.warning("the %s server exited with code %d", name, code)
     return {name: _combine(parts[name], status[name]) for name in runs}
 
 
-def _server(folder: Path, policy: str, args: argparse.Namespace) -> ServerProcess:
+def _server(folder: Path, spec: Run, args: argparse.Namespace) -> ServerProcess:
+    where = []
+    if spec.executor == "ray":
+        where = ["--executor", "ray", "--replicas", str(spec.replicas)]
     return ServerProcess(
         [
+            *where,
             "--model",
             args.model,
             "--policy",
-            policy,
+            spec.policy,
             "--seed",
             str(args.seed),
             "--slot-size",
@@ -453,6 +529,9 @@ def _combine(parts: Sequence[dict[str, Any]], status: dict[str, Any]) -> LoadRes
         accuracy=sum(p["hits"] for p in parts) / max(1, answered),
         slots=int(status["slot"]) + 1,
         wall_s=wall,
+        replicas=int(status.get("replicas", 1)),
+        propagation_p50_ms=status["latency"].get("propagation_p50_ms"),
+        propagation_p99_ms=status["latency"].get("propagation_p99_ms"),
     )
 
 

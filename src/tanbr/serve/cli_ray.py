@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import os
 import signal
+import socket
 import sys
 import threading
 from typing import Any
@@ -25,7 +26,7 @@ def run_on_ray(args: argparse.Namespace, config: Any) -> int:
         config,
         replicas=args.replicas,
         host=args.host,
-        port=args.port or 8000,
+        port=args.port or _free_port(args.host),
         address=args.ray_address,
         replica_cpus=float(max(1, args.threads)),
     )
@@ -44,3 +45,10 @@ def run_on_ray(args: argparse.Namespace, config: Any) -> int:
     finally:
         service.shutdown()
     return 0
+
+
+def _free_port(host: str) -> int:
+    """A port free on ``host`` now (Ray Serve's proxy takes a fixed port, not 0)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

@@ -321,6 +321,7 @@ class SlotController:
             total, merges, updates = self._served_total, self._merges, self._updates
             model_ms, merge_ms = list(self._model_ms), list(self._merge_ms)
             boundary_ms = list(self._boundary_ms)
+            propagation_ms = list(self._propagation_ms)
         plan = decision.plan or {}
         return {
             "slot": slot,
@@ -345,7 +346,10 @@ class SlotController:
                 "model_p50_ms": _quantile(model_ms, 0.5),
                 "merge_p50_ms": _quantile(merge_ms, 0.5),
                 "boundary_p50_ms": _quantile(boundary_ms, 0.5),
+                "propagation_p50_ms": _quantile(propagation_ms, 0.5),
+                "propagation_p99_ms": _quantile(propagation_ms, 0.99),
             },
+            "replicas": len(self.replicas()),
         }
 
     # --- slot boundaries ------------------------------------------------------------------

@@ -90,6 +90,11 @@ class LatencyFigures(BaseModel):
     boundary_p50_ms: float | None = Field(
         description="a whole slot boundary (learn, estimate, decide, merge, persist), median"
     )
+    propagation_p50_ms: float | None = Field(
+        default=None,
+        description="plan propagation: a slot's decision to the last replica's swap, median",
+    )
+    propagation_p99_ms: float | None = Field(default=None, description="... its 99th percentile")
 
 
 class StatusResponse(BaseModel):
@@ -110,6 +115,7 @@ class StatusResponse(BaseModel):
     feedback: int = Field(description="feedback acknowledged since the service first started")
     pending_feedback: int
     policy_updates: int
+    replicas: int = Field(default=1, description="model replicas serving (live ones on Ray)")
     latency: LatencyFigures
 
 

@@ -240,6 +240,7 @@ class SlotManager:
         self._model_ms: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self._merge_ms: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self._boundary_ms: collections.deque[float] = collections.deque(maxlen=_WINDOW)
+        self._propagation_ms: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self._threads: list[threading.Thread] = []
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -429,7 +430,10 @@ class SlotManager:
                 "model_p50_ms": _quantile(self._model_ms, 0.5),
                 "merge_p50_ms": _quantile(self._merge_ms, 0.5),
                 "boundary_p50_ms": _quantile(self._boundary_ms, 0.5),
+                "propagation_p50_ms": _quantile(self._propagation_ms, 0.5),
+                "propagation_p99_ms": _quantile(self._propagation_ms, 0.99),
             },
+            "replicas": 1,
         }
 
     @property
@@ -596,6 +600,7 @@ class SlotManager:
         clock.lap("observe")
         decision = decide(standby.system, slot=nxt)
         clock.lap("decide")
+        decided = time.perf_counter()
         # --- 4. merge, on the standby replica
         merge_ms = self._build(standby, decision)
         clock.lap("merge")
@@ -615,6 +620,7 @@ class SlotManager:
             self._active = 1 - self._active
             self._open(nxt)
             self._boundaries.finish()
+        self._propagation_ms.append((time.perf_counter() - decided) * 1e3)
         self._boundary_ms.append(clock.total_ms)
         logger.info(
             "slot %d closed (%s); slot %d serves (%s, %d policy updates); boundary %s",
