@@ -342,11 +342,19 @@ def serve(
     )
 
 
-def observe(system: System, requests: Requests, *, truth: Truth | None = None) -> float:
+def observe(
+    system: System,
+    requests: Requests,
+    *,
+    truth: Truth | None = None,
+    signatures: np.ndarray | None = None,
+) -> float:
     """After serving: the slot's unlabeled requests join the estimator's history.
 
-    An estimator that has opened task types online asks for the full-MoE gate probabilities of
-    a few of their requests (their profiles); returns what that pass is charged, in ms."""
+    ``signatures`` (n, d): the requests' signatures when the process that served them sent
+    them along (a serving replica), instead of computing them here. An estimator that has
+    opened task types online asks for the full-MoE gate probabilities of a few of their
+    requests (their profiles); returns what that pass is charged, in ms."""
     if len(requests) == 0:
         return 0.0
     tasks = None
@@ -354,7 +362,12 @@ def observe(system: System, requests: Requests, *, truth: Truth | None = None) -
         if truth is None:
             raise ValueError(f"estimator {system.estimator.name!r} reads tags: pass truth")
         tasks = np.asarray(truth.tasks, dtype=np.int64)
-    signatures = system.backend.signatures(requests)
+    if signatures is None:
+        signatures = system.backend.signatures(requests)
+    elif signatures.shape[0] != len(requests) or not np.all(np.isfinite(signatures)):
+        raise ValueError(
+            f"signatures: expected {len(requests)} finite rows, got shape {signatures.shape}"
+        )
     system.estimator.observe(signatures, tasks=tasks)
     estimator = system.estimator
     if not isinstance(estimator, OpensTypes):

@@ -13,9 +13,10 @@ replica swaps within one round trip of the others, and none ever serves a half-b
 
 1. *learn, estimate, decide*: feedback acknowledged since the last boundary updates the policy
    (each for the slot that served it), a sample of the closing slot's texts joins the
-   estimator's history (signatures computed here on the controller's own copy of the model,
-   which also gives the shadow reward), and the next slot's decision is made, with the loop's
-   phase functions (:mod:`tanbr.experiment.loop`);
+   estimator's history (their signatures sent by the replicas that served them, computed
+   here only for texts restored after a restart; the controller's own copy of the model
+   gives the shadow reward), and the next slot's decision is made, with the loop's phase
+   functions (:mod:`tanbr.experiment.loop`);
 2. *prepare*: each live replica builds the decision on its standby copy while its active copy
    keeps serving, and says so;
 3. *persist*: the slot history and the snapshot (the commit point, as in the single process);
@@ -106,6 +107,15 @@ class _Pending:
     swapped: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Signed:
+    """Signatures a replica computed for some of the texts it served: their positions in the
+    batch it reports, and the (n, d) signatures."""
+
+    positions: tuple[int, ...]
+    signatures: np.ndarray
+
+
 class SlotController:
     """See the module docstring. Runs as a threaded Ray actor; every method is thread-safe."""
 
@@ -157,6 +167,8 @@ class SlotController:
         self._watermark = self._merges = self._updates = 0
         self._texts: list[str] = []
         self._served_labels: list[int] = []
+        self._signed_texts: list[str] = []  # texts the replicas sent signatures of
+        self._signatures: list[np.ndarray] = []  # ... and those signatures, per batch
         snapshot = self.store.load_snapshot()
         if snapshot is None:
             decision = decide(self.system, slot=0)
@@ -260,14 +272,23 @@ class SlotController:
     # --- request path ---------------------------------------------------------------------
 
     def record(
-        self, rows: Sequence[RequestRow], texts: Sequence[str], tops: Sequence[int], model_ms: float
+        self,
+        rows: Sequence[RequestRow],
+        texts: Sequence[str],
+        tops: Sequence[int],
+        model_ms: float,
+        signed: Signed | None = None,
     ) -> None:
         """Served requests, durable before their ids reach the client; a slot closes once it
-        has served ``slot_size`` texts."""
+        has served ``slot_size`` texts. ``signed``: the signatures of some of them, for the
+        estimator."""
         self.store.add_requests(rows, texts=texts)
         with self._lock:
             self._served_total += len(rows)
             self._texts.extend(texts)
+            if signed is not None and len(signed.positions):
+                self._signed_texts.extend(texts[i] for i in signed.positions)
+                self._signatures.append(np.asarray(signed.signatures))
             self._served_labels.extend(int(k) for k in tops)
             self._model_ms.append(model_ms)
             del self._model_ms[:-_WINDOW]
@@ -383,6 +404,8 @@ class SlotController:
             latency_ms = self._slot_latency_ms
             texts, self._texts = self._texts, []
             served_labels, self._served_labels = self._served_labels, []
+            signed_texts, self._signed_texts = self._signed_texts, []
+            signatures, self._signatures = self._signatures, []
         # 6-7. reward and policy update from the feedback acknowledged so far
         upto = self.store.last_feedback_seq()
         updates = self._learn(self.store.feedback_after(self._watermark, upto=upto), upto)
@@ -391,7 +414,7 @@ class SlotController:
             updates.append(shadow)
         # 1-3. the closing slot's texts join the estimator's history; estimate, select, plan
         if self.system.mode.learns:
-            observe(self.system, Requests(tuple(self._sample(texts, closing))))
+            self._observe(closing, texts, signed_texts, signatures)
         decision = decide(self.system, slot=nxt)
         # 4. prepare: every live replica builds it on its standby copy
         with self._lock:
@@ -474,12 +497,25 @@ class SlotController:
         reward = feedback(self.system, self._decisions[slot], outcomes)
         return None if reward is None else UpdateRow(slot, reward, len(pick), upto, time.time())
 
-    def _sample(self, texts: list[str], slot: int) -> list[str]:
+    def _observe(
+        self, slot: int, texts: list[str], signed: list[str], signatures: list[np.ndarray]
+    ) -> None:
+        """The closing slot joins the estimator's history: the signatures the replicas sent,
+        or (none sent: the slot's texts were restored after a restart) computed here."""
+        if not signed:
+            keep = self._sample(len(texts), slot)
+            observe(self.system, Requests(tuple(texts[i] for i in keep)))
+            return
+        keep = self._sample(len(signed), slot)
+        sigs = np.concatenate(signatures, axis=0)[keep]
+        observe(self.system, Requests(tuple(signed[i] for i in keep)), signatures=sigs)
+
+    def _sample(self, n: int, slot: int) -> np.ndarray:
+        """At most ``observe_max`` of ``n`` positions, uniformly (seeded by the slot)."""
         limit = self.config.slots.observe_max
-        if limit == 0 or len(texts) <= limit:
-            return texts
-        keep = np.random.default_rng(slot).choice(len(texts), size=limit, replace=False)
-        return [texts[i] for i in np.sort(keep)]
+        if limit == 0 or n <= limit:
+            return np.arange(n)
+        return np.sort(np.random.default_rng(slot).choice(n, size=limit, replace=False))
 
     def _decision_of(self, slot: int) -> tuple[Decision, float, int]:
         row = self.store.slot(slot)

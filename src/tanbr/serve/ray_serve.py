@@ -40,7 +40,7 @@ from tanbr.experiment.loop import Decision, System, apply_decision
 from tanbr.experiment.loop import serve as serve_batch
 from tanbr.serve.app import create_app
 from tanbr.serve.metrics import ServiceMetrics
-from tanbr.serve.ray_controller import Instruction, SlotController
+from tanbr.serve.ray_controller import Instruction, Signed, SlotController
 from tanbr.serve.replicas import ServeConfig
 from tanbr.serve.slots import Answer, ServiceBusyError
 from tanbr.serve.state import FeedbackRow, RequestRow
@@ -115,6 +115,7 @@ class ReplicaSlots:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self.generative = False  # classifiers only (checked when the model loads)
+        self._rng = np.random.default_rng()
 
     def start(self) -> None:
         """Register with the controller, load the model and build the committed plan."""
@@ -241,6 +242,7 @@ class ReplicaSlots:
                 chunk = Requests(tuple(texts[start : start + self.config.slots.max_batch]))
                 parts.append(np.asarray(serve_batch(copy.system, chunk).probs, dtype=np.float64))
             model_ms = (time.perf_counter() - t0) * 1e3
+            signed = self._sign(copy.system, texts)
         finally:
             with self._lock:
                 copy.inflight -= 1
@@ -253,7 +255,8 @@ class ReplicaSlots:
         ]
         rows = [RequestRow(a.request_id, a.slot, a.label, now) for a in answers]
         # durable at the controller before any client sees an id
-        self._call(self.controller.record.remote(rows, texts, [int(k) for k in top], model_ms))
+        tops = [int(k) for k in top]
+        self._call(self.controller.record.remote(rows, texts, tops, model_ms, signed))
         self.metrics.model_latency.observe(model_ms / 1e3)
         self.metrics.batch_size.observe(len(texts))
         self.metrics.predictions.inc(len(texts))
@@ -261,6 +264,19 @@ class ReplicaSlots:
         for job in jobs:
             job.future.set_result(answers[pos : pos + len(job.texts)])
             pos += len(job.texts)
+
+    def _sign(self, system: System, texts: Sequence[str]) -> Signed:
+        """Signatures of a uniform sample of served texts, for the controller's estimator
+        (about ``observe_max`` per slot; on the default model the serving forward recorded
+        them, so this costs nothing). Sent, not recomputed: the controller's copy of the
+        model then does no estimator pass of its own."""
+        slots = self.config.slots
+        rate = 1.0 if slots.observe_max == 0 else min(1.0, slots.observe_max / slots.slot_size)
+        idx: list[int] = np.flatnonzero(self._rng.random(len(texts)) < rate).tolist()
+        if not idx:
+            return Signed((), np.zeros((0, 0)))
+        sigs = system.backend.signatures(Requests(tuple(texts[i] for i in idx)))
+        return Signed(tuple(idx), np.asarray(sigs, dtype=np.float64))
 
     # --- following the controller ---------------------------------------------------------
 
