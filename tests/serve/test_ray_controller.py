@@ -3,6 +3,7 @@ controller is a plain class that Ray runs as an actor)."""
 
 from __future__ import annotations
 
+import pickle
 import time
 import uuid
 from collections.abc import Iterator
@@ -97,3 +98,34 @@ def test_malformed_signatures_are_refused_by_name(
     controller.record(_rows(0, 2), TEXTS[:2], [0, 0], 5.0, Signed((0, 1), bad))
     with pytest.raises(RuntimeError, match="signatures: expected 2 finite rows"):
         controller.close_slot()
+
+
+def test_a_restarted_controller_resumes_the_learning_state(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The estimator and the policy come back from the snapshot, as they were at the last
+    boundary, with the slot and the feedback watermark."""
+    config = ServeConfig(
+        model=str(tiny_model),
+        state_dir=tmp_path / "state",
+        slots=SlotConfig(slot_size=10_000, observe_max=16),
+    )
+    first = SlotController(config)
+    first.open()
+    try:
+        rows = _rows(0, len(TEXTS))
+        first.record(rows, TEXTS, [0] * len(TEXTS), 5.0)
+        first.feedback(rows[0].request_id, reward=1.0)
+        first.close_slot()
+    finally:
+        first.stop()
+    again = SlotController(config)
+    again.open()
+    try:
+        assert again.status()["slot"] == 1 and again.pending_feedback() == 0
+        assert again.ledger.updates == first.ledger.updates >= 1
+        for part in ("estimator", "mode", "rng"):
+            was, now = getattr(first.system, part), getattr(again.system, part)
+            assert pickle.dumps(was) == pickle.dumps(now), part
+    finally:
+        again.stop()

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tanbr.serve import slots as slots_module
+from tanbr.serve import ledger as ledger_module
 from tanbr.serve.metrics import ServiceMetrics
 from tanbr.serve.replicas import ServeConfig, build_replicas
 from tanbr.serve.slots import SlotConfig, SlotManager
@@ -64,7 +64,7 @@ def test_service_serves_in_the_configured_precision(
 @pytest.fixture(scope="module")
 def manager(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlotManager]:
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(slots_module, "_KEEP_DECISIONS", 1)  # evict every past decision
+        patch.setattr(ledger_module, "KEEP_DECISIONS", 1)  # evict every past decision
         config = ServeConfig(model=str(tiny_model), state_dir=tmp_path_factory.mktemp("state"))
         replicas = build_replicas(config)
         store = StateStore(config.state_dir)
@@ -104,16 +104,18 @@ def test_late_feedback_for_an_evicted_slot_is_learned_with_its_own_decision(
 ) -> None:
     [first] = manager.submit(TEXTS[:1]).result(timeout=120)
     slot = first.slot
-    original = manager._decisions[slot]
+    original = manager.ledger.decisions[slot]
     for _ in range(3):  # three boundaries later, the slot's decision is no longer in memory
         manager.close_slot()
-    assert slot not in manager._decisions and manager.slot >= slot + 3
+    assert slot not in manager.ledger.decisions and manager.slot >= slot + 3
     n_before = len(manager.store.updates())
     manager.feedback(first.request_id, label=first.label)  # right: reward 1
     manager.close_slot()
     [update] = manager.store.updates()[n_before:]
     assert (update.slot, update.reward, update.n_feedback) == (slot, 1.0, 1)
-    restored, _, memory = manager._decision_of(slot)
+    restored, _, memory = manager.ledger.decision_of(
+        slot, open_slot=manager.slot, open_latency_ms=0.0
+    )
     assert np.array_equal(restored.mix, original.mix)
     assert original.action is not None and restored.action is not None
     assert np.array_equal(restored.action, original.action)

@@ -446,7 +446,12 @@ def _interleaved(
     import httpx
     import numpy as np
 
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
     servers: dict[str, ServerProcess] = {}
+    # SIGTERM unwinds like Ctrl-C, so the servers are stopped (a server on Ray stops its Ray)
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         for name, spec in runs.items():
             (folder / name).mkdir(parents=True)
@@ -479,8 +484,10 @@ def _interleaved(
         }
     except BaseException:
         for server in servers.values():
-            server.kill()
+            server.stop(timeout=30)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for name, server in servers.items():
         code = server.stop()
         if code not in (0, -signal.SIGTERM):  # uvicorn re-raises SIGTERM after a clean stop

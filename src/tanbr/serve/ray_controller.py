@@ -43,24 +43,19 @@ from typing import Any
 import numpy as np
 
 from tanbr.backend.requests import Requests
-from tanbr.backend.scorers import Agreement
-from tanbr.experiment.loop import Decision, decide, feedback, observe
-from tanbr.experiment.reward import Outcomes
+from tanbr.experiment.loop import Decision, decide, observe
 from tanbr.serve.boundaries import BoundarySchedule
+from tanbr.serve.ledger import SlotLedger
 from tanbr.serve.replicas import ServeConfig, build_replicas
-from tanbr.serve.slots import _outcomes
 from tanbr.serve.state import (
     FeedbackRow,
     RequestRow,
-    SlotRow,
     StateLock,
     StateStore,
-    UpdateRow,
 )
 
 logger = logging.getLogger(__name__)
 
-_KEEP_DECISIONS = 64
 _WINDOW = 2048
 
 
@@ -163,8 +158,7 @@ class SlotController:
             if slots.shadow is not None
             else (0 if scorer.needs_truth else self.system.labelling.probe)
         )
-        self._decisions: dict[int, Decision] = {}
-        self._watermark = self._merges = self._updates = 0
+        self.ledger = SlotLedger(self.store, policy_name=self.policy_name, meta=self.meta)
         self._texts: list[str] = []
         self._served_labels: list[int] = []
         self._signed_texts: list[str] = []  # texts the replicas sent signatures of
@@ -172,12 +166,11 @@ class SlotController:
         snapshot = self.store.load_snapshot()
         if snapshot is None:
             decision = decide(self.system, slot=0)
-            self._decisions[0] = decision
-            self._record_slot(0, decision, 0.0, 0)
+            self.ledger.open_slot(0, decision, 0.0, 0)
             self._open(0)
-            self._persist(0)
+            self.ledger.save(0, self.system)
         else:
-            slot = self._restore(snapshot)
+            slot = self.ledger.load(snapshot, [self.system])
             self._open(slot)
             index = {label: i for i, label in enumerate(self.labels)}
             served = self.store.served(slot)
@@ -216,7 +209,7 @@ class SlotController:
                 for f in dataclasses.fields(self.system)
                 if f.name not in ("backend", "pending", "applied")
             }
-            return Hello(self.labels, dict(self.meta), parts, slot, self._decisions[slot])
+            return Hello(self.labels, dict(self.meta), parts, slot, self.ledger.decisions[slot])
 
     def sync(self, replica: str, slot: int, prepared: int, timeout: float = 2.0) -> Instruction:
         """A replica's long poll: it serves ``slot`` and has ``prepared`` on its standby copy.
@@ -230,7 +223,7 @@ class SlotController:
                 if self._failure is not None:
                     return Instruction("wait", failure=self._failure)
                 if self._slot != slot:
-                    return Instruction("commit", self._slot, self._decisions[self._slot])
+                    return Instruction("commit", self._slot, self.ledger.decisions[self._slot])
                 pending = self._pending
                 if pending is not None and pending.committed and slot != pending.slot:
                     return Instruction("commit", pending.slot, pending.decision)
@@ -309,7 +302,7 @@ class SlotController:
         return self.store.add_feedback(request_id, label=label, reward=reward)
 
     def pending_feedback(self) -> int:
-        return max(0, self.store.last_feedback_seq() - self._watermark)
+        return self.ledger.pending_feedback()
 
     def close_slot(self, reason: str = "admin", timeout: float = 300.0) -> tuple[int, int]:
         """Close the current slot now; returns once every live replica serves the next one. The
@@ -337,9 +330,9 @@ class SlotController:
         the asking replica's, filled in there)."""
         with self._lock:
             slot = self._slot
-            decision = self._decisions[slot]
+            decision = self.ledger.decisions[slot]
             served, opened = self._slot_served, self._slot_opened
-            total, merges, updates = self._served_total, self._merges, self._updates
+            total, merges, updates = self._served_total, self.ledger.merges, self.ledger.updates
             model_ms, merge_ms = list(self._model_ms), list(self._merge_ms)
             boundary_ms = list(self._boundary_ms)
             propagation_ms = list(self._propagation_ms)
@@ -408,8 +401,24 @@ class SlotController:
             signatures, self._signatures = self._signatures, []
         # 6-7. reward and policy update from the feedback acknowledged so far
         upto = self.store.last_feedback_seq()
-        updates = self._learn(self.store.feedback_after(self._watermark, upto=upto), upto)
-        shadow = self._shadow_reward(closing, texts, served_labels, latency_ms, upto)
+        updates = self.ledger.learn(
+            self.system,
+            self.store.feedback_after(self.ledger.watermark, upto=upto),
+            upto,
+            open_slot=closing,
+            open_latency_ms=latency_ms,
+        )
+        row = self.store.slot(closing)
+        shadow = self.ledger.shadow_reward(
+            self.system,
+            closing,
+            texts,
+            served_labels,
+            size=self.shadow,
+            latency_ms=latency_ms,
+            memory=row.memory_bytes if row is not None else 0,
+            upto=upto,
+        )
         if shadow is not None:
             updates.append(shadow)
         # 1-3. the closing slot's texts join the estimator's history; estimate, select, plan
@@ -424,18 +433,14 @@ class SlotController:
             merge_ms = max((self._replicas[k].merge_ms for k in live), default=0.0)
             memory = max((self._replicas[k].memory_bytes for k in live), default=0)
         # persist: slot history, then the snapshot that commits it all
-        self.store.close_slot(closing, reason=reason, latency_ms=latency_ms)
-        self.store.add_updates(updates)
-        self._decisions[nxt] = decision
-        for old in [s for s in self._decisions if s <= nxt - _KEEP_DECISIONS]:
-            del self._decisions[old]
-        self._watermark = upto
-        self._updates += len(updates)
+        self.ledger.close_slot(
+            closing, reason=reason, latency_ms=latency_ms, updates=updates, upto=upto
+        )
         if decision.kind == "merge":
-            self._merges += 1
+            self.ledger.merges += 1
             self._merge_ms.append(merge_ms)
-        self._record_slot(nxt, decision, merge_ms, memory)
-        self._persist(nxt)
+        self.ledger.open_slot(nxt, decision, merge_ms, memory)
+        self.ledger.save(nxt, self.system)
         # commit: every live replica swaps
         with self._lock:
             pending = self._pending
@@ -466,37 +471,6 @@ class SlotController:
                 return [k for k in live if k not in late]
             self._lock.wait(0.5)
 
-    def _learn(self, rows: Sequence[FeedbackRow], upto: int) -> list[UpdateRow]:
-        by_slot: dict[int, list[FeedbackRow]] = {}
-        for row in rows:
-            by_slot.setdefault(row.slot, []).append(row)
-        updates, now = [], time.time()
-        for slot, slot_rows in sorted(by_slot.items()):
-            decision, latency_ms, memory = self._decision_of(slot)
-            reward = feedback(self.system, decision, _outcomes(slot_rows, latency_ms, memory))
-            if reward is not None:
-                updates.append(UpdateRow(slot, reward, len(slot_rows), upto, now))
-        return updates
-
-    def _shadow_reward(
-        self, slot: int, texts: list[str], labels: list[int], latency_ms: float, upto: int
-    ) -> UpdateRow | None:
-        """A sample of the closed slot's served labels against the full MoE (label-free)."""
-        if self.shadow <= 0 or not texts or slot not in self._decisions:
-            return None
-        rng = np.random.default_rng([slot, 11])
-        pick = np.sort(rng.choice(len(texts), size=min(self.shadow, len(texts)), replace=False))
-        requests = Requests(tuple(texts[i] for i in pick))
-        served = np.asarray([labels[i] for i in pick], dtype=np.int64)
-        scores = Agreement().score(self.system.backend, requests, served, None)
-        row = self.store.slot(slot)
-        memory = row.memory_bytes if row is not None else 0
-        outcomes = Outcomes(
-            float(scores.sum()), len(pick), latency_ms=latency_ms, memory_bytes=memory
-        )
-        reward = feedback(self.system, self._decisions[slot], outcomes)
-        return None if reward is None else UpdateRow(slot, reward, len(pick), upto, time.time())
-
     def _observe(
         self, slot: int, texts: list[str], signed: list[str], signatures: list[np.ndarray]
     ) -> None:
@@ -517,24 +491,6 @@ class SlotController:
             return np.arange(n)
         return np.sort(np.random.default_rng(slot).choice(n, size=limit, replace=False))
 
-    def _decision_of(self, slot: int) -> tuple[Decision, float, int]:
-        row = self.store.slot(slot)
-        if row is None:
-            raise RuntimeError(f"slot {slot} served requests but has no history entry")
-        decision = self._decisions.get(slot)
-        if decision is None:
-            decision = Decision(
-                slot=slot,
-                mix=np.asarray(row.mix, dtype=np.float64),
-                kind=row.kind,
-                action=None if row.action is None else np.asarray(row.action, dtype=np.float64),
-                plan=None
-                if row.plan is None
-                else {k: np.asarray(v, dtype=np.float64) for k, v in row.plan.items()},
-            )
-        latency_ms = self._slot_latency_ms if slot == self._slot else row.latency_ms
-        return decision, latency_ms, row.memory_bytes
-
     def _open(self, slot: int) -> None:
         self._slot = slot
         self._slot_opened = time.time()
@@ -542,60 +498,11 @@ class SlotController:
         self._slot_first_request = time.time() if self._slot_served else None
         self._slot_latency_ms = 0.0
 
-    def _record_slot(self, slot: int, decision: Decision, merge_ms: float, memory: int) -> None:
-        plan = decision.plan
-        self.store.open_slot(
-            SlotRow(
-                slot=slot,
-                opened=time.time(),
-                kind=decision.kind,
-                mix=tuple(_exact(decision.mix)),
-                action=None if decision.action is None else tuple(_exact(decision.action)),
-                plan=None if plan is None else {k: tuple(_exact(v)) for k, v in plan.items()},
-                merge_ms=merge_ms,
-                memory_bytes=int(memory),
-            )
-        )
-
-    def _persist(self, slot: int) -> None:
-        self.store.save_snapshot(
-            {
-                "slot": slot,
-                "watermark": self._watermark,
-                "merges": self._merges,
-                "updates": self._updates,
-                "decisions": self._decisions,
-                "estimator": self.system.estimator,
-                "mode": self.system.mode,
-                "reward": self.system.reward,
-                "rng": self.system.rng,
-                "meta": self.meta,
-            }
-        )
-
-    def _restore(self, snapshot: dict[str, Any]) -> int:
-        try:
-            slot = int(snapshot["slot"])
-            self._watermark = int(snapshot["watermark"])
-            self._merges = int(snapshot["merges"])
-            self._updates = int(snapshot["updates"])
-            self._decisions = dict(snapshot["decisions"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"snapshot in {self.store.folder} is incomplete: {err}") from err
-        if slot not in self._decisions:
-            raise ValueError(f"snapshot in {self.store.folder} has no decision for slot {slot}")
-        self.store.rollback(slot=slot, watermark=self._watermark)
-        return slot
-
     def _check_alive(self) -> None:
         if self._failure is not None:
             raise RuntimeError(f"slot boundary failed: {self._failure}")
         if self._stopping:
             raise RuntimeError("the service is shutting down")
-
-
-def _exact(x: Any) -> list[float]:
-    return [float(v) for v in np.asarray(x, dtype=np.float64).ravel()]
 
 
 def _floats(x: Any, digits: int = 6) -> list[float]:

@@ -440,6 +440,11 @@ def start_service(
             name="replica",
             num_replicas=replicas,
             ray_actor_options={"num_cpus": replica_cpus},
+            # a replica batches what is in flight and bounds its own queue (503 when full), as
+            # the single-process service does: Ray Serve's default of 5 calls in flight would
+            # cap its micro-batches at 5 texts and queue the rest in the proxy
+            max_ongoing_requests=config.slots.max_queue,
+            logging_config={"enable_access_log": False},  # as uvicorn's in the single process
             health_check_period_s=2,
             health_check_timeout_s=30,
             graceful_shutdown_timeout_s=5,

@@ -48,7 +48,6 @@ import numpy as np
 
 from tanbr.backend.protocol import Backend, GenerativeBackend
 from tanbr.backend.requests import Requests
-from tanbr.backend.scorers import Agreement
 from tanbr.experiment.loop import (
     Decision,
     System,
@@ -60,8 +59,9 @@ from tanbr.experiment.loop import (
 )
 from tanbr.experiment.reward import Outcomes
 from tanbr.serve.boundaries import BoundarySchedule
+from tanbr.serve.ledger import SlotLedger
 from tanbr.serve.metrics import ServiceMetrics
-from tanbr.serve.state import FeedbackRow, RequestRow, SlotRow, StateStore, UpdateRow
+from tanbr.serve.state import FeedbackRow, RequestRow, StateStore, UpdateRow
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,6 @@ class _Job:
 
 
 _WINDOW = 2048  # latency observations kept for /v1/status
-_KEEP_DECISIONS = 64  # recent decisions kept in memory and in the snapshot
 
 
 class SlotManager:
@@ -206,12 +205,8 @@ class SlotManager:
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_queue)
         self._replicas = [_Replica(a), _Replica(b)]
         self._active = 0
-        # learning state: touched by the boundary thread only, once started; decisions of
-        # older slots than the last few are read back from the slot history when needed
-        self._decisions: dict[int, Decision] = {}
-        self._watermark = 0
-        self._merges = 0
-        self._updates = 0
+        # learning state: touched by the boundary thread only, once started
+        self.ledger = SlotLedger(store, policy_name=self.policy_name, meta=self.meta)
         # slot bookkeeping (under _lock)
         self._slot = -1
         self._slot_opened = time.time()
@@ -252,20 +247,19 @@ class SlotManager:
         if snapshot is None:
             decision = decide(replica.system, slot=0)
             merge_ms = self._build(replica, decision)
-            self._decisions[0] = decision
-            self._record_slot(0, decision, merge_ms, replica)
+            self.ledger.open_slot(0, decision, merge_ms, replica.system.backend.memory_bytes())
             self._open(0)
-            self._persist(0)
+            self.ledger.save(0, replica.system)
             logger.info("fresh state: slot 0 serves (%s)", decision.kind)
         else:
-            slot = self._restore(snapshot)
-            self._build(replica, self._decisions[slot])  # the slot's merged model, again
+            slot = self.ledger.load(snapshot, [r.system for r in self._replicas])
+            self._build(replica, self.ledger.decisions[slot])  # the slot's merged model, again
             self._open(slot)
             served = self.store.served(slot)  # the estimator's view of the open slot
             index = {label: i for i, label in enumerate(self.labels)}
             self._texts = [text for text, _ in served]
             self._served_labels = [index.get(label, -1) for _, label in served]
-            self._persist(slot)
+            self.ledger.save(slot, replica.system)
             logger.info(
                 "resumed at slot %d (%d texts served in it, %d feedback pending)",
                 slot,
@@ -374,7 +368,7 @@ class SlotManager:
 
     def pending_feedback(self) -> int:
         """Acknowledged feedback the policy has not learned from yet."""
-        return max(0, self.store.last_feedback_seq() - self._watermark)
+        return self.ledger.pending_feedback()
 
     def close_slot(self, *, reason: str = "admin", timeout: float = 300.0) -> tuple[int, int]:
         """Close the current slot now and wait until the next one serves: (closed, new). The
@@ -400,12 +394,12 @@ class SlotManager:
         """A consistent view for /v1/status."""
         with self._lock:
             slot = self._slot
-            decision = self._decisions[slot]
+            decision = self.ledger.decisions[slot]
             served = self._slot_served
             opened = self._slot_opened
             total = self._served_total
-            merges = self._merges
-            updates = self._updates
+            merges = self.ledger.merges
+            updates = self.ledger.updates
         plan = decision.plan or {}
         return {
             "slot": slot,
@@ -574,7 +568,13 @@ class SlotManager:
         # --- 6-7. reward and policy update from the feedback acknowledged so far; late
         # feedback counts for the slot that served the request (its own decision)
         upto = self.store.last_feedback_seq()
-        updates = self._learn(self.store.feedback_after(self._watermark, upto=upto), upto)
+        updates = self.ledger.learn(
+            self._replicas[0].system,  # (the policy is shared by both replicas)
+            self.store.feedback_after(self.ledger.watermark, upto=upto),
+            upto,
+            open_slot=closing,
+            open_latency_ms=latency_ms,
+        )
         clock.lap("learn")
         # --- the standby replica: wait until no forward runs on it any more
         with self._lock:
@@ -589,9 +589,21 @@ class SlotManager:
         if self.generative:
             updates += self._likelihood_rewards(standby, completions, upto)
         else:
-            shadow = self._shadow_reward(standby, closing, texts, served_labels, latency_ms, upto)
+            shadow = self.ledger.shadow_reward(
+                standby.system,
+                closing,
+                texts,
+                served_labels,
+                size=self.shadow,
+                latency_ms=latency_ms,
+                memory=standby.system.backend.memory_bytes(),
+                upto=upto,
+            )
             if shadow is not None:
                 updates.append(shadow)
+        for update in updates:
+            self.metrics.policy_updates.inc()
+            self.metrics.last_reward.set(update.reward)
         clock.lap("shadow")
         # --- the served texts join the estimator's history (the mix is the context of a
         # learning policy; baselines ignore it and skip the cost); 1-3. estimate, select, plan
@@ -605,15 +617,11 @@ class SlotManager:
         merge_ms = self._build(standby, decision)
         clock.lap("merge")
         # --- persist (slot history, then the snapshot that commits it all), then swap
-        self.store.close_slot(closing, reason=reason, latency_ms=latency_ms)
-        self.store.add_updates(updates)
-        self._decisions[nxt] = decision
-        for old in [s for s in self._decisions if s <= nxt - _KEEP_DECISIONS]:
-            del self._decisions[old]
-        self._watermark = upto
-        self._updates += len(updates)
-        self._record_slot(nxt, decision, merge_ms, standby)
-        self._persist(nxt)
+        self.ledger.close_slot(
+            closing, reason=reason, latency_ms=latency_ms, updates=updates, upto=upto
+        )
+        self.ledger.open_slot(nxt, decision, merge_ms, standby.system.backend.memory_bytes())
+        self.ledger.save(nxt, standby.system)
         clock.lap("persist")
         with self._lock:
             standby.slot = nxt
@@ -631,34 +639,6 @@ class SlotManager:
             len(updates),
             clock,
         )
-
-    def _shadow_reward(
-        self,
-        replica: _Replica,
-        slot: int,
-        texts: list[str],
-        labels: list[int],
-        latency_ms: float,
-        upto: int,
-    ) -> UpdateRow | None:
-        """Score a sample of a closed slot's served labels against the full MoE's and learn it
-        as that slot's reward (the proxy scorer: no label involved)."""
-        if self.shadow <= 0 or not texts or slot not in self._decisions:
-            return None
-        rng = np.random.default_rng([slot, 11])
-        pick = np.sort(rng.choice(len(texts), size=min(self.shadow, len(texts)), replace=False))
-        requests = Requests(tuple(texts[i] for i in pick))
-        served = np.asarray([labels[i] for i in pick], dtype=np.int64)
-        scores = Agreement().score(replica.system.backend, requests, served, None)
-        memory = replica.system.backend.memory_bytes()
-        hits = float(scores.sum())
-        outcomes = Outcomes(hits, len(pick), latency_ms=latency_ms, memory_bytes=memory)
-        reward = feedback(replica.system, self._decisions[slot], outcomes)
-        if reward is None:
-            return None
-        self.metrics.policy_updates.inc()
-        self.metrics.last_reward.set(reward)
-        return UpdateRow(slot, reward, len(pick), upto, time.time())
 
     def _likelihood_rewards(
         self, replica: _Replica, completions: list[Completion], upto: int
@@ -694,7 +674,9 @@ class SlotManager:
         now = time.time()
         for slot in sorted({c.slot for c in sample}):
             mine = np.asarray([c.slot == slot for c in sample])
-            decision, latency_ms, memory = self._decision_of(slot)
+            decision, latency_ms, memory = self.ledger.decision_of(
+                slot, open_slot=self._slot, open_latency_ms=self._slot_latency_ms
+            )
             outcomes = Outcomes(
                 float(scores[mine].sum()),
                 int(mine.sum()),
@@ -705,8 +687,6 @@ class SlotManager:
             if reward is None:
                 continue
             updates.append(UpdateRow(slot, reward, int(mine.sum()), upto, now))
-            self.metrics.policy_updates.inc()
-            self.metrics.last_reward.set(reward)
         return updates
 
     def _sample(self, texts: list[str], slot: int) -> list[str]:
@@ -717,47 +697,10 @@ class SlotManager:
         keep = np.random.default_rng(slot).choice(len(texts), size=limit, replace=False)
         return [texts[i] for i in np.sort(keep)]
 
-    def _learn(self, rows: Sequence[FeedbackRow], upto: int) -> list[UpdateRow]:
-        """One reward and policy update per slot that got feedback since the last boundary."""
-        by_slot: dict[int, list[FeedbackRow]] = {}
-        for row in rows:
-            by_slot.setdefault(row.slot, []).append(row)
-        system = self._replicas[0].system  # the policy is shared by both replicas
-        updates = []
-        now = time.time()
-        for slot, slot_rows in sorted(by_slot.items()):
-            decision, latency_ms, memory = self._decision_of(slot)
-            reward = feedback(system, decision, _outcomes(slot_rows, latency_ms, memory))
-            if reward is None:
-                continue
-            updates.append(UpdateRow(slot, reward, len(slot_rows), upto, now))
-            self.metrics.policy_updates.inc()
-            self.metrics.last_reward.set(reward)
-        return updates
-
-    def _decision_of(self, slot: int) -> tuple[Decision, float, int]:
-        """A served slot's decision, its requests' model time (ms) and its model's memory."""
-        row = self.store.slot(slot)
-        if row is None:
-            raise RuntimeError(f"slot {slot} served requests but has no history entry")
-        decision = self._decisions.get(slot)
-        if decision is None:  # an old slot: its decision, as recorded at full precision
-            decision = Decision(
-                slot=slot,
-                mix=np.asarray(row.mix, dtype=np.float64),
-                kind=row.kind,
-                action=None if row.action is None else np.asarray(row.action, dtype=np.float64),
-                plan=None
-                if row.plan is None
-                else {k: np.asarray(v, dtype=np.float64) for k, v in row.plan.items()},
-            )
-        latency_ms = self._slot_latency_ms if slot == self._slot else row.latency_ms
-        return decision, latency_ms, row.memory_bytes
-
     def _build(self, replica: _Replica, decision: Decision) -> float:
         merge_ms = apply_decision(replica.system, decision)
         if decision.kind == "merge":
-            self._merges += 1
+            self.ledger.merges += 1
             self.metrics.merges.inc()
             self.metrics.merge_latency.observe(merge_ms / 1e3)
             self._merge_ms.append(merge_ms)
@@ -772,70 +715,6 @@ class SlotManager:
         self._slot_latency_ms = 0.0
         self.metrics.slot.set(slot)
         self.metrics.slot_requests.set(self._slot_served)
-
-    def _record_slot(
-        self, slot: int, decision: Decision, merge_ms: float, replica: _Replica
-    ) -> None:
-        plan = decision.plan
-        self.store.open_slot(
-            SlotRow(
-                slot=slot,
-                opened=time.time(),
-                kind=decision.kind,
-                mix=tuple(_exact(decision.mix)),
-                action=None if decision.action is None else tuple(_exact(decision.action)),
-                plan=None if plan is None else {k: tuple(_exact(v)) for k, v in plan.items()},
-                merge_ms=merge_ms,
-                memory_bytes=int(replica.system.backend.memory_bytes()),
-            )
-        )
-
-    def _persist(self, slot: int) -> None:
-        """Snapshot the learning state; ``slot`` is the slot that serves from now on.
-
-        The rename of the snapshot is the commit point of a boundary: rows the slot history
-        gained after the previous snapshot are rolled back on restart if this never happens.
-        """
-        system = self._replicas[0].system
-        self.store.save_snapshot(
-            {
-                "slot": slot,
-                "watermark": self._watermark,
-                "merges": self._merges,
-                "updates": self._updates,
-                "decisions": self._decisions,
-                "estimator": system.estimator,
-                "mode": system.mode,
-                "reward": system.reward,
-                "rng": system.rng,
-                "meta": self.meta,
-            }
-        )
-
-    def _restore(self, snapshot: dict[str, Any]) -> int:
-        """Load the learning state into both replicas; returns the slot that serves."""
-        try:
-            slot = int(snapshot["slot"])
-            self._watermark = int(snapshot["watermark"])
-            self._merges = int(snapshot["merges"])
-            self._updates = int(snapshot["updates"])
-            self._decisions = dict(snapshot["decisions"])
-            estimator, mode, rng = snapshot["estimator"], snapshot["mode"], snapshot["rng"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"snapshot in {self.store.folder} is incomplete: {err}") from err
-        if mode.name != self.policy_name:
-            raise ValueError(
-                f"state folder {self.store.folder} belongs to policy {mode.name!r}, not"
-                f" {self.policy_name!r}; use another --state-dir"
-            )
-        if slot not in self._decisions:
-            raise ValueError(f"snapshot in {self.store.folder} has no decision for slot {slot}")
-        for replica in self._replicas:
-            replica.system.estimator = estimator
-            replica.system.mode = mode
-            replica.system.rng = rng
-        self.store.rollback(slot=slot, watermark=self._watermark)
-        return slot
 
     def _check_alive(self) -> None:
         if self._failure is not None:
@@ -870,31 +749,6 @@ def likelihood_scores(served_nll: np.ndarray, full_nll: np.ndarray) -> np.ndarra
     both mean NLL per token of the same tokens (under the serving model and the full MoE)."""
     gap = np.clip(np.asarray(full_nll, dtype=np.float64) - served_nll, 0.0, None)
     return np.asarray(np.exp(-gap), dtype=np.float64)
-
-
-def _outcomes(rows: Sequence[FeedbackRow], latency_ms: float, memory: int) -> Outcomes:
-    """A slot's feedback as the loop's outcomes: label hits, or the mean of given rewards.
-
-    When a slot got both labels and rewards, a label counts as a reward of 1 (right) or 0
-    (wrong) and the reward is the mean over all of its feedback.
-    """
-    labelled = [r for r in rows if r.label is not None]
-    hits = sum(r.label == r.predicted for r in labelled)
-    given = [r.reward for r in rows if r.reward is not None]
-    if not given:
-        return Outcomes(hits, len(labelled), latency_ms=latency_ms, memory_bytes=memory)
-    mean = (hits + sum(given)) / (len(labelled) + len(given))
-    return Outcomes(
-        hits,
-        len(labelled),
-        latency_ms=latency_ms,
-        memory_bytes=memory,
-        reward=min(1.0, max(0.0, mean)),
-    )
-
-
-def _exact(x: Any) -> list[float]:
-    return [float(v) for v in np.asarray(x, dtype=np.float64).ravel()]
 
 
 def _floats(x: Any, digits: int = 6) -> list[float]:
