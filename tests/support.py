@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,3 +25,10 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not reached; last value {value}")
         time.sleep(every_s)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

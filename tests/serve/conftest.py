@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,3 +45,18 @@ def start_server(
     yield start
     for server in servers:
         server.kill()
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A local Ray of 2 CPUs for one test module (stopped at its end)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'tanbr[ray]')")
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded machine
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
+    try:
+        yield
+    finally:
+        from ray import serve
+
+        serve.shutdown()  # (Serve's client outlives Ray otherwise: the next module's is stale)
+        ray.shutdown()

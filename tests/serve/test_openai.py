@@ -32,8 +32,9 @@ from tanbr.backend.hf_lm import DecodeBatch
 from tanbr.serve.app import create_app
 from tanbr.serve.bench import ServerProcess
 from tanbr.serve.generation import GenerationConfig, SamplingParams, TextStream, sample_token
+from tanbr.serve.ledger import likelihood_scores
 from tanbr.serve.replicas import ServeConfig, build_replicas
-from tanbr.serve.slots import SlotConfig, SlotManager, likelihood_scores
+from tanbr.serve.slots import SlotConfig, SlotManager
 from tanbr.serve.state import DB_NAME
 
 pytestmark = [pytest.mark.timeout(600)]

@@ -8,8 +8,6 @@ machine."""
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,29 +19,13 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'tanbr[ray]')")
 httpx = pytest.importorskip("httpx")
 
-from support import wait_until  # noqa: E402
+from support import free_port, wait_until  # noqa: E402
 from tanbr.serve.ray_serve import REPLICA_HEADER, RayService, start_controller, start_service  # noqa: E402
 from tanbr.serve.replicas import ServeConfig  # noqa: E402
 from tanbr.serve.slots import SlotConfig  # noqa: E402
 from tanbr.serve.state import StateFolderInUseError, StateLock  # noqa: E402
 
 TEXTS = ["a warm and funny film", "stocks fell sharply today", "the senator spoke at length"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded machine
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +37,7 @@ def service(
         state_dir=tmp_path_factory.mktemp("ray-serve") / "state",
         slots=SlotConfig(slot_size=10_000, observe_max=16),
     )
-    svc = start_service(config, replicas=2, port=_free_port())
+    svc = start_service(config, replicas=2, port=free_port())
     try:
         yield svc, config
     finally:
@@ -72,6 +54,21 @@ def test_a_controller_is_refused_a_state_folder_in_use(
     with StateLock(config.state_dir), refused:
         start_controller(config, "tanbr-controller-refused")
     assert not (tmp_path / "state" / "service.sqlite3").exists()
+
+
+@pytest.mark.slow
+def test_a_second_service_on_the_cluster_is_refused(
+    service: tuple[RayService, ServeConfig], tmp_path: Path
+) -> None:
+    """One tanbr service per Ray cluster (one HTTP proxy, one route): a second is refused by
+    name before it loads anything, and the first keeps serving."""
+    svc, config = service
+    other = ServeConfig(model=config.model, state_dir=tmp_path / "state")
+    with pytest.raises(ValueError, match="already runs on this Ray cluster"):
+        start_service(other, replicas=1, port=free_port())
+    assert not (tmp_path / "state").exists()
+    with httpx.Client(base_url=svc.url, timeout=60) as client:
+        assert _predict(client, TEXTS[:1]).status_code == 200
 
 
 def _predict(client: Any, texts: list[str]) -> Any:

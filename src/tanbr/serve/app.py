@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
@@ -48,7 +48,7 @@ from tanbr.serve.schemas import (
     PredictResponse,
     StatusResponse,
 )
-from tanbr.serve.service import SlotService
+from tanbr.serve.service import GenerativeService, SlotService
 from tanbr.serve.slots import ServiceBusyError, SlotManager
 from tanbr.serve.state import (
     DuplicateFeedbackError,
@@ -94,9 +94,12 @@ def create_app(
                 raise
             app.state.manager = service
             app.state.labels = frozenset(service.labels)
+            engine = _start_engine(app, service, config)
             try:
                 yield
             finally:
+                if engine is not None:
+                    await asyncio.to_thread(engine.stop)
                 await asyncio.to_thread(service.stop)
             return
         make = build
@@ -120,15 +123,7 @@ def create_app(
             lock.release()
             app.state.startup_error = err
             raise
-        engine = None
-        if manager.generative:  # a language model: the OpenAI-compatible routes generate
-            engine = GenerationEngine(manager, config.generation)
-            engine.start()
-            backend = replicas.systems[0].backend
-            app.state.model_id = config.model_id(backend.checkpoint)
-            app.state.model_created = int(time.time())
-            app.state.chat_template = getattr(backend, "chat_template", None) is not None
-        app.state.engine = engine
+        engine = _start_engine(app, manager, config)
         app.state.manager = manager
         app.state.labels = frozenset(replicas.labels)
         logger.info("serving policy %r, slot %d", manager.policy_name, manager.slot)
@@ -326,6 +321,24 @@ def _check_texts(texts: Sequence[str], config: ServeConfig, *, field: str) -> No
             raise ClientError(
                 422, f"{where} is not valid Unicode (a lone surrogate at position {err.start})"
             ) from None
+
+
+def _start_engine(
+    app: FastAPI, service: SlotService, config: ServeConfig
+) -> GenerationEngine | None:
+    """A language model: the generation engine the OpenAI-compatible routes feed."""
+    app.state.engine = None
+    if not service.generative:
+        return None
+    manager = cast(GenerativeService, service)  # (generative: it leases model copies)
+    engine = GenerationEngine(manager, config.generation)
+    engine.start()
+    backend = manager.backend
+    app.state.model_id = config.model_id(backend.checkpoint)
+    app.state.model_created = int(time.time())
+    app.state.chat_template = getattr(backend, "chat_template", None) is not None
+    app.state.engine = engine
+    return engine
 
 
 def _install_error_handlers(app: FastAPI) -> None:

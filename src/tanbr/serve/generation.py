@@ -35,7 +35,9 @@ from typing import Any
 import torch
 
 from tanbr.backend.protocol import DecodeBatch, GenerativeBackend
-from tanbr.serve.slots import Completion, Lease, ServiceBusyError, SlotManager
+from tanbr.serve.ledger import Completion
+from tanbr.serve.service import GenerativeService
+from tanbr.serve.slots import Lease, ServiceBusyError
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +266,7 @@ class _Cohort:
 class GenerationEngine:
     """The thread that generates every admitted request, one token each per round."""
 
-    def __init__(self, manager: SlotManager, config: GenerationConfig) -> None:
+    def __init__(self, manager: GenerativeService, config: GenerationConfig) -> None:
         if not manager.generative:
             raise ValueError("the generation engine needs a language model (kind 'lm')")
         self.manager = manager

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from tanbr.backend.protocol import GenerativeBackend
 from tanbr.backend.requests import Requests
 from tanbr.backend.scorers import Agreement
 from tanbr.experiment.loop import Decision, System, feedback
@@ -26,6 +28,20 @@ from tanbr.experiment.reward import Outcomes
 from tanbr.serve.state import FeedbackRow, SlotRow, StateStore, UpdateRow
 
 KEEP_DECISIONS = 64  # recent decisions kept in memory and in the snapshot
+
+
+@dataclass(frozen=True, kw_only=True)
+class Completion:
+    """A finished generation: what was served, by which slot, token for token."""
+
+    request_id: str
+    slot: int
+    prompt: str  # the prompt as the model saw it (a chat rendered by its template)
+    prompt_ids: tuple[int, ...]
+    output_ids: tuple[int, ...]  # every token drawn, a final stop token included
+    text: str  # the continuation sent to the client (a stop sequence cut off)
+    finish_reason: str
+    served_nll: float  # mean -log p of output_ids under the model that served them
 
 
 class SlotLedger:
@@ -116,6 +132,60 @@ class SlotLedger:
         )
         reward = feedback(system, self.decisions[slot], outcomes)
         return None if reward is None else UpdateRow(slot, reward, len(pick), upto, time.time())
+
+    def likelihood_rewards(
+        self,
+        system: System,
+        completions: Sequence[Completion],
+        upto: int,
+        *,
+        size: int,
+        seed: int,
+        open_slot: int,
+        open_latency_ms: float,
+    ) -> list[UpdateRow]:
+        """Score a sample of ``size`` of the generations finished since the last boundary by
+        the full MoE (``system``'s model, restored to it).
+
+        A continuation y was drawn from the merged model q; the full MoE p scores it token for
+        token. Its score is exp(-max(0, d)), d = mean over its tokens of log q(y_t) - log p(y_t)
+        (q's log-probabilities were kept while generating, so this costs one full-MoE pass).
+        At temperature 1, d is an unbiased estimate of KL(q || p) per token: the score is 1
+        when the merged model writes as the full MoE would, and falls as they part. Unlike
+        exp(-NLL under p) alone, it does not reward a merge for the slot's prompts being easy.
+        One reward and policy update per slot that served them, with that slot's own decision
+        (label-free); a policy that does not learn skips the cost.
+        """
+        if size <= 0 or not completions or not system.mode.learns:
+            return []
+        rng = np.random.default_rng([seed, 11])
+        pick = np.sort(
+            rng.choice(len(completions), size=min(size, len(completions)), replace=False)
+        )
+        sample = [completions[i] for i in pick]
+        backend = system.backend
+        if not isinstance(backend, GenerativeBackend):
+            raise ValueError(f"the backend {type(backend).__name__} cannot score generations")
+        backend.restore()
+        nll = backend.nll_ids([c.prompt_ids for c in sample], [c.output_ids for c in sample])
+        served = np.asarray([c.served_nll for c in sample], dtype=np.float64)
+        scores = likelihood_scores(served, np.asarray(nll, dtype=np.float64))
+        updates, now = [], time.time()
+        for slot in sorted({c.slot for c in sample}):
+            mine = np.asarray([c.slot == slot for c in sample])
+            decision, latency_ms, memory = self.decision_of(
+                slot, open_slot=open_slot, open_latency_ms=open_latency_ms
+            )
+            outcomes = Outcomes(
+                float(scores[mine].sum()),
+                int(mine.sum()),
+                latency_ms=latency_ms,
+                memory_bytes=memory,
+            )
+            reward = feedback(system, decision, outcomes)
+            if reward is not None:
+                updates.append(UpdateRow(slot, reward, int(mine.sum()), upto, now))
+        return updates
 
     def open_slot(self, slot: int, decision: Decision, merge_ms: float, memory: int) -> None:
         """The slot history's row of a slot that is about to serve."""
@@ -219,6 +289,13 @@ def feedback_outcomes(rows: Sequence[FeedbackRow], latency_ms: float, memory: in
         memory_bytes=memory,
         reward=min(1.0, max(0.0, mean)),
     )
+
+
+def likelihood_scores(served_nll: np.ndarray, full_nll: np.ndarray) -> np.ndarray:
+    """(m,) scores in (0, 1] of served continuations: exp(-max(0, full_nll - served_nll)),
+    both mean NLL per token of the same tokens (under the serving model and the full MoE)."""
+    gap = np.clip(np.asarray(full_nll, dtype=np.float64) - served_nll, 0.0, None)
+    return np.asarray(np.exp(-gap), dtype=np.float64)
 
 
 def _exact(x: Any) -> list[float]:

@@ -45,7 +45,7 @@ import numpy as np
 from tanbr.backend.requests import Requests
 from tanbr.experiment.loop import Decision, decide, observe
 from tanbr.serve.boundaries import BoundarySchedule
-from tanbr.serve.ledger import SlotLedger
+from tanbr.serve.ledger import Completion, SlotLedger
 from tanbr.serve.replicas import ServeConfig, build_replicas
 from tanbr.serve.state import (
     FeedbackRow,
@@ -153,14 +153,18 @@ class SlotController:
         self.policy_name = self.system.mode.name
         scorer = self.system.scorer
         slots = self.config.slots
+        self.generative = self.system.backend.kind == "lm"
+        # a language model's continuation likelihood needs no truth, whatever the reward kind
+        label_free = not scorer.needs_truth or self.generative
         self.shadow = (
             slots.shadow
             if slots.shadow is not None
-            else (0 if scorer.needs_truth else self.system.labelling.probe)
+            else (self.system.labelling.probe if label_free else 0)
         )
         self.ledger = SlotLedger(self.store, policy_name=self.policy_name, meta=self.meta)
         self._texts: list[str] = []
         self._served_labels: list[int] = []
+        self._completions: list[Completion] = []  # generations finished since the boundary
         self._signed_texts: list[str] = []  # texts the replicas sent signatures of
         self._signatures: list[np.ndarray] = []  # ... and those signatures, per batch
         snapshot = self.store.load_snapshot()
@@ -295,6 +299,15 @@ class SlotController:
                 if self._slot_served >= self.config.slots.slot_size:
                     self._boundaries.request("count")
 
+    def complete(self, completion: Completion, model_ms: float) -> None:
+        """A finished generation, durable before the client's stream ends: it counts for the
+        slot that served it, its prompt joins the estimator's history (signed here), and it
+        may be sampled for the label-free likelihood reward."""
+        row = RequestRow(completion.request_id, completion.slot, completion.text, time.time())
+        self.record([row], [completion.prompt], [-1], model_ms)
+        with self._lock:
+            self._completions.append(completion)
+
     def feedback(
         self, request_id: str, *, label: str | None = None, reward: float | None = None
     ) -> FeedbackRow:
@@ -397,6 +410,7 @@ class SlotController:
             latency_ms = self._slot_latency_ms
             texts, self._texts = self._texts, []
             served_labels, self._served_labels = self._served_labels, []
+            completions, self._completions = self._completions, []
             signed_texts, self._signed_texts = self._signed_texts, []
             signatures, self._signatures = self._signatures, []
         # 6-7. reward and policy update from the feedback acknowledged so far
@@ -408,19 +422,30 @@ class SlotController:
             open_slot=closing,
             open_latency_ms=latency_ms,
         )
-        row = self.store.slot(closing)
-        shadow = self.ledger.shadow_reward(
-            self.system,
-            closing,
-            texts,
-            served_labels,
-            size=self.shadow,
-            latency_ms=latency_ms,
-            memory=row.memory_bytes if row is not None else 0,
-            upto=upto,
-        )
-        if shadow is not None:
-            updates.append(shadow)
+        if self.generative:  # on the controller's copy: the full MoE, never merged
+            updates += self.ledger.likelihood_rewards(
+                self.system,
+                completions,
+                upto,
+                size=self.shadow,
+                seed=closing,
+                open_slot=closing,
+                open_latency_ms=latency_ms,
+            )
+        else:
+            row = self.store.slot(closing)
+            shadow = self.ledger.shadow_reward(
+                self.system,
+                closing,
+                texts,
+                served_labels,
+                size=self.shadow,
+                latency_ms=latency_ms,
+                memory=row.memory_bytes if row is not None else 0,
+                upto=upto,
+            )
+            if shadow is not None:
+                updates.append(shadow)
         # 1-3. the closing slot's texts join the estimator's history; estimate, select, plan
         if self.system.mode.learns:
             self._observe(closing, texts, signed_texts, signatures)

@@ -39,10 +39,11 @@ from tanbr.backend.requests import Requests
 from tanbr.experiment.loop import Decision, System, apply_decision
 from tanbr.experiment.loop import serve as serve_batch
 from tanbr.serve.app import create_app
+from tanbr.serve.ledger import Completion
 from tanbr.serve.metrics import ServiceMetrics
 from tanbr.serve.ray_controller import Instruction, Signed, SlotController
 from tanbr.serve.replicas import ServeConfig
-from tanbr.serve.slots import Answer, ServiceBusyError
+from tanbr.serve.slots import Answer, Lease, ServiceBusyError
 from tanbr.serve.state import FeedbackRow, RequestRow
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class ReplicaSlots:
         self._failure: str | None = None
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self.generative = False  # classifiers only (checked when the model loads)
+        self.generative = False  # a causal LM (known once the model loads)
         self._rng = np.random.default_rng()
 
     def start(self) -> None:
@@ -123,11 +124,7 @@ class ReplicaSlots:
         self.labels = list(hello.labels)
         self.policy_name = hello.parts["mode"].name
         backend = replica_backend(self.config, hello.meta)
-        if backend.kind == "lm":
-            raise ValueError(
-                "tanbr serve --executor ray serves classifiers; a causal LM is served by the "
-                "single-process service (tanbr serve --model PATH)"
-            )
+        self.generative = backend.kind == "lm"
         backend.restore()
         a = System(backend=backend, **hello.parts)
         b = dataclasses.replace(a, backend=backend.replica())
@@ -136,10 +133,11 @@ class ReplicaSlots:
         self._prepared = -1
         apply_decision(a, hello.decision)
         self._copies[0].slot = hello.slot
-        self._threads = [
-            threading.Thread(target=self._batch_loop, name="tanbr-batcher", daemon=True),
-            threading.Thread(target=self._follow, name="tanbr-follow", daemon=True),
-        ]
+        self._threads = [threading.Thread(target=self._follow, name="tanbr-follow", daemon=True)]
+        if not self.generative:  # a language model's requests go through the generation engine
+            self._threads.append(
+                threading.Thread(target=self._batch_loop, name="tanbr-batcher", daemon=True)
+            )
         for thread in self._threads:
             thread.start()
         logger.info("replica %s serves slot %d", self.replica_id, hello.slot)
@@ -173,6 +171,32 @@ class ReplicaSlots:
                 f"request queue is full ({self.config.slots.max_queue} calls waiting)"
             ) from None
         return job.future
+
+    @property
+    def backend(self) -> Backend:
+        return self._copies[0].system.backend
+
+    def lease(self) -> Lease:
+        """Pin a generation that starts now to the active copy (it is not re-merged until
+        :meth:`release`)."""
+        with self._lock:
+            if self._stopping:
+                raise ServiceBusyError("the service is shutting down")
+            copy = self._copies[self._active]
+            copy.inflight += 1
+            return Lease(slot=copy.slot, backend=copy.system.backend, replica=copy)
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            lease.replica.inflight -= 1
+            self._lock.notify_all()
+
+    def complete(self, completion: Completion, *, model_ms: float = 0.0) -> None:
+        """A finished generation, durable at the controller (which counts it for its slot,
+        and may score it for the label-free reward) before the client's stream ends."""
+        self._call(self.controller.complete.remote(completion, model_ms))
+        self.metrics.model_latency.observe(model_ms / 1e3)
+        self.metrics.predictions.inc()
 
     def observe_latency(self, predict_ms: float) -> None:
         self._predict_ms.append(predict_ms)
@@ -426,6 +450,13 @@ def start_service(
     if replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
     started = connect(address)
+    if APP_NAME in serve.status().applications:  # one proxy and route "/" per cluster
+        if started:
+            ray.shutdown()
+        raise ValueError(
+            f"a tanbr service already runs on this Ray cluster (Ray Serve application "
+            f"{APP_NAME!r}); stop it, or serve on another cluster"
+        )
     name = f"tanbr-controller-{uuid.uuid4().hex[:8]}"
     try:
         controller = start_controller(config, name)

@@ -8,7 +8,9 @@ import concurrent.futures
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from tanbr.serve.slots import Answer
+from tanbr.backend.protocol import Backend
+from tanbr.serve.ledger import Completion
+from tanbr.serve.slots import Answer, Lease
 from tanbr.serve.state import FeedbackRow
 
 
@@ -40,3 +42,19 @@ class SlotService(Protocol):
     def close_slot(self, *, reason: str = "admin") -> tuple[int, int]: ...
 
     def stop(self) -> None: ...
+
+
+class GenerativeService(SlotService, Protocol):
+    """A slot owner serving a causal LM: the generation engine pins each generation to the
+    model copy serving when it starts, and records it when it ends."""
+
+    @property
+    def backend(self) -> Backend:
+        """The model served (its checkpoint names the model for the OpenAI routes)."""
+        ...
+
+    def lease(self) -> Lease: ...
+
+    def release(self, lease: Lease) -> None: ...
+
+    def complete(self, completion: Completion, *, model_ms: float = 0.0) -> None: ...

@@ -53,15 +53,13 @@ from tanbr.experiment.loop import (
     System,
     apply_decision,
     decide,
-    feedback,
     observe,
     serve,
 )
-from tanbr.experiment.reward import Outcomes
 from tanbr.serve.boundaries import BoundarySchedule
-from tanbr.serve.ledger import SlotLedger
+from tanbr.serve.ledger import Completion, SlotLedger
 from tanbr.serve.metrics import ServiceMetrics
-from tanbr.serve.state import FeedbackRow, RequestRow, StateStore, UpdateRow
+from tanbr.serve.state import FeedbackRow, RequestRow, StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -119,20 +117,6 @@ class Answer:
     probs: np.ndarray  # (n_labels,)
 
 
-@dataclass(frozen=True, kw_only=True)
-class Completion:
-    """A finished generation: what was served, by which slot, token for token."""
-
-    request_id: str
-    slot: int
-    prompt: str  # the prompt as the model saw it (a chat rendered by its template)
-    prompt_ids: tuple[int, ...]
-    output_ids: tuple[int, ...]  # every token drawn, a final stop token included
-    text: str  # the continuation sent to the client (a stop sequence cut off)
-    finish_reason: str
-    served_nll: float  # mean -log p of output_ids under the model that served them
-
-
 # --- internals ------------------------------------------------------------------------------
 
 
@@ -152,7 +136,7 @@ class Lease:
 
     slot: int
     backend: Backend
-    replica: _Replica
+    replica: Any  # the model copy it is pinned to (its owner's: counts the forwards on it)
 
 
 @dataclass
@@ -435,6 +419,11 @@ class SlotManager:
         return self._slot
 
     @property
+    def backend(self) -> Backend:
+        """The model served (the first replica's copy)."""
+        return self._replicas[0].system.backend
+
+    @property
     def failure(self) -> BaseException | None:
         """The error that stopped the boundary thread, if any (the health check reports it)."""
         return self._failure
@@ -587,7 +576,15 @@ class SlotManager:
         # --- the shadow reward: a sample of the closing slot against the full MoE, on the idle
         # standby replica (label-free; nothing waits for it)
         if self.generative:
-            updates += self._likelihood_rewards(standby, completions, upto)
+            updates += self.ledger.likelihood_rewards(
+                standby.system,
+                completions,
+                upto,
+                size=self.shadow,
+                seed=closing,
+                open_slot=closing,
+                open_latency_ms=latency_ms,
+            )
         else:
             shadow = self.ledger.shadow_reward(
                 standby.system,
@@ -639,55 +636,6 @@ class SlotManager:
             len(updates),
             clock,
         )
-
-    def _likelihood_rewards(
-        self, replica: _Replica, completions: list[Completion], upto: int
-    ) -> list[UpdateRow]:
-        """Score a sample of the generations finished since the last boundary by the full MoE.
-
-        A continuation y was drawn from the merged model q; the full MoE p scores it token for
-        token. Its score is exp(-max(0, d)), d = mean over its tokens of log q(y_t) - log p(y_t)
-        (q's log-probabilities were kept while generating, so this costs one full-MoE pass).
-        At temperature 1, d is an unbiased estimate of KL(q || p) per token: the score is 1
-        when the merged model writes as the full MoE would, and falls as they part. Unlike
-        exp(-NLL under p) alone, it does not reward a merge for the slot's prompts being easy.
-        One reward and policy update per slot that served them, with that slot's own decision
-        (label-free).
-
-        Runs on the idle standby replica, restored to the full MoE (it is re-merged for the next
-        slot right after); a policy that does not learn skips the cost.
-        """
-        system = replica.system
-        if self.shadow <= 0 or not completions or not system.mode.learns:
-            return []
-        rng = np.random.default_rng([self._slot, 11])
-        size = min(self.shadow, len(completions))
-        pick = np.sort(rng.choice(len(completions), size=size, replace=False))
-        sample = [completions[i] for i in pick]
-        backend = system.backend
-        assert isinstance(backend, GenerativeBackend)
-        system.backend.restore()
-        nll = backend.nll_ids([c.prompt_ids for c in sample], [c.output_ids for c in sample])
-        served = np.asarray([c.served_nll for c in sample], dtype=np.float64)
-        scores = likelihood_scores(served, np.asarray(nll, dtype=np.float64))
-        updates = []
-        now = time.time()
-        for slot in sorted({c.slot for c in sample}):
-            mine = np.asarray([c.slot == slot for c in sample])
-            decision, latency_ms, memory = self.ledger.decision_of(
-                slot, open_slot=self._slot, open_latency_ms=self._slot_latency_ms
-            )
-            outcomes = Outcomes(
-                float(scores[mine].sum()),
-                int(mine.sum()),
-                latency_ms=latency_ms,
-                memory_bytes=memory,
-            )
-            reward = feedback(system, decision, outcomes)
-            if reward is None:
-                continue
-            updates.append(UpdateRow(slot, reward, int(mine.sum()), upto, now))
-        return updates
 
     def _sample(self, texts: list[str], slot: int) -> list[str]:
         """At most ``observe_max`` texts, uniformly (seeded by the slot: reproducible)."""
@@ -742,13 +690,6 @@ class _Clock:
     def __str__(self) -> str:
         laps = ", ".join(f"{name} {ms:.0f}" for name, ms in self._laps)
         return f"{self.total_ms:.0f} ms ({laps})"
-
-
-def likelihood_scores(served_nll: np.ndarray, full_nll: np.ndarray) -> np.ndarray:
-    """(m,) scores in (0, 1] of served continuations: exp(-max(0, full_nll - served_nll)),
-    both mean NLL per token of the same tokens (under the serving model and the full MoE)."""
-    gap = np.clip(np.asarray(full_nll, dtype=np.float64) - served_nll, 0.0, None)
-    return np.asarray(np.exp(-gap), dtype=np.float64)
 
 
 def _floats(x: Any, digits: int = 6) -> list[float]:
