@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tanbr.serve.batcher import ServiceBusyError
 from tanbr.serve.generation import GenerationEngine
 from tanbr.serve.metrics import CONTENT_TYPE, ServiceMetrics
 from tanbr.serve.openai_api import OpenAIError, error_body, is_openai_path, openai_router
@@ -49,7 +50,7 @@ from tanbr.serve.schemas import (
     StatusResponse,
 )
 from tanbr.serve.service import GenerativeService, SlotService
-from tanbr.serve.slots import ServiceBusyError, SlotManager
+from tanbr.serve.slots import SlotManager
 from tanbr.serve.state import (
     DuplicateFeedbackError,
     StateLock,

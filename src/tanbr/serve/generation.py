@@ -35,9 +35,10 @@ from typing import Any
 import torch
 
 from tanbr.backend.protocol import DecodeBatch, GenerativeBackend
+from tanbr.serve.batcher import ServiceBusyError
 from tanbr.serve.ledger import Completion
 from tanbr.serve.service import GenerativeService
-from tanbr.serve.slots import Lease, ServiceBusyError
+from tanbr.serve.slots import Lease
 
 logger = logging.getLogger(__name__)
 

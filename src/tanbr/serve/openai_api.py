@@ -28,6 +28,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from tanbr.serve.batcher import ServiceBusyError
 from tanbr.serve.generation import (
     Delta,
     Event,
@@ -40,7 +41,6 @@ from tanbr.serve.generation import (
     SamplingParams,
     Started,
 )
-from tanbr.serve.slots import ServiceBusyError
 
 OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions endpoint

@@ -19,7 +19,6 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
@@ -39,11 +38,12 @@ from tanbr.backend.requests import Requests
 from tanbr.experiment.loop import Decision, System, apply_decision
 from tanbr.experiment.loop import serve as serve_batch
 from tanbr.serve.app import create_app
+from tanbr.serve.batcher import Answer, Job, MicroBatcher, ServiceBusyError
 from tanbr.serve.ledger import Completion
 from tanbr.serve.metrics import ServiceMetrics
 from tanbr.serve.ray_controller import Instruction, Signed, SlotController
 from tanbr.serve.replicas import ServeConfig
-from tanbr.serve.slots import Answer, Lease, ServiceBusyError
+from tanbr.serve.slots import Lease
 from tanbr.serve.state import FeedbackRow, RequestRow
 
 logger = logging.getLogger(__name__)
@@ -89,12 +89,6 @@ class _Copy:
         self.inflight = 0
 
 
-@dataclass
-class _Job:
-    texts: list[str]
-    future: concurrent.futures.Future[list[Answer]]
-
-
 def _unwrap(err: BaseException) -> BaseException:
     """The exception the controller raised (Ray wraps it in a RayTaskError)."""
     cause = getattr(err, "cause", None)
@@ -110,7 +104,12 @@ class ReplicaSlots:
         self.metrics = metrics
         self.replica_id = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._lock = threading.Condition()
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.slots.max_queue)
+        self._batcher = MicroBatcher(
+            self._serve,
+            max_batch=config.slots.max_batch,
+            max_queue=config.slots.max_queue,
+            wait_ms=config.slots.batch_wait_ms,
+        )
         self._predict_ms: collections.deque[float] = collections.deque(maxlen=2048)
         self._failure: str | None = None
         self._stopping = False
@@ -134,16 +133,14 @@ class ReplicaSlots:
         apply_decision(a, hello.decision)
         self._copies[0].slot = hello.slot
         self._threads = [threading.Thread(target=self._follow, name="tanbr-follow", daemon=True)]
-        if not self.generative:  # a language model's requests go through the generation engine
-            self._threads.append(
-                threading.Thread(target=self._batch_loop, name="tanbr-batcher", daemon=True)
-            )
         for thread in self._threads:
             thread.start()
+        if not self.generative:  # a language model's requests go through the generation engine
+            self._batcher.start()
         logger.info("replica %s serves slot %d", self.replica_id, hello.slot)
 
     def stop(self) -> None:
-        self._queue.put(None)
+        self._batcher.stop(10)
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
@@ -161,16 +158,7 @@ class ReplicaSlots:
         return self._failure
 
     def submit(self, texts: Sequence[str]) -> concurrent.futures.Future[list[Answer]]:
-        if self._stopping:
-            raise ServiceBusyError("the service is shutting down")
-        job = _Job(list(texts), concurrent.futures.Future())
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise ServiceBusyError(
-                f"request queue is full ({self.config.slots.max_queue} calls waiting)"
-            ) from None
-        return job.future
+        return self._batcher.submit(texts)
 
     @property
     def backend(self) -> Backend:
@@ -229,31 +217,7 @@ class ReplicaSlots:
 
     # --- serving --------------------------------------------------------------------------
 
-    def _batch_loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            jobs, n = [job], len(job.texts)
-            while n < self.config.slots.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                jobs.append(nxt)
-                n += len(nxt.texts)
-            try:
-                self._serve(jobs)
-            except Exception as err:
-                logger.exception("serving %d calls failed", len(jobs))
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(_unwrap(err))
-
-    def _serve(self, jobs: list[_Job]) -> None:
+    def _serve(self, jobs: list[Job]) -> None:
         texts = [t for job in jobs for t in job.texts]
         with self._lock:
             copy = self._copies[self._active]

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from tanbr.backend.protocol import Backend
+from tanbr.serve.batcher import Answer
 from tanbr.serve.ledger import Completion
-from tanbr.serve.slots import Answer, Lease
+from tanbr.serve.slots import Lease
 from tanbr.serve.state import FeedbackRow
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -56,6 +55,7 @@ from tanbr.experiment.loop import (
     observe,
     serve,
 )
+from tanbr.serve.batcher import Answer, Job, MicroBatcher, ServiceBusyError
 from tanbr.serve.boundaries import BoundarySchedule
 from tanbr.serve.ledger import Completion, SlotLedger
 from tanbr.serve.metrics import ServiceMetrics
@@ -103,20 +103,6 @@ class SlotConfig:
             raise ValueError(f"shadow must be >= 0 (or unset), got {self.shadow}")
 
 
-class ServiceBusyError(RuntimeError):
-    """The request queue is full: the service is overloaded (a 503, not a client error)."""
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What a predict call gets back for one text."""
-
-    request_id: str
-    slot: int
-    label: str
-    probs: np.ndarray  # (n_labels,)
-
-
 # --- internals ------------------------------------------------------------------------------
 
 
@@ -137,12 +123,6 @@ class Lease:
     slot: int
     backend: Backend
     replica: Any  # the model copy it is pinned to (its owner's: counts the forwards on it)
-
-
-@dataclass
-class _Job:
-    texts: list[str]
-    future: concurrent.futures.Future[list[Answer]]
 
 
 _WINDOW = 2048  # latency observations kept for /v1/status
@@ -186,7 +166,12 @@ class SlotManager:
         self.config = config
         self.policy_name = a.mode.name
         self._lock = threading.Condition()
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_queue)
+        self._batcher = MicroBatcher(
+            self._serve,
+            max_batch=config.max_batch,
+            max_queue=config.max_queue,
+            wait_ms=config.batch_wait_ms,
+        )
         self._replicas = [_Replica(a), _Replica(b)]
         self._active = 0
         # learning state: touched by the boundary thread only, once started
@@ -255,23 +240,21 @@ class SlotManager:
         self._threads = [
             threading.Thread(target=self._boundary_loop, name="tanbr-boundary", daemon=True)
         ]
-        if not self.generative:  # a language model's requests go through the generation engine
-            self._threads.append(
-                threading.Thread(target=self._batch_loop, name="tanbr-batcher", daemon=True)
-            )
         for thread in self._threads:
             thread.start()
+        if not self.generative:  # a language model's requests go through the generation engine
+            self._batcher.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Answer what is queued, stop the threads (the state is already durable) and put the
         models back as they were loaded (a model may be shared within the process)."""
-        self._queue.put(None)
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
+        answered = self.generative or self._batcher.stop(timeout)
         for thread in self._threads:
             thread.join(timeout)
-        if not any(t.is_alive() for t in self._threads):
+        if answered and not any(t.is_alive() for t in self._threads):
             for replica in self._replicas:
                 replica.system.backend.restore()
         self._threads = []
@@ -282,14 +265,7 @@ class SlotManager:
         """Queue texts for the next micro-batch; the future resolves to one answer per text."""
         if self._stopping:
             raise ServiceBusyError("the service is shutting down")
-        job = _Job(list(texts), concurrent.futures.Future())
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise ServiceBusyError(
-                f"request queue is full ({self.config.max_queue} calls waiting)"
-            ) from None
-        return job.future
+        return self._batcher.submit(texts)
 
     def lease(self) -> Lease:
         """Pin a generation that starts now to the active replica; it counts for this slot.
@@ -430,48 +406,7 @@ class SlotManager:
 
     # --- the micro-batcher --------------------------------------------------------------
 
-    def _batch_loop(self) -> None:
-        wait_s = self.config.batch_wait_ms / 1000.0
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            jobs = [job]
-            n = len(job.texts)
-            deadline = time.monotonic() + wait_s
-            while n < self.config.max_batch:
-                remaining = deadline - time.monotonic()
-                try:
-                    if remaining > 0:
-                        nxt = self._queue.get(timeout=remaining)
-                    else:
-                        nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # keep the stop marker for the outer loop
-                    break
-                jobs.append(nxt)
-                n += len(nxt.texts)
-            try:
-                self._serve(jobs)
-            except Exception:
-                # one call's texts must not fail the others batched with it: serve each alone
-                if len(jobs) == 1:
-                    self._fail(jobs[0])
-                    continue
-                for j in jobs:
-                    try:
-                        self._serve([j])
-                    except Exception:
-                        self._fail(j)
-
-    def _fail(self, job: _Job) -> None:
-        logger.exception("serving %d texts failed", len(job.texts))
-        if not job.future.done():
-            job.future.set_exception(RuntimeError("the model failed on this request"))
-
-    def _serve(self, jobs: list[_Job]) -> None:
+    def _serve(self, jobs: list[Job]) -> None:
         texts = [t for job in jobs for t in job.texts]
         with self._lock:
             replica = self._replicas[self._active]
