@@ -45,6 +45,12 @@ class BoundarySchedule:
     def done(self, ticket: int) -> bool:
         return self.finished >= ticket
 
+    def close_now(self, reason: str, *, timeout: float, halted: Callable[[], bool]) -> bool:
+        """An admin close: ask for a fresh boundary and wait (releasing the lock) until it has
+        committed, or ``halted`` (the boundaries failed, the owner stops); False on timeout."""
+        ticket = self.request_fresh(reason)
+        return self._lock.wait_for(lambda: self.done(ticket) or halted(), timeout)
+
     def take(self, *, due: Callable[[], float | None], stopping: Callable[[], bool]) -> str | None:
         """Block (releasing the lock) until a boundary is due, mark it running and return its
         reason; ``None`` when the owner stops. ``due`` gives the wall-clock time at which the

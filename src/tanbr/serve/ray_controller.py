@@ -323,13 +323,7 @@ class SlotController:
         with self._lock:
             self._check_alive()
             closing = self._slot
-            ticket = self._boundaries.request_fresh(reason)
-            done = self._lock.wait_for(
-                lambda: (
-                    self._boundaries.done(ticket) or self._failure is not None or self._stopping
-                ),
-                timeout,
-            )
+            done = self._boundaries.close_now(reason, timeout=timeout, halted=self._halted)
             self._check_alive()
             if not done:
                 raise TimeoutError(f"slot {closing} did not close within {timeout} s")
@@ -522,6 +516,9 @@ class SlotController:
         self._slot_served = self.store.count_requests(slot)
         self._slot_first_request = time.time() if self._slot_served else None
         self._slot_latency_ms = 0.0
+
+    def _halted(self) -> bool:
+        return self._failure is not None or self._stopping
 
     def _check_alive(self) -> None:
         if self._failure is not None:

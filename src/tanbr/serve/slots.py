@@ -2,10 +2,11 @@
 
 Three moving parts, each on its own thread so that no HTTP request ever waits for a merge:
 
-* **Micro-batcher** (one inference thread). Predict calls enqueue their texts; the thread takes
-  whatever is queued (up to ``max_batch`` texts), serves it on the *active* replica with the
-  loop's :func:`~tanbr.experiment.loop.serve`, records the served requests durably and answers.
-  Batching the backlog of concurrent clients is what lets a 2-core box keep up with many.
+* **Micro-batcher** (one inference thread, :mod:`tanbr.serve.batcher`). Predict calls enqueue
+  their texts; the thread takes whatever is queued (up to ``max_batch`` texts), serves it on
+  the *active* replica with the loop's :func:`~tanbr.experiment.loop.serve`, records the served
+  requests durably and answers. Batching the backlog of concurrent clients is what lets a
+  2-core box keep up with many.
 * **Boundary thread.** When the active slot has served ``slot_size`` texts, ``slot_seconds``
   after its first text, or on an admin call, it runs the slot boundary with the loop's phase
   functions, off the request path: :func:`~tanbr.experiment.loop.feedback` (reward and policy
@@ -336,13 +337,7 @@ class SlotManager:
         with self._lock:
             self._check_alive()
             closing = self._slot
-            ticket = self._boundaries.request_fresh(reason)
-            done = self._lock.wait_for(
-                lambda: (
-                    self._boundaries.done(ticket) or self._failure is not None or self._stopping
-                ),
-                timeout,
-            )
+            done = self._boundaries.close_now(reason, timeout=timeout, halted=self._halted)
             self._check_alive()
             if not done:
                 raise TimeoutError(f"slot {closing} did not close within {timeout} s")
@@ -598,6 +593,9 @@ class SlotManager:
         self._slot_latency_ms = 0.0
         self.metrics.slot.set(slot)
         self.metrics.slot_requests.set(self._slot_served)
+
+    def _halted(self) -> bool:
+        return self._failure is not None or self._stopping
 
     def _check_alive(self) -> None:
         if self._failure is not None:
