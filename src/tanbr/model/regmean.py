@@ -319,7 +319,8 @@ def solve_merge(
     1537-wide map) it means: a's Cholesky factorisation ``L L^T`` fails, or
     ``(min_i L_ii / max_i L_ii)^2``, an upper bound of that eigenvalue ratio, is at most RCOND.
     The cheap test may pass a matrix the exact one calls singular (then solved as it is, in
-    float64); on a matrix both pass, the two give the same solution.
+    float64); on a matrix both pass, the two give the same solution up to rounding (the cheap
+    one solves with the Cholesky factor it has, the exact one with an LU factorisation).
     """
     scale = float(torch.diagonal(a).mean())
     if not scale > 0.0:
@@ -327,7 +328,7 @@ def solve_merge(
             f"{where}: no calibration token reached any expert of this block; pass batches "
             "that run through it"
         )
-    singular, span = _singular(a, exact_check)
+    factor, singular, span = _singular(a, exact_check)
     if singular:
         if ridge == 0.0:
             raise ValueError(
@@ -337,6 +338,7 @@ def solve_merge(
         lam = ridge * scale / n_experts
         a = a + n_experts * lam * torch.eye(a.shape[0], dtype=a.dtype)
         num = num + lam * w_sum
+        factor = None
         logger.warning(
             "%s: the sum of Gram matrices is singular (%s); added a ridge of %.3g to each "
             "expert's Gram matrix: the unspanned directions take the plain average",
@@ -344,25 +346,29 @@ def solve_merge(
             span,
             lam,
         )
+    if factor is not None:  # the check's Cholesky factor solves it too
+        solved: torch.Tensor = torch.cholesky_solve(num.T, factor).T
+        return solved
     merged: torch.Tensor = torch.linalg.solve(a, num.T).T  # num a^-1 (a symmetric)
     return merged
 
 
-def _singular(a: torch.Tensor, exact: bool) -> tuple[bool, str]:
-    """Whether ``a`` counts as singular, and what is known of the span of its inputs."""
+def _singular(a: torch.Tensor, exact: bool) -> tuple[torch.Tensor | None, bool, str]:
+    """Whether ``a`` counts as singular and what is known of the span of its inputs; without
+    ``exact``, also a's Cholesky factor (None when it has none)."""
     if exact:
         eig = torch.linalg.eigvalsh(a)
         if float(eig[0]) > RCOND * float(eig[-1]):
-            return False, ""
+            return None, False, ""
         rank = int((eig > RCOND * eig[-1]).sum())
-        return True, f"the routed inputs span {rank} of {a.shape[0]} dimensions"
+        return None, True, f"the routed inputs span {rank} of {a.shape[0]} dimensions"
     factor, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:
-        return True, f"not positive definite, {a.shape[0]} dimensions"
+        return None, True, f"not positive definite, {a.shape[0]} dimensions"
     diag = torch.diagonal(factor)
     if float(diag.min()) ** 2 > RCOND * float(diag.max()) ** 2:
-        return False, ""
-    return True, f"ill-conditioned, {a.shape[0]} dimensions"
+        return factor, False, ""
+    return None, True, f"ill-conditioned, {a.shape[0]} dimensions"
 
 
 def unpack_map(m: LinearMap, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
