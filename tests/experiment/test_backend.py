@@ -184,3 +184,37 @@ def test_static_merges_serve_through_the_backend(tiny: Any, kind: str) -> None:
     backend.restore()
     assert merged_bytes < backend.memory_bytes()
     np.testing.assert_allclose(backend.predict(requests).probs, full, atol=1e-5)
+
+
+def test_task_regmean_at_the_token_shares_is_static_regmean(tiny: Any) -> None:
+    """Per-type statistics from the backend: the action of each type's share of the
+    calibration tokens is RegMean on all of them; a plan is served through the memo like any
+    merged weights, and the merge that installs it is charged its solve."""
+    from tanbr.backend.plans import build_ms
+    from tanbr.experiment.parameterization import TaskRegMean
+
+    backend, calib, test = tiny
+    requests = Requests(test.texts[:16], test.rows[:16])
+    backend.restore()
+    full = backend.predict(requests).probs
+    cal = Requests(calib.texts[:32])
+    assign = np.arange(32) % 3  # three types, label-free
+    stats = backend.task_regmean_stats(cal, assign, 3)
+    param = TaskRegMean(stats, backend.blocks)
+    assert param.dim == 3 and param.nbytes > 0
+    tokens = next(iter(stats.values())).tokens
+    assert all((s.tokens == tokens).all() and (tokens > 0).all() for s in stats.values())
+    shares = param.plan(tokens / tokens.sum())
+    static = backend.static_plan("regmean", cal)
+    for name, value in shares.items():
+        for target, tensor in value.tensors.items():
+            np.testing.assert_allclose(
+                tensor.float().numpy(), static[name].tensors[target].float().numpy(), atol=1e-5
+            )
+    vertex = param.plan(np.array([1.0, 0.0, 0.0]))
+    backend.merge(vertex)  # deferred by the memo until a prediction needs it
+    served = backend.predict(requests)
+    assert served.merge_ms >= build_ms(vertex) > 0
+    assert not np.allclose(served.probs, full)
+    backend.restore()
+    np.testing.assert_allclose(backend.predict(requests).probs, full, atol=1e-5)

@@ -133,3 +133,28 @@ def test_label_free_all_the_way_on_an_unlabeled_request_trace(
     capsys.readouterr()
     assert cli.main([*args[:-2], "--policy", "slot-oracle", "--out", str(tmp_path / "x")]) == 2
     assert "'slot-oracle' reads each slot's truth" in capsys.readouterr().err
+
+
+def test_compare_with_task_aware_regmean(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """parameterization.kind = task-regmean end to end: the bandit policies, plug-in and the
+    slot oracle serve RegMean merges solved from their actions, charged as merges."""
+    args = [
+        "-q", "compare", str(CONFIG), *FAST,
+        "--set", "parameterization.kind=task-regmean",
+        "--set", "policies=['tanbr', 'plug-in', 'regmean', 'slot-oracle']",
+    ]  # fmt: skip
+    assert cli.main([*args, "--json", "--no-plots", "--out", str(tmp_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    policies = summary["policies"]
+    assert set(policies) == {"tanbr", "plug-in", "regmean", "slot-oracle"}
+    assert all(0.0 <= p["accuracy"] <= 1.0 for p in policies.values())
+    assert policies["plug-in"]["merge_ms"] > 0 and policies["tanbr"]["merge_ms"] > 0
+    assert policies["regmean"]["merge_ms"] == 0.0  # a static merge: merged once
+    records = list(read_trace(_folder(tmp_path) / "trace.jsonl"))
+    assert all(r.coeffs is None and r.action is not None for r in records if r.policy == "tanbr")
+    # grouped merges are refused with this parameterization
+    grouped = [*args, "--set", "merge.experts=2", "--out", str(tmp_path / "g")]
+    assert cli.main(grouped) != 0
+    assert "task-regmean" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,88 @@ def test_grouped_caps_m_and_keeps_every_group() -> None:
         build_parameterization("direct", U3, {"b0": 6, "b1": 6}, experts=2)
     param, absolute = build_parameterization("task-relative", U3, {"b0": 6}, experts=2)
     assert isinstance(param, TaskRelative) and isinstance(absolute, GroupedTaskSimplex)
+
+
+def _type_stats(seed: int = 0) -> dict[str, Any]:
+    """Hand-made task-aware RegMean statistics: K=2 types, two blocks of E=3 experts with one
+    biased map (out 4, in 5), A_k positive definite."""
+    import torch
+
+    from tanbr.model.discovery import MoEBlock, Target
+    from tanbr.model.regmean import LinearMap
+    from tanbr.model.task_regmean import TypeStats
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in ("b0", "b1"):
+        block = MoEBlock(
+            name=name,
+            n_experts=3,
+            layout="fused",
+            experts_name=f"{name}.experts",
+            gate_name=f"{name}.gate",
+            hidden_size=5,
+            targets=(Target("up_proj", (4, 5)), Target("up_proj_bias", (4,))),
+        )
+        x = torch.randn(2, 20, 6, generator=g, dtype=torch.float64)
+        out[name] = TypeStats(
+            block=block,
+            maps=(LinearMap("up_proj", "up_proj", "up_proj_bias", False, 5),),
+            a={"up_proj": x.transpose(1, 2) @ x / 20},
+            b={"up_proj": torch.randn(2, 4, 6, generator=g, dtype=torch.float64)},
+            w_sum={"up_proj": torch.randn(4, 6, generator=g, dtype=torch.float64)},
+            averages={},
+            tokens=np.array([20, 20]),
+            alpha=0.9,
+        )
+    return out
+
+
+def test_task_regmean_solves_each_action_from_the_type_sums() -> None:
+    import torch
+
+    from tanbr.experiment.parameterization import TaskRegMean
+    from tanbr.model import MergedWeights
+
+    stats = _type_stats()
+    param, absolute = build_parameterization(
+        "task-regmean", U, {"b0": 3, "b1": 3}, stats=lambda: stats
+    )
+    assert param is absolute and isinstance(param, TaskRegMean) and param.dim == 2
+    action = np.array([0.25, 0.75])
+    plan = param.plan(action)
+    for name, s in stats.items():
+        value = plan[name]
+        assert isinstance(value, MergedWeights) and value.method == "task-regmean"
+        a = 0.25 * s.a["up_proj"][0] + 0.75 * s.a["up_proj"][1]
+        b = 0.25 * s.b["up_proj"][0] + 0.75 * s.b["up_proj"][1]
+        want = (b @ torch.linalg.inv(a)).float()
+        torch.testing.assert_close(value.tensors["up_proj"], want[:, :5])
+        torch.testing.assert_close(value.tensors["up_proj_bias"], want[:, 5])
+    for action, message in [
+        (np.array([1.0, 0.0, 0.0]), "shape"),
+        (np.array([np.nan, 1.0]), "simplex"),
+        (np.array([0.7, 0.7]), "simplex"),
+        (np.array([-0.5, 1.5]), "simplex"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            param.plan(action)
+
+
+def test_task_regmean_refusals() -> None:
+    from tanbr.experiment.parameterization import TaskRegMean
+
+    stats = _type_stats()
+    with pytest.raises(ValueError, match=r"merge\.experts = 2"):
+        build_parameterization(
+            "task-regmean", U, {"b0": 3, "b1": 3}, experts=2, stats=lambda: stats
+        )
+    with pytest.raises(ValueError, match="per-type RegMean statistics"):
+        build_parameterization("task-regmean", U, {"b0": 3, "b1": 3})
+    with pytest.raises(ValueError, match="every block"):
+        TaskRegMean({"b0": stats["b0"]}, {"b0": 3, "b1": 3})
+    with pytest.raises(ValueError, match="3 experts"):
+        TaskRegMean(stats, {"b0": 4, "b1": 3})
+    called = []
+    build_parameterization("task-simplex", U, {"b0": 3, "b1": 3}, stats=lambda: called.append(1))
+    assert not called  # only task-regmean computes the statistics

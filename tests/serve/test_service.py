@@ -293,7 +293,9 @@ def test_bad_start_arguments_are_one_line_errors(tiny_model: Path, tmp_path: Pat
         ["serve", "--model", str(tiny_model), "--policy", "task-oracle", "--port", "0", *state],
         ["serve", "--model", str(tiny_model), "--slot-size", "0", "--port", "0", *state],
         ["serve", "--model", str(tiny_model), "--port", "70000", *state],
-    ]
+        ["serve", "--model", str(tiny_model), "--set", "parameterization.kind=task-regmean",
+         "--port", "0", *state],
+    ]  # fmt: skip
     for argv in bad:
         assert main(argv) == 2, argv
 

@@ -55,6 +55,7 @@ from tanbr.model.default.modeling import DefaultModel
 from tanbr.model.discovery import get_module
 from tanbr.model.gates import masked_mean
 from tanbr.model.precision import in_dtype, serving_dtype
+from tanbr.model.task_regmean import TypeStats, group_by_type, task_regmean_stats
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,16 @@ class DefaultBackend:
             generator = torch.Generator().manual_seed(0)
             loss_fn = functools.partial(sampled_label_log_likelihood, generator=generator)
             return fisher_plan(self.model, self.merger.blocks, batches, loss_fn)
+
+    def task_regmean_stats(
+        self, requests: Requests, assign: np.ndarray, n_types: int
+    ) -> Mapping[str, TypeStats]:
+        """Task-aware RegMean's per-type statistics, from each type's unlabeled calibration
+        requests run through the full MoE (tokenised as the static merges are)."""
+        groups = group_by_type(requests.texts, assign, n_types)
+        with self.served.full_moe(sync_after=not self.memo):  # every expert in memory
+            batches = [self._token_batches(texts, 16) for texts in groups]
+            return task_regmean_stats(self.model, self.merger.blocks, batches)
 
     def _token_batches(self, texts: Sequence[str], batch_size: int) -> list[dict[str, Any]]:
         """Tokenised batches the model's own forward takes (``model(**batch)``)."""

@@ -47,6 +47,7 @@ from tanbr.model import (
     sampled_label_log_likelihood,
     sampled_token_log_likelihood,
 )
+from tanbr.model.task_regmean import TypeStats, group_by_type, task_regmean_stats
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,22 @@ class HFBackend:
             )
             loss_fn = functools.partial(sampled, generator=generator)
             return fisher_plan(self.model, self.merger.blocks, batches, loss_fn)
+
+    def task_regmean_stats(
+        self, requests: Requests, assign: np.ndarray, n_types: int
+    ) -> Mapping[str, TypeStats]:
+        """Task-aware RegMean's per-type statistics, from each type's unlabeled calibration
+        requests run through the full MoE (batched as the static merges are)."""
+        groups = group_by_type(requests.texts, assign, n_types)
+        with self.served.full_moe(sync_after=not self.memo), torch.inference_mode(False):
+            batches = [
+                [
+                    {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+                    for b in (self._batches(texts, 8) if texts else ())
+                ]
+                for texts in groups
+            ]
+            return task_regmean_stats(self.model, self.merger.blocks, batches)
 
     def merge_soft(self) -> float:
         self.served.want_soft()

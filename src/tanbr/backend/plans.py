@@ -70,6 +70,12 @@ def weights_digest(value: MergedWeights) -> bytes:
     return digest
 
 
+def build_ms(plan: Mapping[str, Any]) -> float:
+    """Milliseconds spent computing a plan's merged weights per decision (0 for coeffs and
+    static merges): part of the cost of the merge that installs them."""
+    return float(sum(v.build_ms for v in plan.values() if isinstance(v, MergedWeights)))
+
+
 def merged_experts(value: PlanValue) -> int:
     """How many merged experts a block's plan value keeps resident."""
     return 1 if isinstance(value, MergedWeights) else int(np.atleast_2d(value).shape[0])
@@ -104,7 +110,10 @@ class ServedState:
 
     def sync(self) -> float:
         """Make the model compute what was asked; returns the milliseconds spent. Merges are
-        built outside inference mode, so that a later merge can rewrite them in place."""
+        built outside inference mode, so that a later merge can rewrite them in place. A
+        merge of weights computed per decision is charged the time that computation took
+        (:attr:`MergedWeights.build_ms`: task-aware RegMean's solve), as a coeffs merge is
+        charged its weighted average."""
         mode, plan = self.target
         merger = self.merger
         with torch.inference_mode(False):
@@ -113,7 +122,7 @@ class ServedState:
                     return 0.0  # the same merge is already being served
                 stats = merger.apply(plan)
                 self.applied = plan
-                return float(stats.merge_ms)
+                return float(stats.merge_ms) + build_ms(plan)
             if merger.mode == mode and not (mode == "full" and merger.lean):
                 return 0.0  # (a lean model may not have read its experts yet: restore does)
             t0 = time.perf_counter()

@@ -22,6 +22,8 @@ from tanbr.model.coeffs import MergedWeights
 if TYPE_CHECKING:
     import torch
 
+    from tanbr.model.task_regmean import TypeStats
+
 Plan = Mapping[str, "np.ndarray | MergedWeights"]
 """Every MoE block's merge: block name -> coeffs (E,) on the simplex, (m, E) for m merged
 experts, or merged weights (a static merge that is not one weight per expert)."""
@@ -109,6 +111,15 @@ class Backend(Protocol):
     def static_plan(self, kind: str, requests: Requests) -> Plan:
         """A static merge (``regmean``, ``fisher``) computed with the full MoE on unlabeled
         calibration ``requests``."""
+        ...
+
+    def task_regmean_stats(
+        self, requests: Requests, assign: np.ndarray, n_types: int
+    ) -> Mapping[str, TypeStats]:
+        """Task-aware RegMean's statistics (:mod:`tanbr.model.task_regmean`), per block: for
+        each task type k, the token-normalised sums A_k, B_k of every linear map over the
+        unlabeled calibration ``requests`` of type ``assign[i] == k`` (in [0, n_types)),
+        computed with the full MoE. A backend that cannot raises a ValueError naming it."""
         ...
 
     def restore(self) -> float:

@@ -182,8 +182,9 @@ class StaticMerge(_Fixed):
 class PlugIn(_Fixed):
     """The estimated mix is the action in the task simplex (task-aware, no learning).
 
-    Served as a fixed rule on the absolute task-simplex parameterization, whatever
-    parameterization the bandit policies use, so the baseline means the same in every run."""
+    Served as a fixed rule on the absolute parameterization whose actions are mixes: the task
+    simplex (whatever parameterization the bandit policies use, so the baseline means the same
+    in every run), or with ``task-regmean`` task-aware RegMean at the estimated mix."""
 
     name = "plug-in"
     reads_mix = True

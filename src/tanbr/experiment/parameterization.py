@@ -16,6 +16,13 @@ context-dependent correction of the plug-in merge rather than the merge itself.
 ``direct``: the action lives on the simplex over the E experts and is shared by all blocks,
 for models without task structure.
 
+``task-regmean``: the action lives on the task simplex as in ``task-simplex``, but a block's
+merge is not a weighted average of its experts: it is RegMean's least-squares merge of every
+linear map from per-type statistics, ``W*(a) = (sum_k a_k B_k)(sum_k a_k A_k)^-1`` (see
+:mod:`tanbr.model.task_regmean`), solved per decision into merged weights. It is both what the
+policies act on and the absolute parameterization (plug-in is task-aware RegMean at the
+estimated mix; the slot oracle's candidates are RegMean merges).
+
 Every parameterization has ``plan(action, context=None)``; only ``task-relative`` reads the
 context (the estimated mix).
 """
@@ -23,22 +30,14 @@ context (the estimated mix).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from tanbr.backend.protocol import Plan
 from tanbr.model.coeffs import group_coeffs
-
-
-def _as_action(action: np.ndarray, dim: int) -> np.ndarray:
-    a = np.asarray(action, dtype=np.float64)
-    if a.shape != (dim,):
-        raise ValueError(f"action must have shape ({dim},), got {a.shape}")
-    if not np.isfinite(a).all() or (a < -1e-9).any() or abs(a.sum() - 1.0) > 1e-6:
-        raise ValueError(f"action must lie on the simplex, got {np.round(a, 4).tolist()}")
-    a = np.clip(a, 0.0, None)
-    return np.asarray(a / a.sum())
+from tanbr.model.task_regmean import TypeStats, task_regmean_merge
+from tanbr.model.task_regmean import check_action as _as_action
 
 
 def cluster_profiles(
@@ -198,17 +197,74 @@ def make_space(dim: int) -> Any:
     return Simplex(dim)
 
 
-Parameterization = TaskSimplex | TaskRelative | Direct
-#: (profiles per block, experts per block, merged experts per block m) -> (what the bandit
-#: policies act on, the absolute parameterization of the static merges: plug-in, the oracle's
-#: candidates)
-Builder = Callable[
-    [Mapping[str, np.ndarray], Mapping[str, int], int], tuple[Parameterization, Parameterization]
-]
+class TaskRegMean:
+    """Action on Simplex(K); every block's merged weights are task-aware RegMean's
+    ``W*(a) = (sum_k a_k B_k)(sum_k a_k A_k)^-1`` per linear map (one solve per map and
+    decision; the time it takes is charged to the merge that installs the plan)."""
+
+    name = "task-regmean"
+
+    def __init__(
+        self, stats: Mapping[str, TypeStats], blocks: Mapping[str, int], *, ridge: float = 1e-6
+    ) -> None:
+        if set(stats) != set(blocks):
+            raise ValueError(
+                f"task-regmean needs the statistics of every block {sorted(blocks)}, got "
+                f"{sorted(stats)}"
+            )
+        dims = {s.n_types for s in stats.values()}
+        if len(dims) != 1:
+            raise ValueError(f"every block's statistics must have the same K, got {sorted(dims)}")
+        for name, s in stats.items():
+            if s.block.n_experts != blocks[name]:
+                raise ValueError(
+                    f"statistics of block {name!r} are for {s.block.n_experts} experts, the "
+                    f"block has {blocks[name]}"
+                )
+        self.stats = dict(stats)
+        self.ridge = ridge
+        self.dim = dims.pop()
+
+    def plan(self, action: np.ndarray, context: np.ndarray | None = None) -> Plan:
+        a = _as_action(action, self.dim)
+        return {name: task_regmean_merge(s, a, ridge=self.ridge) for name, s in self.stats.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the per-type statistics A_k, B_k of every block."""
+        return sum(s.nbytes for s in self.stats.values())
+
+
+Parameterization = TaskSimplex | TaskRelative | Direct | TaskRegMean
+#: the per-type RegMean statistics of every block, computed when a parameterization asks (the
+#: set-up passes a function that runs the calibration requests of each type through the MoE)
+StatsSource = Callable[[], Mapping[str, TypeStats]]
+
+
+class Builder(Protocol):
+    """(profiles per block, experts per block, merged experts per block m, where the per-type
+    RegMean statistics come from) -> (what the bandit policies act on, the absolute
+    parameterization of the static merges: plug-in, the oracle's candidates)."""
+
+    def __call__(
+        self,
+        profiles: Mapping[str, np.ndarray],
+        blocks: Mapping[str, int],
+        experts: int,
+        stats: StatsSource | None,
+        /,
+    ) -> tuple[Parameterization, Parameterization]: ...
+
+
+#: parameterizations whose actions are mixes over the task types (plug-in serves the mix)
+MIX_ACTIONS = (TaskSimplex, TaskRegMean)
 
 
 def _task_simplex(
-    profiles: Mapping[str, np.ndarray], blocks: Mapping[str, int], experts: int
+    profiles: Mapping[str, np.ndarray],
+    blocks: Mapping[str, int],
+    experts: int,
+    stats: StatsSource | None,
 ) -> tuple[Parameterization, Parameterization]:
     absolute = (
         GroupedTaskSimplex(profiles, experts=experts) if experts > 1 else TaskSimplex(profiles)
@@ -217,15 +273,21 @@ def _task_simplex(
 
 
 def _task_relative(
-    profiles: Mapping[str, np.ndarray], blocks: Mapping[str, int], experts: int
+    profiles: Mapping[str, np.ndarray],
+    blocks: Mapping[str, int],
+    experts: int,
+    stats: StatsSource | None,
 ) -> tuple[Parameterization, Parameterization]:
-    _, absolute = _task_simplex(profiles, blocks, experts)
+    _, absolute = _task_simplex(profiles, blocks, experts, stats)
     assert isinstance(absolute, TaskSimplex)
     return TaskRelative(absolute), absolute
 
 
 def _direct(
-    profiles: Mapping[str, np.ndarray], blocks: Mapping[str, int], experts: int
+    profiles: Mapping[str, np.ndarray],
+    blocks: Mapping[str, int],
+    experts: int,
+    stats: StatsSource | None,
 ) -> tuple[Parameterization, Parameterization]:
     if experts > 1:
         raise ValueError("merge.experts > 1 needs a task-simplex parameterization, not 'direct'")
@@ -233,23 +295,52 @@ def _direct(
     return param, param
 
 
+def _task_regmean(
+    profiles: Mapping[str, np.ndarray],
+    blocks: Mapping[str, int],
+    experts: int,
+    stats: StatsSource | None,
+) -> tuple[Parameterization, Parameterization]:
+    if experts > 1:
+        raise ValueError(
+            "parameterization 'task-regmean' merges one dense expert per block; merge.experts "
+            f"= {experts} (grouped merges) needs 'task-simplex'"
+        )
+    if stats is None:
+        raise ValueError(
+            "parameterization 'task-regmean' needs the per-type RegMean statistics of the "
+            "calibration requests (computed by the experiment's set-up)"
+        )
+    param = TaskRegMean(stats(), blocks)
+    return param, param
+
+
 PARAMETERIZATIONS: dict[str, Builder] = {
     "task-simplex": _task_simplex,
     "task-relative": _task_relative,
     "direct": _direct,
+    "task-regmean": _task_regmean,
 }
 
 
 def build_parameterization(
-    kind: str, profiles: Mapping[str, np.ndarray], blocks: Mapping[str, int], *, experts: int = 1
+    kind: str,
+    profiles: Mapping[str, np.ndarray],
+    blocks: Mapping[str, int],
+    *,
+    experts: int = 1,
+    stats: StatsSource | None = None,
 ) -> tuple[Parameterization, Parameterization]:
-    """The parameterization ``kind`` names, and the absolute one of the static merges."""
+    """The parameterization ``kind`` names, and the absolute one of the static merges.
+
+    ``stats``: called (once) by a parameterization that needs the per-type RegMean statistics
+    (``task-regmean``); the others never call it."""
     builder = PARAMETERIZATIONS.get(kind)
     if builder is None:
         raise ValueError(
             f"parameterization.kind must be one of {sorted(PARAMETERIZATIONS)}, got {kind!r}"
         )
-    return builder(profiles, blocks, experts)
+    return builder(profiles, blocks, experts, stats)
 
 
 def uniform_plan(blocks: Mapping[str, int]) -> Plan:

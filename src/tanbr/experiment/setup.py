@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -28,11 +28,12 @@ from tanbr.experiment.estimator import (
 from tanbr.experiment.modes import Baselines, OracleTable, candidate_actions
 from tanbr.experiment.novelty import NoveltyDetector
 from tanbr.experiment.parameterization import (
-    TaskSimplex,
+    MIX_ACTIONS,
     build_parameterization,
     cluster_profiles,
 )
 from tanbr.experiment.values import Estimator, Progress, Setup
+from tanbr.model.task_regmean import TypeStats
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +208,21 @@ def prepare(
         for t in range(n_tasks)
     )  # reads tags: the task oracle only (it knows every task, held out or not)
     profiles = cluster_profiles(assign, gates, k)
+
+    def type_stats() -> Mapping[str, TypeStats]:  # task-regmean: label-free, the estimator's types
+        t1 = time.perf_counter()
+        stats = backend.task_regmean_stats(calib_requests, assign, k)
+        timings["type_stats_s"] = time.perf_counter() - t1
+        return stats
+
     param, absolute = build_parameterization(
-        config.parameterization.kind, profiles, backend.blocks, experts=config.merge.experts
+        config.parameterization.kind,
+        profiles,
+        backend.blocks,
+        experts=config.merge.experts,
+        stats=type_stats,
     )
-    timings["profiles_s"] = time.perf_counter() - t0
+    timings["profiles_s"] = time.perf_counter() - t0 - timings.get("type_stats_s", 0.0)
 
     t0 = time.perf_counter()
     candidates = candidate_actions(
@@ -255,7 +267,7 @@ def prepare(
         task_plans=task_plans,
         oracle=oracle,
         plan_of=absolute.plan,
-        task_simplex=isinstance(absolute, TaskSimplex),
+        task_simplex=isinstance(absolute, MIX_ACTIONS),
         static_plans=static_plans,
     )
     return Setup(

@@ -114,12 +114,16 @@ def serving_kind(run: PolicyRun) -> str:
 
 def merge_per_slot(run: PolicyRun) -> float:
     """Merge time per slot, amortised: an in-place re-merge (median of the probes) in every
-    slot whose plan differs from the previous slot's; per-task merges as recorded."""
+    slot whose plan differs from the previous slot's; per-task merges as recorded. A plan of
+    merged weights records no coefficients: its action tells it apart (a static merge has
+    none, and is merged once)."""
     if serving_kind(run) == "per-task":
         return float(np.mean([r.merge_ms for r in run.records])) if run.records else 0.0
     if not run.merge_probe_ms:
         return 0.0
-    plans = [r.coeffs for r in run.records if r.kind == "merge"]
+    plans = [
+        r.coeffs if r.coeffs is not None else r.action for r in run.records if r.kind == "merge"
+    ]
     changes = sum(1 for a, b in zip([None, *plans], plans, strict=False) if a != b)
     return float(np.median(run.merge_probe_ms)) * changes / max(1, len(run.records))
 

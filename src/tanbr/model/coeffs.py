@@ -45,11 +45,15 @@ class MergedWeights:
     target's shape, in the layout the experts store it (transposed layouts stay transposed).
     Merges that are not one weighted average per expert (RegMean, Fisher-weighted averaging)
     produce this; :meth:`~tanbr.model.merge.Merger.apply` installs it as it installs a coeffs
-    merge. ``method`` names the merge that made it, for logs.
+    merge. ``method`` names the merge that made it, for logs. ``build_ms``: the time computing
+    the tensors took when they are computed per decision (task-aware RegMean solves them from
+    the action): a backend charges it to the merge that installs them, as a coeffs merge's
+    weighted average is charged; 0 for a static merge, computed once in the set-up.
     """
 
     tensors: Mapping[str, Any]
     method: str = ""
+    build_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensors, Mapping):
@@ -58,10 +62,10 @@ class MergedWeights:
             )
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
 
-    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any], str]]:
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any], str, float]]:
         """Pickled as a plain dict (a mapping proxy does not pickle): the experiment's worker
         processes receive the static merges' weights."""
-        return (MergedWeights, (dict(self.tensors), self.method))
+        return (MergedWeights, (dict(self.tensors), self.method, self.build_ms))
 
     @property
     def nbytes(self) -> int:
@@ -299,7 +303,7 @@ def validate_weights(value: MergedWeights, block: MoEBlock) -> MergedWeights:
                 f"{where}: target {target.name!r} has {bad} NaN or infinite value(s){cast}"
             )
         out[target.name] = t
-    return MergedWeights(out, method=value.method)
+    return MergedWeights(out, method=value.method, build_ms=value.build_ms)
 
 
 def validate_merge_plan(

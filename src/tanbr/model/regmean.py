@@ -88,6 +88,9 @@ class Grams:
     maps: tuple[LinearMap, ...]
     grams: Mapping[str, torch.Tensor]
     tokens: torch.Tensor  # (E,) int64: calibration tokens routed to each expert
+    #: calibration tokens that reached the block's experts, each counted once whatever its
+    #: top-k (None when not counted: Grams built by hand)
+    n_tokens: int | None = None
 
 
 def linear_maps(model: nn.Module, block: MoEBlock) -> tuple[LinearMap, ...]:
@@ -128,6 +131,7 @@ class _GramAccumulator:
             for b in blocks
         }
         self.tokens = {b.name: torch.zeros(b.n_experts, dtype=torch.int64) for b in blocks}
+        self.n_tokens = {b.name: 0 for b in blocks}
 
     def add(self, block: str, name: str, e: int, x: torch.Tensor) -> None:
         a = x.detach().reshape(-1, x.shape[-1]).double()
@@ -138,6 +142,7 @@ class _GramAccumulator:
     def __call__(self, block: MoEBlock, x: torch.Tensor, hit: torch.Tensor) -> None:
         counts = hit.sum(dim=0)
         self.tokens[block.name] += counts
+        self.n_tokens[block.name] += int(hit.any(dim=1).sum())
         for e in torch.nonzero(counts).flatten().tolist():
             xe = x[hit[:, e].to(x.device)]
             if block.fused:
@@ -199,7 +204,13 @@ def regmean_grams(
         n = run_batches(model, batches, tap)
     logger.debug("RegMean statistics from %d calibration batches", n)
     return {
-        b.name: Grams(b.name, acc.maps[b.name], dict(acc.grams[b.name]), acc.tokens[b.name])
+        b.name: Grams(
+            b.name,
+            acc.maps[b.name],
+            dict(acc.grams[b.name]),
+            acc.tokens[b.name],
+            acc.n_tokens[b.name],
+        )
         for b in blocks
     }
 
@@ -255,50 +266,114 @@ def _solve_map(
     ridge: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[W, b]* = (sum_e [W_e, b_e] G~_e)(sum_e G~_e)^-1`` for one map, in float64."""
+    w = augmented_weights(m, stacked)
+    a, num = shrunk_sums(m, w, gram, alpha)
     where = f"RegMean block {block.name!r} target {m.weight!r}"
+    merged = solve_merge(where, a, num, w.sum(dim=0), w.shape[0], ridge)
+    return unpack_map(m, merged)
+
+
+def augmented_weights(m: LinearMap, stacked: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Every expert's ``[W_e, b_e]`` of one map, ``(E, out, d')`` float64 (``d' = d + 1`` with
+    a bias, the input ``[x, 1]``; ``d`` without)."""
     w = stacked[m.weight].double()  # (E, out, in) or (E, in, out)
     if m.transposed:
         w = w.transpose(1, 2)
-    d = m.in_features
     if m.bias is not None:
         w = torch.cat([w, stacked[m.bias].double().unsqueeze(-1)], dim=-1)  # (E, out, d + 1)
-        g = gram
-    else:
-        g = gram[:, :d, :d]
+    return w
+
+
+def shrunk_sums(
+    m: LinearMap, w: torch.Tensor, gram: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_e G~_e, sum_e W_e G~_e)`` of one map from the experts' augmented Grams
+    ``(E, d + 1, d + 1)`` and ``w`` from :func:`augmented_weights`: ``(d', d')`` and
+    ``(out, d')``, float64, ``G~_e = alpha G_e + (1 - alpha) diag(G_e)``."""
+    g = gram if m.bias is not None else gram[:, : m.in_features, : m.in_features]
     diag = torch.diagonal(g, dim1=1, dim2=2)  # (E, d')
     g = g * alpha  # G~_e = alpha G_e + (1 - alpha) diag(G_e), one (E, d', d') copy
     torch.diagonal(g, dim1=1, dim2=2).add_(diag, alpha=1.0 - alpha)
-    a = g.sum(dim=0)  # (d', d')
-    num = torch.einsum("eoi,eij->oj", w, g)  # (out, d')
+    return g.sum(dim=0), torch.einsum("eoi,eij->oj", w, g)
+
+
+def solve_merge(
+    where: str,
+    a: torch.Tensor,
+    num: torch.Tensor,
+    w_sum: torch.Tensor,
+    n_experts: int,
+    ridge: float,
+    *,
+    exact_check: bool = True,
+) -> torch.Tensor:
+    """``num a^-1`` (a symmetric positive semi-definite ``(d', d')``, num ``(out, d')``), in
+    float64, solved, never inverted.
+
+    When ``a`` is singular, ``ridge * mean(diag a) / E`` is added to each of the ``n_experts``
+    experts' G~ (``a + E lam I``, ``num + lam w_sum``, ``w_sum = sum_e [W_e, b_e]``), so the
+    unspanned directions take the plain average, and a warning says so; with ``ridge=0`` that
+    is an error. Singular means: the ratio of a's smallest to largest eigenvalue is at most
+    :data:`RCOND` (``exact_check``, an eigendecomposition). Without ``exact_check`` (the
+    per-slot solves of task-aware RegMean; about six times cheaper than the eigenvalues of a
+    1537-wide map) it means: a's Cholesky factorisation ``L L^T`` fails, or
+    ``(min_i L_ii / max_i L_ii)^2``, an upper bound of that eigenvalue ratio, is at most RCOND.
+    The cheap test may pass a matrix the exact one calls singular (then solved as it is, in
+    float64); on a matrix both pass, the two give the same solution up to rounding (the cheap
+    one solves with the Cholesky factor it has, the exact one with an LU factorisation).
+    """
     scale = float(torch.diagonal(a).mean())
     if not scale > 0.0:
         raise ValueError(
             f"{where}: no calibration token reached any expert of this block; pass batches "
             "that run through it"
         )
-    eig = torch.linalg.eigvalsh(a)
-    if float(eig[0]) <= RCOND * float(eig[-1]):
-        rank = int((eig > RCOND * eig[-1]).sum())
+    factor, singular, span = _singular(a, exact_check)
+    if singular:
         if ridge == 0.0:
             raise ValueError(
-                f"{where}: the sum of the experts' Gram matrices is singular (the routed "
-                f"inputs span {rank} of {a.shape[0]} dimensions); pass ridge > 0 or more "
-                "calibration tokens"
+                f"{where}: the sum of the experts' Gram matrices is singular ({span}); pass "
+                "ridge > 0 or more calibration tokens"
             )
-        n_experts = w.shape[0]
         lam = ridge * scale / n_experts
         a = a + n_experts * lam * torch.eye(a.shape[0], dtype=a.dtype)
-        num = num + lam * w.sum(dim=0)
+        num = num + lam * w_sum
+        factor = None
         logger.warning(
-            "%s: the routed inputs span %d of %d dimensions (sum of Gram matrices singular); "
-            "added a ridge of %.3g to each expert's Gram matrix: the unspanned directions take "
-            "the plain average",
+            "%s: the sum of Gram matrices is singular (%s); added a ridge of %.3g to each "
+            "expert's Gram matrix: the unspanned directions take the plain average",
             where,
-            rank,
-            a.shape[0],
+            span,
             lam,
         )
-    merged = torch.linalg.solve(a, num.T).T  # num a^-1 (a symmetric)
+    if factor is not None:  # the check's Cholesky factor solves it too
+        solved: torch.Tensor = torch.cholesky_solve(num.T, factor).T
+        return solved
+    merged: torch.Tensor = torch.linalg.solve(a, num.T).T  # num a^-1 (a symmetric)
+    return merged
+
+
+def _singular(a: torch.Tensor, exact: bool) -> tuple[torch.Tensor | None, bool, str]:
+    """Whether ``a`` counts as singular and what is known of the span of its inputs; without
+    ``exact``, also a's Cholesky factor (None when it has none)."""
+    if exact:
+        eig = torch.linalg.eigvalsh(a)
+        if float(eig[0]) > RCOND * float(eig[-1]):
+            return None, False, ""
+        rank = int((eig > RCOND * eig[-1]).sum())
+        return None, True, f"the routed inputs span {rank} of {a.shape[0]} dimensions"
+    factor, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        return None, True, f"not positive definite, {a.shape[0]} dimensions"
+    diag = torch.diagonal(factor)
+    if float(diag.min()) ** 2 > RCOND * float(diag.max()) ** 2:
+        return factor, False, ""
+    return None, True, f"ill-conditioned, {a.shape[0]} dimensions"
+
+
+def unpack_map(m: LinearMap, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A solved ``[W, b]`` ``(out, d')`` as the map stores it: ``(weight, bias or None)``."""
+    d = m.in_features
     weight, bias = (merged[:, :d], merged[:, d]) if m.bias is not None else (merged, None)
     return (weight.T if m.transposed else weight), bias
 

@@ -119,6 +119,12 @@ def build_replicas(config: ServeConfig) -> Replicas:
         raise ValueError(
             "estimator.kind 'oracle' reads task tags; the service needs a label-free one"
         )
+    if cfg.parameterization.kind == "task-regmean":
+        raise ValueError(
+            "parameterization 'task-regmean' is not served yet: its plans are merged weights, "
+            "and the service's slot history and /v1/status keep plans as coefficients; use it "
+            "with tanbr run or compare"
+        )
     spec = BackendSpec.from_config(cfg).replace(memo=False)
     if config.model is not None:
         if Path(config.model).is_dir():
