@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import assert_reordered_close, random_plan
 from hf_checkpoints import CLASSIFIER_FAMILIES, LM_FAMILIES
 
+from conftest import assert_reordered_close, random_plan
 from tanbr.backend.hf_signatures import SIGNATURES
 from tanbr.backend.protocol import Backend, Prediction
 from tanbr.backend.requests import Requests

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import random_plan
 from hf_checkpoints import LM_FAMILIES
+
+from conftest import random_plan
 
 ATOL = 1e-4
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import random_plan
 from hf_checkpoints import LM_FAMILIES, VOCAB
 
+from conftest import random_plan
 from tanbr.backend.protocol import Prediction
 from tanbr.backend.requests import Pool, Requests, Truth
 from tanbr.backend.scorers import make_scorer
