@@ -133,6 +133,44 @@ class SlotLedger:
         reward = feedback(system, self.decisions[slot], outcomes)
         return None if reward is None else UpdateRow(slot, reward, len(pick), upto, time.time())
 
+    def unlabelled_rewards(
+        self,
+        system: System,
+        closing: int,
+        *,
+        texts: Sequence[str],
+        labels: Sequence[int],
+        completions: Sequence[Completion],
+        size: int,
+        latency_ms: float,
+        memory: int,
+        upto: int,
+    ) -> list[UpdateRow]:
+        """The closing slot's label-free rewards, scored on ``system``'s full MoE: a language
+        model's generations by their likelihood, a classifier's served labels against the full
+        MoE's (the shadow reward)."""
+        if system.backend.kind == "lm":
+            return self.likelihood_rewards(
+                system,
+                completions,
+                upto,
+                size=size,
+                seed=closing,
+                open_slot=closing,
+                open_latency_ms=latency_ms,
+            )
+        shadow = self.shadow_reward(
+            system,
+            closing,
+            texts,
+            labels,
+            size=size,
+            latency_ms=latency_ms,
+            memory=memory,
+            upto=upto,
+        )
+        return [] if shadow is None else [shadow]
+
     def likelihood_rewards(
         self,
         system: System,

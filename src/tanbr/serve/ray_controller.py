@@ -416,30 +416,18 @@ class SlotController:
             open_slot=closing,
             open_latency_ms=latency_ms,
         )
-        if self.generative:  # on the controller's copy: the full MoE, never merged
-            updates += self.ledger.likelihood_rewards(
-                self.system,
-                completions,
-                upto,
-                size=self.shadow,
-                seed=closing,
-                open_slot=closing,
-                open_latency_ms=latency_ms,
-            )
-        else:
-            row = self.store.slot(closing)
-            shadow = self.ledger.shadow_reward(
-                self.system,
-                closing,
-                texts,
-                served_labels,
-                size=self.shadow,
-                latency_ms=latency_ms,
-                memory=row.memory_bytes if row is not None else 0,
-                upto=upto,
-            )
-            if shadow is not None:
-                updates.append(shadow)
+        row = self.store.slot(closing)
+        updates += self.ledger.unlabelled_rewards(
+            self.system,  # the controller's copy: the full MoE, never merged
+            closing,
+            texts=texts,
+            labels=served_labels,
+            completions=completions,
+            size=self.shadow,
+            latency_ms=latency_ms,
+            memory=row.memory_bytes if row is not None else 0,
+            upto=upto,
+        )
         # 1-3. the closing slot's texts join the estimator's history; estimate, select, plan
         if self.system.mode.learns:
             self._observe(closing, texts, signed_texts, signatures)

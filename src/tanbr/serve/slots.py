@@ -505,29 +505,17 @@ class SlotManager:
         clock.lap("wait")
         # --- the shadow reward: a sample of the closing slot against the full MoE, on the idle
         # standby replica (label-free; nothing waits for it)
-        if self.generative:
-            updates += self.ledger.likelihood_rewards(
-                standby.system,
-                completions,
-                upto,
-                size=self.shadow,
-                seed=closing,
-                open_slot=closing,
-                open_latency_ms=latency_ms,
-            )
-        else:
-            shadow = self.ledger.shadow_reward(
-                standby.system,
-                closing,
-                texts,
-                served_labels,
-                size=self.shadow,
-                latency_ms=latency_ms,
-                memory=standby.system.backend.memory_bytes(),
-                upto=upto,
-            )
-            if shadow is not None:
-                updates.append(shadow)
+        updates += self.ledger.unlabelled_rewards(
+            standby.system,
+            closing,
+            texts=texts,
+            labels=served_labels,
+            completions=completions,
+            size=self.shadow,
+            latency_ms=latency_ms,
+            memory=standby.system.backend.memory_bytes(),
+            upto=upto,
+        )
         for update in updates:
             self.metrics.policy_updates.inc()
             self.metrics.last_reward.set(update.reward)
