@@ -35,6 +35,24 @@ class Case:
     normalized: bool = True  # the gate's combine weights sum to 1 per token
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def batches(
+        self, n: int = 2, *, seed: int = 0, shape: tuple[int, int] = (4, 12)
+    ) -> list[dict[str, torch.Tensor]]:
+        """``n`` calibration batches shaped like the case's inputs (token ids, or hidden states
+        in the model's dtype)."""
+        dtype = next(self.model.parameters()).dtype
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(n):
+            batch = {}
+            for key in self.inputs:
+                if key == "hidden":
+                    batch[key] = torch.randn(*shape, H, generator=g, dtype=dtype)
+                else:
+                    batch[key] = torch.randint(3, 64, shape, generator=g)
+            out.append(batch)
+        return out
+
     def run(self) -> torch.Tensor:
         with torch.no_grad():
             out = self.model(**self.inputs)

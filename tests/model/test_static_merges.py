@@ -45,18 +45,7 @@ def _plan(blocks: Any, seed: int) -> dict[str, np.ndarray]:
 
 
 def _batches(case: Any, n: int = 2, shape: tuple[int, int] = (4, 12), seed: int = 0) -> list[Any]:
-    """Calibration batches shaped like the case's inputs (token ids, or hidden states)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        batch = {}
-        for key in case.inputs:
-            if key == "hidden":
-                batch[key] = torch.randn(*shape, H, generator=g)
-            else:
-                batch[key] = torch.randint(3, 64, shape, generator=g)
-        out.append(batch)
-    return out
+    return list(case.batches(n, seed=seed, shape=shape))
 
 
 def _token_ll(seed: int = 0) -> Any:

@@ -26,20 +26,7 @@ H = 32
 
 
 def _batches(case: Any, n: int, seed: int, shape: tuple[int, int] = (3, 10)) -> list[Any]:
-    """Calibration batches shaped like the case's inputs (token ids, or hidden states in the
-    model's dtype)."""
-    dtype = next(case.model.parameters()).dtype
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        batch = {}
-        for key in case.inputs:
-            if key == "hidden":
-                batch[key] = torch.randn(*shape, H, generator=g, dtype=dtype)
-            else:
-                batch[key] = torch.randint(3, 64, shape, generator=g)
-        out.append(batch)
-    return out
+    return list(case.batches(n, seed=seed, shape=shape))
 
 
 def _float64(case: Any) -> Any:

@@ -27,14 +27,17 @@ TEXTS = [
 ]
 
 
-@pytest.fixture
-def controller(tiny_model: Path, tmp_path: Path) -> Iterator[SlotController]:
-    config = ServeConfig(
-        model=str(tiny_model),
-        state_dir=tmp_path / "state",
+def _config(model: Path, folder: Path) -> ServeConfig:
+    return ServeConfig(
+        model=str(model),
+        state_dir=folder / "state",
         slots=SlotConfig(slot_size=10_000, observe_max=16),
     )
-    c = SlotController(config)
+
+
+@pytest.fixture
+def controller(tiny_model: Path, tmp_path: Path) -> Iterator[SlotController]:
+    c = SlotController(_config(tiny_model, tmp_path))
     c.open()
     try:
         yield c
@@ -105,11 +108,7 @@ def test_a_restarted_controller_resumes_the_learning_state(
 ) -> None:
     """The estimator and the policy come back from the snapshot, as they were at the last
     boundary, with the slot and the feedback watermark."""
-    config = ServeConfig(
-        model=str(tiny_model),
-        state_dir=tmp_path / "state",
-        slots=SlotConfig(slot_size=10_000, observe_max=16),
-    )
+    config = _config(tiny_model, tmp_path)
     first = SlotController(config)
     first.open()
     try:
