@@ -11,9 +11,12 @@ second one is queued behind it, and the caller waits for that one by its ticket.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
 
 
 class BoundarySchedule:
@@ -67,6 +70,31 @@ class BoundarySchedule:
         self._running = True
         self.started += 1
         return self._reason
+
+    def run(
+        self,
+        turn: Callable[[str], None],
+        *,
+        due: Callable[[], float | None],
+        stopping: Callable[[], bool],
+        failed: Callable[[Exception], None],
+    ) -> None:
+        """The boundary thread: take each boundary as it falls due and ``turn`` it, until the
+        owner stops. A boundary that raises stops the thread (the current slot keeps serving);
+        ``failed`` records why, called with the lock held."""
+        while True:
+            with self._lock:
+                reason = self.take(due=due, stopping=stopping)
+            if reason is None:
+                return
+            try:
+                turn(reason)
+            except Exception as err:
+                logger.exception("slot boundary failed; the current slot keeps serving")
+                with self._lock:
+                    failed(err)
+                    self._lock.notify_all()
+                return
 
     def finish(self) -> None:
         """The running boundary has committed the next slot."""

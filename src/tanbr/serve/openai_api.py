@@ -52,17 +52,9 @@ def is_openai_path(path: str) -> bool:
     return any(path == p or path.startswith(p + "/") for p in OPENAI_PATHS)
 
 
-class OpenAIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
+class OpenAIError(GenerationError):
+    """An error answered in OpenAI's shape (the route's own checks; the engine's errors carry
+    the same fields)."""
 
 
 def error_body(

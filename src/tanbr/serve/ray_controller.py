@@ -382,20 +382,11 @@ class SlotController:
             first = self._slot_first_request
             return None if seconds is None or not first else first + seconds
 
-        while True:
-            with self._lock:
-                reason = self._boundaries.take(due=due, stopping=lambda: self._stopping)
-            if reason is None:
-                return
-            try:
-                self._turn(reason)
-            except Exception as err:
-                logger.exception("slot boundary failed; the current slot keeps serving")
-                with self._lock:
-                    self._failure = f"{type(err).__name__}: {err}"
-                    self._pending = None
-                    self._lock.notify_all()
-                return
+        def failed(err: Exception) -> None:
+            self._failure = f"{type(err).__name__}: {err}"
+            self._pending = None
+
+        self._boundaries.run(self._turn, due=due, stopping=lambda: self._stopping, failed=failed)
 
     def _turn(self, reason: str) -> None:
         t0 = time.perf_counter()

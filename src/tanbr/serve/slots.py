@@ -463,19 +463,10 @@ class SlotManager:
             first = self._slot_first_request
             return None if seconds is None or not first else first + seconds
 
-        while True:
-            with self._lock:
-                reason = self._boundaries.take(due=due, stopping=lambda: self._stopping)
-            if reason is None:
-                return
-            try:
-                self._turn(reason)
-            except Exception as err:
-                logger.exception("slot boundary failed; the current slot keeps serving")
-                with self._lock:
-                    self._failure = err
-                    self._lock.notify_all()
-                return
+        def failed(err: Exception) -> None:
+            self._failure = err
+
+        self._boundaries.run(self._turn, due=due, stopping=lambda: self._stopping, failed=failed)
 
     def _turn(self, reason: str) -> None:
         """One slot boundary, off the request path (runs on the boundary thread)."""
