@@ -98,16 +98,26 @@ def worker_setup(
     return Setup(backend=backend, **shared)
 
 
+def start_worker(
+    backend_factory: Callable[[], Backend],
+    shared: dict[str, Any],
+    caches: Any,
+    threads: int,
+) -> Setup:
+    """A worker's set-up, its torch threads set: a pool process's, or a Ray actor's."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return worker_setup(backend_factory, shared, caches)
+
+
 def _init_worker(
     backend_factory: Callable[[], Backend],
     shared: dict[str, Any],
     caches: Any,
     threads: int,
 ) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    _WORKER["setup"] = worker_setup(backend_factory, shared, caches)
+    _WORKER["setup"] = start_worker(backend_factory, shared, caches, threads)
 
 
 def _worker_run(name: str, seed: int, slots: list[Slot]) -> PolicyRun:

@@ -23,7 +23,7 @@ import ray
 import tanbr
 from tanbr.backend.protocol import Backend
 from tanbr.backend.requests import Slot
-from tanbr.experiment.parallel import hand_over, submission_order, worker_setup
+from tanbr.experiment.parallel import hand_over, start_worker, submission_order
 from tanbr.experiment.runner import run_policy
 from tanbr.experiment.values import PolicyRun, Setup
 
@@ -40,10 +40,7 @@ class RunActor:
         caches: Any,
         threads: int,
     ) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-        self.setup: Setup = worker_setup(backend_factory, shared, caches)
+        self.setup: Setup = start_worker(backend_factory, shared, caches, threads)
 
     def run(self, name: str, seed: int, slots: list[Slot]) -> PolicyRun:
         return run_policy(self.setup, name, seed, slots, probe=False)
