@@ -206,11 +206,18 @@ def test_task_regmean_at_the_token_shares_is_static_regmean(tiny: Any) -> None:
     assert all((s.tokens == tokens).all() and (tokens > 0).all() for s in stats.values())
     shares = param.plan(tokens / tokens.sum())
     static = backend.static_plan("regmean", cal)
+    # float32 statistics (tests/model checks float64 ones to 1e-10): the solve's rounding lies
+    # in directions the calibration inputs hardly take, so the outputs agree closer than weights
     for name, value in shares.items():
         for target, tensor in value.tensors.items():
             np.testing.assert_allclose(
-                tensor.float().numpy(), static[name].tensors[target].float().numpy(), atol=1e-5
+                tensor.float().numpy(), static[name].tensors[target].float().numpy(), atol=2e-3
             )
+    outputs = []
+    for plan in (shares, static):
+        backend.merge(plan)
+        outputs.append(backend.predict(requests).probs)
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
     vertex = param.plan(np.array([1.0, 0.0, 0.0]))
     backend.merge(vertex)  # deferred by the memo until a prediction needs it
     served = backend.predict(requests)

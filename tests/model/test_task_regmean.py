@@ -13,6 +13,7 @@ import torch
 from tanbr.backend.plans import ServedState, build_ms
 from tanbr.model import Merger, find_moe_blocks, regmean_grams, regmean_merge
 from tanbr.model.coeffs import MergedWeights
+from tanbr.model.regmean import solve_merge
 from tanbr.model.static_merges import stacked_experts
 from tanbr.model.task_regmean import (
     TypeStats,
@@ -23,6 +24,7 @@ from tanbr.model.task_regmean import (
 )
 
 H = 32
+F64 = torch.float64  # the exact limits are checked on float64 statistics
 
 
 def _batches(case: Any, n: int, seed: int, shape: tuple[int, int] = (3, 10)) -> list[Any]:
@@ -60,7 +62,7 @@ def _assert_same(
 def test_one_type_holding_every_token_is_static_regmean(case: Any) -> None:
     blocks = _float64(case)
     batches = _batches(case, 2, seed=0)
-    stats = task_regmean_stats(case.model, blocks, [batches, []])  # type 1: no request
+    stats = task_regmean_stats(case.model, blocks, [batches, []], dtype=F64)  # type 1: none
     want = _regmean(case, blocks, batches)
     for b in blocks:
         assert stats[b.name].tokens[1] == 0 and stats[b.name].tokens[0] > 0
@@ -73,7 +75,7 @@ def test_one_type_holding_every_token_is_static_regmean(case: Any) -> None:
 def test_token_share_weights_are_static_regmean_on_the_union(case: Any) -> None:
     blocks = _float64(case)
     first, second = _batches(case, 2, seed=1), _batches(case, 1, seed=2, shape=(2, 7))
-    stats = task_regmean_stats(case.model, blocks, [first, second])
+    stats = task_regmean_stats(case.model, blocks, [first, second], dtype=F64)
     want = _regmean(case, blocks, first + second)
     for b in blocks:
         n = stats[b.name].tokens.astype(np.float64)
@@ -84,7 +86,7 @@ def test_token_share_weights_are_static_regmean_on_the_union(case: Any) -> None:
 def test_a_vertex_is_regmean_on_that_types_tokens_alone(case: Any) -> None:
     blocks = _float64(case)
     parts = [_batches(case, 1, seed=3), _batches(case, 2, seed=4), _batches(case, 1, seed=5)]
-    stats = task_regmean_stats(case.model, blocks, parts)
+    stats = task_regmean_stats(case.model, blocks, parts, dtype=F64)
     for k, batches in enumerate(parts):
         want = _regmean(case, blocks, batches)
         vertex = np.eye(3)[k]
@@ -148,8 +150,8 @@ def test_statistics_keep_only_the_per_type_sums(make_case: Any) -> None:
         "up_proj": ((3, 33, 33), (3, 40, 33)),
         "down_proj": ((3, 41, 41), (3, 32, 41)),
     }
-    assert s.nbytes == 8 * 3 * (33 * 33 + 40 * 33 + 41 * 41 + 32 * 41)
-    assert all(t.dtype == torch.float64 for t in [*s.a.values(), *s.b.values()])
+    assert s.nbytes == 4 * 3 * (33 * 33 + 40 * 33 + 41 * 41 + 32 * 41)  # float32 by default
+    assert all(t.dtype == torch.float32 for t in [*s.a.values(), *s.b.values()])
     # the statistics travel to the experiment's worker processes
     back = pickle.loads(pickle.dumps(s))
     torch.testing.assert_close(
@@ -189,7 +191,7 @@ def test_singular_sums_take_the_ridge_of_static_regmean(make_case: Any, caplog: 
     case = make_case("fused_plain")
     blocks = _float64(case)
     few = _batches(case, 1, seed=8, shape=(1, 5))  # 5 tokens, 33 inputs, no shrinkage
-    stats = task_regmean_stats(case.model, blocks, [few], alpha=1.0)
+    stats = task_regmean_stats(case.model, blocks, [few], alpha=1.0, dtype=F64)
     grams = regmean_grams(case.model, blocks, few)
     for b in blocks:
         stacked = stacked_experts(case.model, b)
@@ -200,3 +202,36 @@ def test_singular_sums_take_the_ridge_of_static_regmean(make_case: Any, caplog: 
     assert "task-aware RegMean block" in caplog.text and "added a ridge" in caplog.text
     with pytest.raises(ValueError, match=r"singular.*ridge > 0"):
         task_regmean_solve(stats[blocks[0].name], np.array([1.0]), ridge=0.0)
+
+
+@torch.no_grad()
+def test_float32_statistics_solve_what_float64_ones_do(make_case: Any) -> None:
+    case = make_case("fused_plain")
+    blocks = _float64(case)
+    parts = [_batches(case, 2, seed=9), _batches(case, 2, seed=10)]
+    wide = task_regmean_stats(case.model, blocks, parts, dtype=F64)
+    narrow = task_regmean_stats(case.model, blocks, parts)
+    action = np.array([0.3, 0.7])
+    for b in blocks:
+        assert narrow[b.name].nbytes * 2 == wide[b.name].nbytes
+        want = task_regmean_solve(wide[b.name], action)
+        got = task_regmean_solve(narrow[b.name], action)
+        for name, tensor in want.items():
+            assert got[name].dtype == torch.float32
+            torch.testing.assert_close(got[name].double(), tensor, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        task_regmean_stats(case.model, blocks, parts, dtype=torch.float16)
+
+
+def test_float32_sums_too_ill_conditioned_are_solved_in_float64() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(24, 24, generator=gen, dtype=F64))
+    a = ((q * torch.logspace(0, -8, 24, dtype=F64)) @ q.T).float()  # eigenvalue ratio 1e-8
+    num = torch.randn(5, 24, generator=gen).float()
+    w_sum = torch.zeros(5, 24)
+    got = solve_merge("test", a, num, w_sum, 2, 1e-6, exact_check=False)
+    want = solve_merge("test", a.double(), num.double(), w_sum.double(), 2, 1e-6, exact_check=False)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want.float())  # the float64 solve of the same sums
+    single = torch.cholesky_solve(num.T, torch.linalg.cholesky(a)).T
+    assert (single - want.float()).abs().max() > 1e-3  # what single precision would have given

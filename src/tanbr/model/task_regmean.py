@@ -16,13 +16,19 @@ on the K-simplex then merges every map as
 
     W*(a) = (sum_k a_k B_k) (sum_k a_k A_k)^-1,
 
-solved in float64 (never inverted) with the singular / ridge handling of static RegMean. Since
+solved (never inverted) with the singular / ridge handling of static RegMean. Since
 G~ is linear in G, ``W*(a)`` is exactly RegMean on the calibration tokens re-weighted so that
 type k's tokens carry a total weight a_k: a vertex is RegMean on that type's tokens alone, and
 ``a_k = n_k / sum_j n_j`` is static RegMean on all of them. Parameters in no linear map take
 the experts' plain average, as in static RegMean (the action does not change them).
 
-Memory: per type, block and map ``A_k`` is ``(d', d')`` and ``B_k`` ``(out, d')`` float64
+Precision: the statistics are accumulated in float64, as static RegMean's, and kept in
+float32 by default: half the memory, and a solve about twice as fast (a map whose mixed
+``A`` is too ill-conditioned for single precision is solved again in float64, see
+:func:`~tanbr.model.regmean.solve_merge`). Keep them in float64 (``dtype``) to get RegMean's
+exact limits to rounding.
+
+Memory: per type, block and map ``A_k`` is ``(d', d')`` and ``B_k`` ``(out, d')``
 (``d' = d + 1`` with a bias); the per-expert Gram matrices of one type at a time exist only
 while that type's statistics are accumulated (:func:`task_regmean_stats`), as in static
 RegMean.
@@ -62,10 +68,11 @@ class TypeStats:
     """One block's per-type RegMean statistics (K task types).
 
     ``a[map]`` (K, d', d') and ``b[map]`` (K, out, d'): the token-normalised sums A_k, B_k of
-    every linear map (float64); ``w_sum[map]`` (out, d'): ``sum_e [W_e, b_e]``, what the ridge
-    pulls the unspanned directions towards; ``averages``: the plain average of each target in
-    no linear map; ``tokens`` (K,): each type's calibration tokens n_k that reached the block's
-    experts (0: the type had none, and its A_k, B_k are those of all the calibration tokens).
+    every linear map (float32 or float64: the solve runs in their dtype); ``w_sum[map]``
+    (out, d'): ``sum_e [W_e, b_e]``, what the ridge pulls the unspanned directions towards;
+    ``averages``: the plain average of each target in no linear map; ``tokens`` (K,): each
+    type's calibration tokens n_k that reached the block's experts (0: the type had none, and
+    its A_k, B_k are those of all the calibration tokens).
     """
 
     block: MoEBlock
@@ -109,16 +116,19 @@ def task_regmean_stats(
     batches_by_type: Sequence[Batches],
     *,
     alpha: float = 0.9,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, TypeStats]:
     """Every block's per-type statistics from unlabeled calibration batches grouped by type.
 
     ``batches_by_type[k]``: the batches of the calibration requests assigned to type k (may be
     empty). Each type's batches run through the full MoE once (:func:`regmean_grams`, the
-    accumulation of static RegMean), are reduced to A_k, B_k, and their per-expert Gram
-    matrices dropped before the next type. ``alpha``: RegMean's off-diagonal shrinkage, fixed
-    here (it is inside A_k and B_k).
+    accumulation of static RegMean, float64), are reduced to A_k, B_k, and their per-expert
+    Gram matrices dropped before the next type. ``alpha``: RegMean's off-diagonal shrinkage,
+    fixed here (it is inside A_k and B_k). ``dtype``: what the sums are kept (and solved) in.
     """
     alpha = check_unit("alpha", alpha, high=1.0)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"task-aware RegMean keeps float32 or float64 statistics, got {dtype}")
     n_types = len(batches_by_type)
     if n_types < 1:
         raise ValueError("task-aware RegMean needs at least one task type")
@@ -147,7 +157,7 @@ def task_regmean_stats(
                     weights[block.name][m.name] = augmented_weights(m, stacked[block.name])
                 s_a, s_b = shrunk_sums(m, weights[block.name][m.name], g.grams[m.name], alpha)
                 parts = sums[block.name].setdefault(m.name, [None] * n_types)
-                parts[k] = (s_a / n, s_b / n)
+                parts[k] = ((s_a / n).to(dtype), (s_b / n).to(dtype))
         del grams
     out: dict[str, TypeStats] = {}
     for block in blocks:
@@ -184,7 +194,7 @@ def task_regmean_stats(
             maps=maps[block.name],
             a=a_maps,
             b=b_maps,
-            w_sum={name: w.sum(dim=0) for name, w in weights[block.name].items()},
+            w_sum={name: w.sum(dim=0).to(dtype) for name, w in weights[block.name].items()},
             averages=averages,
             tokens=n_k.copy(),
             alpha=alpha,
@@ -226,16 +236,19 @@ def check_action(action: np.ndarray, n_types: int) -> np.ndarray:
 def task_regmean_solve(
     stats: TypeStats, action: np.ndarray, *, ridge: float = 1e-6
 ) -> dict[str, torch.Tensor]:
-    """Every target of the block merged for ``action`` (K,) on the simplex, float64:
-    ``W*(a) = (sum_k a_k B_k)(sum_k a_k A_k)^-1`` per linear map, the plain average elsewhere.
+    """Every target of the block merged for ``action`` (K,) on the simplex, in the
+    statistics' dtype: ``W*(a) = (sum_k a_k B_k)(sum_k a_k A_k)^-1`` per linear map, the plain
+    average elsewhere.
     """
     ridge = check_unit("ridge", ridge)
-    a = torch.from_numpy(check_action(action, stats.n_types))
+    action = check_action(action, stats.n_types)
     block = stats.block
     out: dict[str, torch.Tensor] = {}
     for m in stats.maps:
-        mix_a = torch.tensordot(a, stats.a[m.name], dims=1)  # (d', d')
-        mix_b = torch.tensordot(a, stats.b[m.name], dims=1)  # (out, d')
+        a_k, b_k = stats.a[m.name], stats.b[m.name]
+        a = torch.from_numpy(action).to(a_k.dtype)
+        mix_a = (a @ a_k.flatten(1)).view(a_k.shape[1:])  # (d', d'), one pass over the K sums
+        mix_b = (a @ b_k.flatten(1)).view(b_k.shape[1:])  # (out, d')
         where = f"task-aware RegMean block {block.name!r} target {m.weight!r}"
         merged = solve_merge(
             where, mix_a, mix_b, stats.w_sum[m.name], block.n_experts, ridge, exact_check=False
