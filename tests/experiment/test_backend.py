@@ -190,7 +190,9 @@ def test_task_regmean_at_the_token_shares_is_static_regmean(tiny: Any) -> None:
     """Per-type statistics from the backend: the action of each type's share of the
     calibration tokens is RegMean on all of them; a plan is served through the memo like any
     merged weights, and the merge that installs it is charged its solve."""
-    from tanbr.backend.plans import build_ms
+    import pickle
+
+    from tanbr.backend.plans import build_ms, plan_key
     from tanbr.experiment.parameterization import TaskRegMean
 
     backend, calib, test = tiny
@@ -224,4 +226,20 @@ def test_task_regmean_at_the_token_shares_is_static_regmean(tiny: Any) -> None:
     assert served.merge_ms >= build_ms(vertex) > 0
     assert not np.allclose(served.probs, full)
     backend.restore()
+    # an action played again is served from the plan cache: the same tensors, no solve
+    again = param.plan(np.array([1.0, 0.0, 0.0]))
+    assert build_ms(again) == 0.0
+    for name, value in again.items():
+        assert all(value.tensors[t] is vertex[name].tensors[t] for t in value.tensors)
+    # the memo identifies a plan by the statistics and the action, not by hashing its weights
+    assert plan_key(again) == plan_key(vertex) != plan_key(shares)
+    backend.merge(again)
+    assert backend.predict(requests).merge_ms < served.merge_ms
+    np.testing.assert_array_equal(backend.predict(requests).probs, served.probs)
+    backend.restore()
+    fresh = pickle.loads(pickle.dumps(param))  # worker processes start with no cached plan
+    solved = fresh.plan(np.array([1.0, 0.0, 0.0]))
+    assert build_ms(solved) > 0 and plan_key(solved) == plan_key(vertex)
+    with pytest.raises(ValueError, match="cache"):
+        TaskRegMean(stats, backend.blocks, cache=-1)
     np.testing.assert_allclose(backend.predict(requests).probs, full, atol=1e-5)

@@ -55,6 +55,11 @@ def test_presets_exist_and_load() -> None:
     demo = load_config(preset="demo")
     assert demo.n_slots >= 300 and len(demo.seeds) >= 3 and demo.workload.slot_size == 128
     assert {"tanbr", "slot-oracle", "task-oracle", "full-moe"} <= set(demo.policies)
+    long = load_config(preset="long")  # issue 15's long run
+    assert long.n_slots == 3000 and long.evaluation.tail == 2000
+    assert long.evaluation.budget_s == 1800 and long.parameterization.kind == "task-regmean"
+    assert {"tanbr", "tanbr-paper", "nucb", "plug-in", "regmean", "fisher", "uniform",
+            "full-moe", "task-oracle", "slot-oracle"} <= set(long.policies)  # fmt: skip
 
 
 def test_unknown_preset_and_missing_file(tmp_path: Path) -> None:

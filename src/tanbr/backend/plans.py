@@ -56,10 +56,15 @@ def plan_key(plan: Mapping[str, PlanValue]) -> bytes:
 
 
 def weights_digest(value: MergedWeights) -> bytes:
-    """sha256 of merged weights' method and tensors (cached on the value: it is frozen)."""
+    """sha256 of merged weights' method and tensors (cached on the value: it is frozen), or of
+    their method and ``key`` when their maker gave one (no need to hash megabytes)."""
     cached = getattr(value, "_digest", None)
     if isinstance(cached, bytes):
         return cached
+    if value.key:
+        digest = hashlib.sha256(value.method.encode() + b"\0key\0" + value.key).digest()
+        object.__setattr__(value, "_digest", digest)
+        return digest
     h = hashlib.sha256(value.method.encode())
     for target in sorted(value.tensors):
         tensor = torch.as_tensor(value.tensors[target]).detach().float().contiguous()

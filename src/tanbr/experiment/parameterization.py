@@ -29,13 +29,16 @@ context (the estimated mix).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
 
 from tanbr.backend.protocol import Plan
-from tanbr.model.coeffs import group_coeffs
+from tanbr.model.coeffs import MergedWeights, group_coeffs
 from tanbr.model.task_regmean import TypeStats, task_regmean_merge
 from tanbr.model.task_regmean import check_action as _as_action
 
@@ -200,12 +203,22 @@ def make_space(dim: int) -> Any:
 class TaskRegMean:
     """Action on Simplex(K); every block's merged weights are task-aware RegMean's
     ``W*(a) = (sum_k a_k B_k)(sum_k a_k A_k)^-1`` per linear map (one solve per map and
-    decision; the time it takes is charged to the merge that installs the plan)."""
+    decision; the time it takes is charged to the merge that installs the plan).
+
+    The last ``cache`` plans are kept by action: an action played again (the slot oracle's
+    fixed candidates, a static policy) is served without a new solve and charged none. Each
+    plan carries a key (the statistics' fingerprint and the action), so the prediction memo
+    identifies it without hashing its megabytes of weights."""
 
     name = "task-regmean"
 
     def __init__(
-        self, stats: Mapping[str, TypeStats], blocks: Mapping[str, int], *, ridge: float = 1e-6
+        self,
+        stats: Mapping[str, TypeStats],
+        blocks: Mapping[str, int],
+        *,
+        ridge: float = 1e-6,
+        cache: int = 4,
     ) -> None:
         if set(stats) != set(blocks):
             raise ValueError(
@@ -221,18 +234,56 @@ class TaskRegMean:
                     f"statistics of block {name!r} are for {s.block.n_experts} experts, the "
                     f"block has {blocks[name]}"
                 )
+        if cache < 0:
+            raise ValueError(f"the plan cache holds >= 0 plans, got {cache}")
         self.stats = dict(stats)
         self.ridge = ridge
         self.dim = dims.pop()
+        self.cache = cache
+        self._plans: OrderedDict[bytes, dict[str, MergedWeights]] = OrderedDict()
+        self._fingerprint = _fingerprint(self.stats, ridge)
 
     def plan(self, action: np.ndarray, context: np.ndarray | None = None) -> Plan:
         a = _as_action(action, self.dim)
-        return {name: task_regmean_merge(s, a, ridge=self.ridge) for name, s in self.stats.items()}
+        key = a.tobytes()
+        hit = self._plans.get(key)
+        if hit is not None:
+            self._plans.move_to_end(key)
+            return {name: dataclasses.replace(v, build_ms=0.0) for name, v in hit.items()}
+        plan: dict[str, MergedWeights] = {}
+        for name, s in self.stats.items():
+            merged = task_regmean_merge(s, a, ridge=self.ridge)
+            ident = self._fingerprint + name.encode() + b"\0" + key
+            plan[name] = dataclasses.replace(merged, key=ident)
+        if self.cache:
+            self._plans[key] = plan
+            while len(self._plans) > self.cache:
+                self._plans.popitem(last=False)
+        return plan
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the cached plans (worker processes build their own)."""
+        state = dict(self.__dict__)
+        state["_plans"] = OrderedDict()
+        return state
 
     @property
     def nbytes(self) -> int:
         """Bytes of the per-type statistics A_k, B_k of every block."""
         return sum(s.nbytes for s in self.stats.values())
+
+
+def _fingerprint(stats: Mapping[str, TypeStats], ridge: float) -> bytes:
+    """sha256 of everything a task-aware RegMean plan depends on besides the action."""
+    h = hashlib.sha256(repr(ridge).encode())
+    for name in sorted(stats):
+        s = stats[name]
+        h.update(name.encode() + s.tokens.tobytes() + repr(s.alpha).encode())
+        for part in (s.a, s.b, s.w_sum, s.averages):
+            for target in sorted(part):
+                h.update(target.encode())
+                h.update(part[target].detach().contiguous().cpu().numpy().tobytes())
+    return h.digest()
 
 
 Parameterization = TaskSimplex | TaskRelative | Direct | TaskRegMean

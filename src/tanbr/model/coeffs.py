@@ -48,12 +48,16 @@ class MergedWeights:
     merge. ``method`` names the merge that made it, for logs. ``build_ms``: the time computing
     the tensors took when they are computed per decision (task-aware RegMean solves them from
     the action): a backend charges it to the merge that installs them, as a coeffs merge's
-    weighted average is charged; 0 for a static merge, computed once in the set-up.
+    weighted average is charged; 0 for a static merge, computed once in the set-up. ``key``:
+    bytes that identify the tensors, given by a maker that knows what determines them (task-
+    aware RegMean: its statistics and the action), so that a memo need not hash the tensors;
+    empty when it does not.
     """
 
     tensors: Mapping[str, Any]
     method: str = ""
     build_ms: float = 0.0
+    key: bytes = b""
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensors, Mapping):
@@ -62,10 +66,10 @@ class MergedWeights:
             )
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
 
-    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any], str, float]]:
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any], str, float, bytes]]:
         """Pickled as a plain dict (a mapping proxy does not pickle): the experiment's worker
         processes receive the static merges' weights."""
-        return (MergedWeights, (dict(self.tensors), self.method, self.build_ms))
+        return (MergedWeights, (dict(self.tensors), self.method, self.build_ms, self.key))
 
     @property
     def nbytes(self) -> int:
@@ -303,7 +307,7 @@ def validate_weights(value: MergedWeights, block: MoEBlock) -> MergedWeights:
                 f"{where}: target {target.name!r} has {bad} NaN or infinite value(s){cast}"
             )
         out[target.name] = t
-    return MergedWeights(out, method=value.method, build_ms=value.build_ms)
+    return MergedWeights(out, method=value.method, build_ms=value.build_ms, key=value.key)
 
 
 def validate_merge_plan(
