@@ -208,6 +208,30 @@ def test_task_regmean_solves_each_action_from_the_type_sums() -> None:
             param.plan(action)
 
 
+def test_task_regmean_plans_are_keyed_by_statistics_and_action() -> None:
+    """The memo key of a plan is its statistics' fingerprint and its action: equal for the
+    same statistics (in any dtype, bfloat16 averages too), different when either differs."""
+    import dataclasses
+
+    import torch
+
+    from tanbr.backend.plans import plan_key
+    from tanbr.experiment.parameterization import TaskRegMean
+
+    stats = _type_stats()
+    blocks = {"b0": 3, "b1": 3}
+    half = {n: dataclasses.replace(s, averages={"g": torch.ones(3, dtype=torch.bfloat16)})
+            for n, s in stats.items()}  # fmt: skip
+    other = {n: dataclasses.replace(s, averages={"g": torch.zeros(3, dtype=torch.bfloat16)})
+             for n, s in stats.items()}  # fmt: skip
+    a, b = np.array([0.25, 0.75]), np.array([0.5, 0.5])
+    first = TaskRegMean(half, blocks, cache=0)
+    assert plan_key(first.plan(a)) == plan_key(TaskRegMean(half, blocks).plan(a))
+    assert plan_key(first.plan(a)) != plan_key(first.plan(b))
+    assert plan_key(first.plan(a)) != plan_key(TaskRegMean(other, blocks).plan(a))
+    assert first.plan(a)["b0"].build_ms > 0  # no cache: solved every time
+
+
 def test_task_regmean_refusals() -> None:
     from tanbr.experiment.parameterization import TaskRegMean
 

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from tanbr.backend.protocol import Plan
 from tanbr.model.coeffs import MergedWeights, group_coeffs
@@ -282,7 +283,8 @@ def _fingerprint(stats: Mapping[str, TypeStats], ridge: float) -> bytes:
         for part in (s.a, s.b, s.w_sum, s.averages):
             for target in sorted(part):
                 h.update(target.encode())
-                h.update(part[target].detach().contiguous().cpu().numpy().tobytes())
+                raw = part[target].detach().cpu().contiguous().reshape(-1)
+                h.update(raw.view(torch.uint8).numpy().tobytes())  # any dtype, bfloat16 too
     return h.digest()
 
 
