@@ -331,9 +331,8 @@ def solve_merge(
     """
     if a.dtype == torch.float32:
         if not exact_check:
-            factor, info = torch.linalg.cholesky_ex(a)
-            diag = torch.diagonal(factor)
-            if int(info) == 0 and float(diag.min()) ** 2 > RCOND_FLOAT32 * float(diag.max()) ** 2:
+            factor, _, _ = _singular(a, False, rcond=RCOND_FLOAT32)
+            if factor is not None:  # well-conditioned enough for single precision
                 fast: torch.Tensor = torch.cholesky_solve(num.T, factor).T
                 return fast
         wide = solve_merge(
@@ -377,20 +376,23 @@ def solve_merge(
     return merged
 
 
-def _singular(a: torch.Tensor, exact: bool) -> tuple[torch.Tensor | None, bool, str]:
-    """Whether ``a`` counts as singular and what is known of the span of its inputs; without
-    ``exact``, also a's Cholesky factor (None when it has none)."""
+def _singular(
+    a: torch.Tensor, exact: bool, *, rcond: float = RCOND
+) -> tuple[torch.Tensor | None, bool, str]:
+    """Whether ``a`` counts as singular (eigenvalue ratio at most ``rcond``) and what is known
+    of the span of its inputs; without ``exact``, also a's Cholesky factor (None when it has
+    none or counts as singular)."""
     if exact:
         eig = torch.linalg.eigvalsh(a)
-        if float(eig[0]) > RCOND * float(eig[-1]):
+        if float(eig[0]) > rcond * float(eig[-1]):
             return None, False, ""
-        rank = int((eig > RCOND * eig[-1]).sum())
+        rank = int((eig > rcond * eig[-1]).sum())
         return None, True, f"the routed inputs span {rank} of {a.shape[0]} dimensions"
     factor, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:
         return None, True, f"not positive definite, {a.shape[0]} dimensions"
     diag = torch.diagonal(factor)
-    if float(diag.min()) ** 2 > RCOND * float(diag.max()) ** 2:
+    if float(diag.min()) ** 2 > rcond * float(diag.max()) ** 2:
         return factor, False, ""
     return None, True, f"ill-conditioned, {a.shape[0]} dimensions"
 
