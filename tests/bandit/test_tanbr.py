@@ -110,10 +110,28 @@ def test_sampled_representatives_and_boxes() -> None:
     assert policy.n_leaves > 2**policy.init_depth
 
 
+def test_forced_exploration_rate_and_draws() -> None:
+    """The chance of a uniform leaf is explore / (n sqrt(t + 1)), capped at 1; with it on,
+    one context gets many different leaves, with it off always the best-scored one."""
+    rng = np.random.default_rng(0)
+    policy = Tanbr(space=Simplex(3), context_dim=3, rng=rng, explore=0.2)
+    assert policy.explore_probability() == pytest.approx(0.2 / 2)
+    for _ in range(99):
+        policy.n_updates += 1
+    assert policy.explore_probability() == pytest.approx(0.2 / (2 * 10))
+    assert Tanbr(space=Simplex(3), context_dim=3, rng=rng, explore=50).explore_probability() == 1
+    x = np.array([0.2, 0.3, 0.5])
+    always = Tanbr(space=Simplex(3), context_dim=3, rng=rng, explore=50)
+    never = Tanbr(space=Simplex(3), context_dim=3, rng=rng, explore=0)
+    drawn = {tuple(np.round(always.select(x), 9)) for _ in range(80)}
+    greedy = {tuple(np.round(never.select(x), 9)) for _ in range(80)}
+    assert len(drawn) >= 12 and len(greedy) == 1  # 16 leaves at the start
+
+
 @pytest.mark.parametrize(
     ("param", "value"),
     [("gamma", -1.0), ("nu", float("nan")), ("init_depth", -1), ("init_depth", 12),
-     ("split_visits", 0),
+     ("split_visits", 0), ("explore", -0.1),
      ("max_leaves", 1), ("representative", "vertex"), ("bonus", "full"), ("lr", 0.0)],
 )  # fmt: skip
 def test_bad_hyperparameters_are_named(param: str, value: object) -> None:

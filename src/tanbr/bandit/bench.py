@@ -13,8 +13,9 @@ Seeds and families: by default the reporting seeds 0, 1, ... and the reporting f
 the held-out ones); ``--tuning`` switches to the tuning seeds 100, 101, ... and the tuning
 families, where defaults are chosen (see :mod:`tanbr.bandit.surfaces`).
 
-``tanbr@absolute`` is Tanbr forced onto the absolute chart and ``tanbr@scalar`` Tanbr with
-its former scalar reward model (transparency rows, :data:`VARIANTS`).
+``tanbr@absolute`` is Tanbr forced onto the absolute chart, ``tanbr@no-explore`` Tanbr
+without forced exploration and ``tanbr@scalar`` Tanbr with its former scalar reward model
+(transparency rows, :data:`VARIANTS`).
 
 Timing runs each of ``--timing-policies`` alone for ``--timing-slots`` slots with K of
 ``--timing-dims`` experts and ``min(K, --timing-types)`` task types (the paper: 8 types, 8 to
@@ -86,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 VARIANTS: dict[str, dict[str, Any]] = {
     "relative": {"chart": "relative"},
     "absolute": {"chart": "absolute"},
+    # no forced exploration: the width and the cell term alone explore
+    "no-explore": {"explore": 0.0},
     # the former defaults: one scalar from (context, action) with offset inputs and the prior
     # mean -3 |a - x|^2, gamma = 0.1 at lam = 1, nu = 0.25, up to 2048 leaves, 8 visits
     "scalar": dict(
@@ -98,6 +101,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         nu=0.25,
         max_leaves=2048,
         split_visits=8,
+        explore=0.0,
     ),
 }
 

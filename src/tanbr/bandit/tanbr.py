@@ -65,6 +65,8 @@ DEFAULT_MODEL: dict[str, Any] = {
     "prior": 0.0,
     "train_steps": 8,
 }
+#: Forced-exploration weight (``explore``), chosen on the tuning seeds and families at K = 2 to 8.
+DEFAULT_EXPLORE = 0.2
 #: The former default reward model in the relative chart (``tanbr@scalar`` in the bench).
 SCALAR_MODEL: dict[str, Any] = {"head": "scalar", **ANCHORED_MODEL}
 
@@ -99,6 +101,13 @@ class Tanbr:
         only choice otherwise).
     floor
         The relative chart's ``w = x + floor``: keeps tasks absent from the mix reachable.
+    explore
+        Forced exploration: after ``t`` updates, ``select`` plays a leaf drawn uniformly with
+        probability ``explore / (n * sqrt(t + 1))`` (``n`` the chart's dimension) instead of
+        the best score. The network's width cannot see what it never tried where the gradient
+        features of distant actions are nearly collinear, as on a one- or two-dimensional
+        chart; there a learnt ramp hides an interior optimum for hundreds of slots. 0 turns
+        it off.
     **model_params
         Reward-model settings (:class:`~tanbr.bandit.neural.RewardModel` and
         :class:`~tanbr.bandit.neural.RewardNet`): hidden, depth, lr, weight_decay, lam, bonus,
@@ -122,6 +131,7 @@ class Tanbr:
         representative: str = "center",
         chart: str | None = None,
         floor: float = DEFAULT_FLOOR,
+        explore: float = DEFAULT_EXPLORE,
         **model_params: Any,
     ) -> None:
         self.space = check_setup(space, context_dim, rng)
@@ -141,6 +151,7 @@ class Tanbr:
         self.floor = check_positive("floor", floor)
         self.gamma = check_positive("gamma", gamma, allow_zero=True)
         self.nu = check_positive("nu", nu, allow_zero=True)
+        self.explore = check_positive("explore", explore, allow_zero=True)
         n = self.space.intrinsic_dim
         self.split_visits = check_int("split_visits", split_visits, minimum=1)
         self.max_leaves = check_int("max_leaves", max_leaves, minimum=2)
@@ -178,7 +189,14 @@ class Tanbr:
         actions = points if w is None else to_action(w, points)  # (N, dim) in the space
         mean, width = self.model.predict(x, actions)  # (N,), (N,)
         score = mean + self.gamma * width + self.nu * self.tree.diameters[leaves]
+        if self.explore > 0 and self.rng.random() < self.explore_probability():
+            return np.array(actions[self.rng.integers(len(actions))])
         return np.array(actions[argmax(score, self.rng)])
+
+    def explore_probability(self) -> float:
+        """Chance that the next ``select`` plays a uniformly drawn leaf (see ``explore``)."""
+        n = max(1, self.space.intrinsic_dim)
+        return min(1.0, self.explore / (n * math.sqrt(self.n_updates + 1)))
 
     def update(
         self,
