@@ -14,7 +14,8 @@ the held-out ones); ``--tuning`` switches to the tuning seeds 100, 101, ... and 
 families, where defaults are chosen (see :mod:`tanbr.bandit.surfaces`).
 
 ``tanbr@absolute`` is Tanbr forced onto the absolute chart, ``tanbr@no-explore`` Tanbr
-without forced exploration and ``tanbr@scalar`` Tanbr with its former scalar reward model
+without forced exploration, ``tanbr@shared-fit`` Tanbr fitting every output to a slot reward
+(not their mix-weighted sum) and ``tanbr@scalar`` Tanbr with its former scalar reward model
 (transparency rows, :data:`VARIANTS`).
 
 Timing runs each of ``--timing-policies`` alone for ``--timing-slots`` slots with K of
@@ -89,6 +90,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "absolute": {"chart": "absolute"},
     # no forced exploration: the width and the cell term alone explore
     "no-explore": {"explore": 0.0},
+    # from a slot reward alone, every output fitted to it (the former rule), not their sum
+    "shared-fit": {"slot_fit": "shared"},
     # the former defaults: one scalar from (context, action) with offset inputs and the prior
     # mean -3 |a - x|^2, gamma = 0.1 at lam = 1, nu = 0.25, up to 2048 leaves, 8 visits
     "scalar": dict(

@@ -45,6 +45,10 @@ from tanbr.bandit.spaces import Space
 BONUSES: tuple[str, ...] = ("last-layer", "diagonal")
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh")
 ENCODINGS: tuple[str, ...] = ("plain", "offset", "action")
+#: How a per-type network learns from a slot reward without per-type rewards: ``"joint"``
+#: fits the mix-weighted sum of its outputs to it, ``"shared"`` fits every output to it,
+#: weighted by the type's share of the mix (the former rule).
+SLOT_FITS: tuple[str, ...] = ("joint", "shared")
 HEADS: tuple[str, ...] = ("scalar", "per-type")
 _BLAS: list[Any] = []  # the threadpoolctl controller, created on first use
 
@@ -246,9 +250,11 @@ class RewardNet:
         steps: int,
         batch_size: int,
         weights: np.ndarray | None = None,
+        joint: np.ndarray | None = None,
     ) -> float:
         """A few Adam steps on minibatches of ``(z (n, D), r (n,) or (n, V))`` with per-output
-        ``weights`` (n, V) (default 1); returns the last loss.
+        ``weights`` (n, V) (default 1) and ``joint`` (n,) rows (see :meth:`loss_and_grads`);
+        returns the last loss.
 
         Each minibatch holds the newest sample plus ``batch_size - 1`` drawn uniformly (with
         replacement) from the history, so the cost per call is bounded whatever ``n`` is.
@@ -261,19 +267,27 @@ class RewardNet:
             idx = self.rng.integers(0, n, size=min(batch_size, n))
             idx[0] = n - 1
             w = None if weights is None else weights[idx]
-            loss, grads = self.loss_and_grads(z[idx], r[idx], w)
+            j = None if joint is None else joint[idx]
+            loss, grads = self.loss_and_grads(z[idx], r[idx], w, j)
             self._adam_step(grads)
         return loss
 
     def loss_and_grads(
-        self, z: np.ndarray, r: np.ndarray, weights: np.ndarray | None = None
+        self,
+        z: np.ndarray,
+        r: np.ndarray,
+        weights: np.ndarray | None = None,
+        joint: np.ndarray | None = None,
     ) -> tuple[float, list[np.ndarray]]:
         """Regularised squared loss on a batch ``(z (B, D), r (B,) or (B, V))`` and its
         gradients.
 
         ``sum_{b,v} w_bv (f_v(z_b) - r_bv)^2 / B + weight_decay * |theta - theta_0|^2``
         (``w = 1``: the mean squared error), back-propagated by hand (the tests check it
-        against torch autograd). Targets whose weight is 0 may be NaN.
+        against torch autograd). Targets whose weight is 0 may be NaN. A ``joint`` row b
+        (a slot reward without per-type rewards) instead adds
+        ``(sum_v w_bv f_v(z_b) - r_b0)^2 / B``: the weighted sum of the outputs, not each
+        output, is fitted to its one target.
         """
         slopes, acts, out = self._forward(z)  # out (B, V)
         w = self.params
@@ -281,8 +295,14 @@ class RewardNet:
         wts = self._weights(weights, n)  # (B, V)
         target = np.asarray(r, dtype=float).reshape(n, -1)
         resid = np.where(wts > 0, out - np.where(wts > 0, target, 0.0), 0.0)  # (B, V)
-        loss = float(np.sum(wts * resid**2) / n)
         dout = 2.0 * wts * resid / n  # (B, V) d loss / d out
+        if joint is None or not np.any(joint):
+            loss = float(np.sum(wts * resid**2) / n)
+        else:
+            rows = np.asarray(joint, dtype=bool)  # (B,)
+            summed = np.sum(wts * out, axis=1) - target[:, 0]  # (B,) for the joint rows
+            loss = float((np.sum(wts[~rows] * resid[~rows] ** 2) + np.sum(summed[rows] ** 2)) / n)
+            dout[rows] = 2.0 * wts[rows] * summed[rows, None] / n
         grads: list[np.ndarray] = [np.empty(0)] * len(w)
         grads[-2] = dout.T @ acts[-1]  # (V, m)
         grads[-1] = dout.sum(axis=0)  # (V,)
@@ -415,6 +435,13 @@ def type_targets(
     return np.full(len(p), float(reward)), weights
 
 
+def check_slot_fit(slot_fit: str) -> str:
+    """``slot_fit`` validated against :data:`SLOT_FITS`."""
+    if slot_fit not in SLOT_FITS:
+        raise ValueError(f"slot_fit must be one of {SLOT_FITS}, got {slot_fit!r}")
+    return slot_fit
+
+
 class History:
     """Growing arrays of the played inputs, their targets and the targets' weights (one
     column per network output); amortised O(1) appends."""
@@ -423,16 +450,19 @@ class History:
         self._z = np.zeros((64, input_dim))
         self._r = np.zeros((64, outputs))
         self._w = np.zeros((64, outputs))
+        self._j = np.zeros(64, dtype=bool)
         self.n = 0
 
-    def append(self, z: np.ndarray, r: Any, w: Any = 1.0) -> None:
+    def append(self, z: np.ndarray, r: Any, w: Any = 1.0, joint: bool = False) -> None:
         if self.n == len(self._r):
             self._z = np.concatenate([self._z, np.zeros_like(self._z)])
             self._r = np.concatenate([self._r, np.zeros_like(self._r)])
             self._w = np.concatenate([self._w, np.zeros_like(self._w)])
+            self._j = np.concatenate([self._j, np.zeros_like(self._j)])
         self._z[self.n] = z
         self._r[self.n] = r
         self._w[self.n] = w
+        self._j[self.n] = joint
         self.n += 1
 
     @property
@@ -450,6 +480,17 @@ class History:
     def weights(self) -> np.ndarray:
         """Weights of the targets, shape (n, V)."""
         return self._w[: self.n]
+
+    @property
+    def joint(self) -> np.ndarray:
+        """Rows whose weighted sum of outputs fits one slot reward, shape (n,)."""
+        return self._j[: self.n]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Histories pickled before ``joint`` existed had none."""
+        self.__dict__.update(state)
+        if "_j" not in state:
+            self._j = np.zeros(len(self._r), dtype=bool)
 
     def __len__(self) -> int:
         return self.n
@@ -491,6 +532,11 @@ class RewardModel:
         Curvature of the prior mean ``-prior * |a - x|^2`` (0: none).
     head
         ``"scalar"`` (one predicted reward) or ``"per-type"`` (see above).
+    slot_fit
+        How the per-type head learns from a slot reward alone (:data:`SLOT_FITS`): the slot
+        reward is the mix-weighted sum of the per-type rewards, so ``"joint"`` fits
+        ``psi . f(a)`` to it, which tells the types apart across slots with different mixes;
+        ``"shared"`` pulls every output towards the slot reward.
     **net_params
         Passed to :class:`RewardNet` (hidden, depth, lr, weight_decay, bonus, lam,
         activation).
@@ -508,10 +554,12 @@ class RewardModel:
         encoding: str = "plain",
         prior: float = 0.0,
         head: str = "scalar",
+        slot_fit: str = "joint",
         **net_params: Any,
     ) -> None:
         self.space = space
         self.context_dim = context_dim
+        self.slot_fit = check_slot_fit(slot_fit)
         self.train_steps = check_int("train_steps", train_steps, minimum=0)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
@@ -593,7 +641,8 @@ class RewardModel:
         m0 = float(self.prior_mean(context, action[None, :])[0])
         if self.head == "per-type":
             target, weight = type_targets(context, reward, type_rewards)
-            self.history.append(z, target - m0, weight)
+            joint = type_rewards is None and self.slot_fit == "joint"
+            self.history.append(z, target - m0, weight, joint=joint)
         else:
             weight = np.ones(1)
             self.history.append(z, reward - m0, weight)
@@ -608,4 +657,5 @@ class RewardModel:
                 steps=self.train_steps,
                 batch_size=self.batch_size,
                 weights=self.history.weights,
+                joint=self.history.joint,
             )

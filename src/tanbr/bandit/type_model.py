@@ -22,7 +22,13 @@ from typing import Any
 import numpy as np
 
 from tanbr.bandit.base import check_int, check_positive
-from tanbr.bandit.neural import History, RewardNet, single_threaded_blas, type_targets
+from tanbr.bandit.neural import (
+    History,
+    RewardNet,
+    check_slot_fit,
+    single_threaded_blas,
+    type_targets,
+)
 from tanbr.bandit.spaces import Simplex, SparseSimplex
 
 
@@ -40,7 +46,7 @@ class TypeRewardModel:
         (``phi = g / sqrt(m)``); the paper's values are 1 and 1.
     train_steps
         J, the Adam steps on minibatches of the history after every update.
-    batch_size, refresh_every, hidden, depth, lr, weight_decay
+    batch_size, refresh_every, hidden, depth, lr, weight_decay, slot_fit
         As for :class:`~tanbr.bandit.neural.RewardModel`.
     """
 
@@ -57,10 +63,12 @@ class TypeRewardModel:
         refresh_every: int = 32,
         hidden: int = 64,
         depth: int = 2,
+        slot_fit: str = "joint",
         **net_params: Any,
     ) -> None:
         self.space = space
         self.types = check_int("types", types, minimum=1)
+        self.slot_fit = check_slot_fit(slot_fit)
         self.gamma = check_positive("gamma", gamma, allow_zero=True)
         self.lam = check_positive("lam", lam)
         self.train_steps = check_int("train_steps", train_steps, minimum=0)
@@ -95,12 +103,14 @@ class TypeRewardModel:
     ) -> None:
         """One slot's feedback (already validated), then J Adam steps.
 
-        Per-type rewards when given; otherwise the slot reward for every type, weighted by
-        the mix (:func:`~tanbr.bandit.neural.type_targets`).
+        Per-type rewards when given; otherwise the slot reward, fitted by the mix-weighted
+        sum of the outputs (``slot_fit="joint"``) or by every output, weighted by the mix
+        (``"shared"``; :data:`~tanbr.bandit.neural.SLOT_FITS`).
         """
         target, weight = type_targets(context, reward, type_rewards)
         z = self.space.encode(action[None, :])[0]
-        self.history.append(z, target, weight)
+        joint = type_rewards is None and self.slot_fit == "joint"
+        self.history.append(z, target, weight, joint=joint)
         with single_threaded_blas():
             if len(self.history) % self.refresh_every == 0:
                 self.net.refresh(self.history.inputs, self.history.weights)
@@ -112,6 +122,7 @@ class TypeRewardModel:
                 steps=self.train_steps,
                 batch_size=self.batch_size,
                 weights=self.history.weights,
+                joint=self.history.joint,
             )
 
 
