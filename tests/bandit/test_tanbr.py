@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -126,6 +127,14 @@ def test_forced_exploration_rate_and_draws() -> None:
     drawn = {tuple(np.round(always.select(x), 9)) for _ in range(80)}
     greedy = {tuple(np.round(never.select(x), 9)) for _ in range(80)}
     assert len(drawn) >= 12 and len(greedy) == 1  # 16 leaves at the start
+
+
+def test_a_policy_saved_before_forced_exploration_loads_without_it() -> None:
+    policy = Tanbr(space=Simplex(3), context_dim=3, rng=np.random.default_rng(0))
+    del policy.__dict__["explore"]  # the attribute a policy pickled by an older version lacks
+    loaded = pickle.loads(pickle.dumps(policy))
+    assert loaded.explore == 0.0 and loaded.explore_probability() == 0.0
+    assert Simplex(3).contains(loaded.select(np.array([0.2, 0.3, 0.5])))
 
 
 @pytest.mark.parametrize(

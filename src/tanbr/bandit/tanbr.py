@@ -193,6 +193,11 @@ class Tanbr:
             return np.array(actions[self.rng.integers(len(actions))])
         return np.array(actions[argmax(score, self.rng)])
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A policy saved before forced exploration existed goes on without it."""
+        self.__dict__.update(state)
+        self.__dict__.setdefault("explore", 0.0)
+
     def explore_probability(self) -> float:
         """Chance that the next ``select`` plays a uniformly drawn leaf (see ``explore``)."""
         n = max(1, self.space.intrinsic_dim)
