@@ -76,12 +76,21 @@ def test_bench_policy_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "timing" not in text
 
 
+def test_fairness_rows_give_baselines_tanbrs_network_input() -> None:
+    from tanbr.bandit.bench import _policy_spec
+
+    assert _policy_spec("nucb-anchored@sqrt") == ("nucb-anchored", {"encoding": "sqrt"})
+    assert _policy_spec("tanbr-paper@sqrt") == ("tanbr-paper", {"encoding": "sqrt"})
+    assert _policy_spec("tanbr@action") == ("tanbr", {"encoding": "action"})
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--policies", "router"], "unknown policy"),
         (["--policies", "hoo@relative"], "only tanbr"),
         (["--policies", "tanbr@wide"], "only tanbr"),
+        (["--policies", "nucb@absolute"], "nucb-anchored@sqrt"),
         (["--dims", "4", "1"], "--dims"),
         (["--families", "saddle"], "unknown surface family"),
         (["--schedule", "bursty"], "unknown schedule"),

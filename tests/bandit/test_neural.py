@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tanbr.bandit.neural import History, RewardModel, RewardNet
-from tanbr.bandit.spaces import Simplex
+from tanbr.bandit.neural import History, RewardModel, RewardNet, sqrt_features
+from tanbr.bandit.spaces import Box, Simplex
 
 
 def torch_loss(
@@ -200,6 +200,30 @@ def test_slot_rewards_alone_identify_the_types(seed: int) -> None:
         errors[fit] = float(np.sqrt(np.mean((pred - truth(test)) ** 2)))
     assert errors["joint"] < 0.05  # 0.027 and 0.028; the per-type rewards spread 0.14
     assert errors["joint"] < 0.5 * errors["shared"]
+
+
+def test_sqrt_inputs_stretch_the_faces_of_the_simplex() -> None:
+    """The square-root features are 0 at the barycentre, of unit order, and put merges that
+    differ by 0.05 next to a vertex 0.22 * 2 sqrt(d) apart; the network sees both encodings."""
+    d = 4
+    np.testing.assert_allclose(sqrt_features(np.full((1, d), 1 / d)), 0.0, atol=1e-12)
+    near, at = np.array([[0.95, 0.05, 0, 0]]), np.array([[1.0, 0, 0, 0]])
+    gap = np.abs(sqrt_features(near) - sqrt_features(at))[0, 1]
+    assert gap == pytest.approx(np.sqrt(0.05) * 2 * np.sqrt(d))
+    model = RewardModel(
+        space=Simplex(d), context_dim=d, rng=np.random.default_rng(0), head="per-type",
+        encoding="sqrt",
+    )  # fmt: skip
+    z = model.inputs(np.full(d, 1 / d), near)
+    assert z.shape == (1, 2 * d)
+    np.testing.assert_allclose(z[:, d:], sqrt_features(near))
+    np.testing.assert_allclose(z[:, :d], Simplex(d).encode(near))
+    with pytest.raises(ValueError, match="simplex"):
+        RewardModel(space=Box(low=(0.0,), high=(1.0,)), context_dim=1,
+                    rng=np.random.default_rng(0), head="per-type", encoding="sqrt")  # fmt: skip
+    with pytest.raises(ValueError, match="per-type"):
+        RewardModel(space=Simplex(d), context_dim=d, rng=np.random.default_rng(0),
+                    encoding="sqrt")  # fmt: skip
 
 
 def test_training_fits_a_smooth_function() -> None:

@@ -15,8 +15,10 @@ families, where defaults are chosen (see :mod:`tanbr.bandit.surfaces`).
 
 ``tanbr@absolute`` is Tanbr forced onto the absolute chart, ``tanbr@no-explore`` Tanbr
 without forced exploration, ``tanbr@shared-fit`` Tanbr fitting every output to a slot reward
-(not their mix-weighted sum) and ``tanbr@scalar`` Tanbr with its former scalar reward model
-(transparency rows, :data:`VARIANTS`).
+(not their mix-weighted sum), ``tanbr@action`` Tanbr's network fed the action alone (no
+square-root features) and ``tanbr@scalar`` Tanbr with its former scalar reward model
+(transparency rows, :data:`VARIANTS`). ``nucb@sqrt``, ``nucb-anchored@sqrt`` and
+``tanbr-paper@sqrt`` give those baselines Tanbr's network input (fairness rows).
 
 Timing runs each of ``--timing-policies`` alone for ``--timing-slots`` slots with K of
 ``--timing-dims`` experts and ``min(K, --timing-types)`` task types (the paper: 8 types, 8 to
@@ -90,6 +92,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "absolute": {"chart": "absolute"},
     # no forced exploration: the width and the cell term alone explore
     "no-explore": {"explore": 0.0},
+    # the action alone as the network's input, without its square-root features
+    "action": {"encoding": "action"},
     # from a slot reward alone, every output fitted to it (the former rule), not their sum
     "shared-fit": {"slot_fit": "shared"},
     # the former defaults: one scalar from (context, action) with offset inputs and the prior
@@ -107,6 +111,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         explore=0.0,
     ),
 }
+#: Fairness rows: the per-type baselines given Tanbr's network input (``nucb-anchored@sqrt``).
+BASELINE_VARIANTS: dict[str, dict[str, Any]] = {"sqrt": {"encoding": "sqrt"}}
+BASELINES_WITH_VARIANTS = ("nucb", "nucb-anchored", "tanbr-paper")
 
 
 def _policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -114,10 +121,13 @@ def _policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
     name, _, variant = spec.partition("@")
     if not variant:
         return name, {}
-    if name != "tanbr" or variant not in VARIANTS:
-        known = ", ".join(f"tanbr@{v}" for v in VARIANTS)
-        raise ValueError(f"unknown policy variant {spec!r}: only {known} exist")
-    return name, dict(VARIANTS[variant])
+    if name == "tanbr" and variant in VARIANTS:
+        return name, dict(VARIANTS[variant])
+    if name in BASELINES_WITH_VARIANTS and variant in BASELINE_VARIANTS:
+        return name, dict(BASELINE_VARIANTS[variant])
+    known = [f"tanbr@{v}" for v in VARIANTS]
+    known += [f"{b}@{v}" for b in BASELINES_WITH_VARIANTS for v in BASELINE_VARIANTS]
+    raise ValueError(f"unknown policy variant {spec!r}: only {', '.join(known)} exist")
 
 
 Job = tuple[str, str, int, int, int, str, str]

@@ -40,11 +40,11 @@ import numpy as np
 
 from tanbr.bandit.base import check_int, check_positive
 from tanbr.bandit.chart import is_anchored
-from tanbr.bandit.spaces import Space
+from tanbr.bandit.spaces import Box, Space
 
 BONUSES: tuple[str, ...] = ("last-layer", "diagonal")
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh")
-ENCODINGS: tuple[str, ...] = ("plain", "offset", "action")
+ENCODINGS: tuple[str, ...] = ("plain", "offset", "action", "sqrt")
 #: How a per-type network learns from a slot reward without per-type rewards: ``"joint"``
 #: fits the mix-weighted sum of its outputs to it, ``"shared"`` fits every output to it,
 #: weighted by the type's share of the mix (the former rule).
@@ -442,6 +442,20 @@ def check_slot_fit(slot_fit: str) -> str:
     return slot_fit
 
 
+def sqrt_features(actions: np.ndarray) -> np.ndarray:
+    """``(sqrt(a) - sqrt(1/d)) * 2 sqrt(d)`` of merges (N, d): their Hellinger embedding,
+    centred on the barycentre's and of unit order.
+
+    On the simplex, ``sqrt`` stretches the neighbourhood of every face: merges 0 and 0.05
+    apart in a coefficient are 0.22 apart here. A network fed these features can bend near a
+    vertex, and its gradient features there (hence its NeuralUCB width) tell such merges
+    apart.
+    """
+    a = np.clip(np.asarray(actions, dtype=float), 0.0, None)
+    d = a.shape[-1]
+    return np.asarray((np.sqrt(a) - math.sqrt(1.0 / d)) * 2.0 * math.sqrt(d))
+
+
 class History:
     """Growing arrays of the played inputs, their targets and the targets' weights (one
     column per network output); amortised O(1) appends."""
@@ -505,7 +519,10 @@ class RewardModel:
     ``(a - x) * d`` away from the plug-in merge is appended: a reward that peaks near the
     plug-in becomes a bump near the origin of these coordinates. ``encoding="action"`` feeds
     the action alone, as the paper's network does: with the per-type head the context then
-    enters only through the scoring ``psi . f(a)``.
+    enters only through the scoring ``psi . f(a)``. ``encoding="sqrt"`` feeds the action and
+    its :func:`sqrt_features` (merges on a simplex only): rewards that peak near a face of the
+    simplex, as a type's reward near its own expert's vertex does, are then within reach of a
+    small network, and so is telling apart the merges near a vertex it has played.
 
     ``prior > 0`` gives the network a prior mean ``m0(x, a) = -prior * |a - x|^2`` ("merges far
     from the plug-in are worse"): the network learns the residual ``r - m0`` and predicts
@@ -527,7 +544,7 @@ class RewardModel:
         Rebuild ``Z`` from the whole history with the current weights every this many updates
         (rank-one updates in between).
     encoding
-        ``"plain"``, ``"offset"`` or ``"action"`` network inputs (see above).
+        ``"plain"``, ``"offset"``, ``"action"`` or ``"sqrt"`` network inputs (see above).
     prior
         Curvature of the prior mean ``-prior * |a - x|^2`` (0: none).
     head
@@ -574,15 +591,17 @@ class RewardModel:
             )
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        if encoding == "action" and (head != "per-type" or self.prior):
+        if encoding in ("action", "sqrt") and (head != "per-type" or self.prior):
             raise ValueError(
-                "encoding='action' (no context in the input) needs head='per-type' and no "
+                f"encoding={encoding!r} (no context in the input) needs head='per-type' and no "
                 "prior: the context must enter somewhere, and the prior mean depends on it"
             )
+        if encoding == "sqrt" and isinstance(space, Box):
+            raise ValueError(f"encoding='sqrt' needs merges on a simplex, got {space}")
         self.head = head
         outputs = context_dim if head == "per-type" else 1
         width = {"plain": context_dim + space.dim, "offset": context_dim + 2 * space.dim,
-                 "action": space.dim}[encoding]  # fmt: skip
+                 "action": space.dim, "sqrt": 2 * space.dim}[encoding]  # fmt: skip
         self.net = RewardNet(input_dim=width, rng=rng, outputs=outputs, **net_params)
         self.history = History(width, outputs)
 
@@ -591,6 +610,8 @@ class RewardModel:
         actions = np.atleast_2d(actions)
         if self.encoding == "action":
             return np.asarray(self.space.encode(actions))
+        if self.encoding == "sqrt":
+            return np.concatenate([self.space.encode(actions), sqrt_features(actions)], axis=1)
         k = self.context_dim
         xc = (context - 1.0 / k) * k  # (Dx,)
         parts = [np.broadcast_to(xc, (len(actions), k)), self.space.encode(actions)]

@@ -52,7 +52,7 @@ from tanbr.bandit.chart import (
 )
 from tanbr.bandit.neural import RewardModel
 from tanbr.bandit.partition import PartitionTree, split_to_depth
-from tanbr.bandit.spaces import Space
+from tanbr.bandit.spaces import Box, Space
 
 REPRESENTATIVES: tuple[str, ...] = ("center", "sample")
 #: Tanbr's reward model (docs/algorithm.md, section 5), chosen on the tuning seeds and
@@ -61,7 +61,7 @@ REPRESENTATIVES: tuple[str, ...] = ("center", "sample")
 #: lam = 1 in its normalisation ``g / sqrt(m)``.
 DEFAULT_MODEL: dict[str, Any] = {
     "head": "per-type",
-    "encoding": "action",
+    "encoding": "sqrt",
     "prior": 0.0,
     "train_steps": 8,
 }
@@ -169,7 +169,10 @@ class Tanbr:
                 f"representative must be one of {REPRESENTATIVES}, got {representative!r}"
             )
         self.representative = representative
-        model_params = {**DEFAULT_MODEL, **model_params}
+        defaults = dict(DEFAULT_MODEL)
+        if isinstance(self.space, Box):  # no simplex faces to stretch
+            defaults["encoding"] = "action"
+        model_params = {**defaults, **model_params}
         model_params.setdefault("lam", float(model_params.get("hidden", 64)))
         self.tree = PartitionTree(self.space)
         split_to_depth(self.tree, self.init_depth)

@@ -27,6 +27,7 @@ from tanbr.bandit.neural import (
     RewardNet,
     check_slot_fit,
     single_threaded_blas,
+    sqrt_features,
     type_targets,
 )
 from tanbr.bandit.spaces import Simplex, SparseSimplex
@@ -48,6 +49,9 @@ class TypeRewardModel:
         J, the Adam steps on minibatches of the history after every update.
     batch_size, refresh_every, hidden, depth, lr, weight_decay, slot_fit
         As for :class:`~tanbr.bandit.neural.RewardModel`.
+    encoding
+        ``"action"`` (the paper's network input, the default) or ``"sqrt"`` (the action and
+        its :func:`~tanbr.bandit.neural.sqrt_features`, as Tanbr's network has).
     """
 
     def __init__(
@@ -64,11 +68,16 @@ class TypeRewardModel:
         hidden: int = 64,
         depth: int = 2,
         slot_fit: str = "joint",
+        encoding: str = "action",
         **net_params: Any,
     ) -> None:
         self.space = space
         self.types = check_int("types", types, minimum=1)
         self.slot_fit = check_slot_fit(slot_fit)
+        if encoding not in ("action", "sqrt"):
+            raise ValueError(f"encoding must be 'action' or 'sqrt', got {encoding!r}")
+        self.encoding = encoding
+        width = space.dim * (2 if encoding == "sqrt" else 1)
         self.gamma = check_positive("gamma", gamma, allow_zero=True)
         self.lam = check_positive("lam", lam)
         self.train_steps = check_int("train_steps", train_steps, minimum=0)
@@ -78,21 +87,28 @@ class TypeRewardModel:
         # NeuralUCB's sqrt(phi^T (lam I + sum phi phi^T)^-1 phi) with phi = g / sqrt(m) is
         # sqrt(g^T (m lam I + sum g g^T)^-1 g): the network's unnormalised form at m * lam.
         self.net = RewardNet(
-            input_dim=space.dim, rng=rng, hidden=hidden, depth=depth, lam=self.lam * hidden,
+            input_dim=width, rng=rng, hidden=hidden, depth=depth, lam=self.lam * hidden,
             bonus="last-layer", outputs=self.types, **net_params,
         )  # fmt: skip
-        self.history = History(space.dim, self.types)
+        self.history = History(width, self.types)
+
+    def encode(self, actions: np.ndarray) -> np.ndarray:
+        """Network inputs of merges (N, K): (N, D)."""
+        a = np.atleast_2d(actions)
+        if self.encoding == "sqrt":
+            return np.concatenate([self.space.encode(a), sqrt_features(a)], axis=1)
+        return np.asarray(self.space.encode(a))
 
     def ucb(self, actions: np.ndarray) -> np.ndarray:
         """The UCB vectors ``f(x) + gamma * width(x)`` of merges (N, K): (N, V)."""
         with single_threaded_blas():
-            mean, width = self.net.predict_types(self.space.encode(np.atleast_2d(actions)))
+            mean, width = self.net.predict_types(self.encode(actions))
         return np.asarray(mean + self.gamma * width)
 
     def mean(self, actions: np.ndarray) -> np.ndarray:
         """Predicted per-type rewards of merges (N, K): (N, V)."""
         with single_threaded_blas():
-            return self.net.mean_types(self.space.encode(np.atleast_2d(actions)))
+            return self.net.mean_types(self.encode(actions))
 
     def learn(
         self,
@@ -108,7 +124,7 @@ class TypeRewardModel:
         (``"shared"``; :data:`~tanbr.bandit.neural.SLOT_FITS`).
         """
         target, weight = type_targets(context, reward, type_rewards)
-        z = self.space.encode(action[None, :])[0]
+        z = self.encode(action[None, :])[0]
         joint = type_rewards is None and self.slot_fit == "joint"
         self.history.append(z, target, weight, joint=joint)
         with single_threaded_blas():
