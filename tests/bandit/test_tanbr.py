@@ -131,6 +131,8 @@ def test_forced_exploration_rate_and_draws() -> None:
 
 def test_a_policy_saved_before_forced_exploration_loads_without_it() -> None:
     policy = Tanbr(space=Simplex(3), context_dim=3, rng=np.random.default_rng(0))
+    saved = pickle.dumps(policy)  # a restored policy pickles to the same bytes (snapshots)
+    assert pickle.dumps(pickle.loads(saved)) == saved
     del policy.__dict__["explore"]  # the attribute a policy pickled by an older version lacks
     loaded = pickle.loads(pickle.dumps(policy))
     assert loaded.explore == 0.0 and loaded.explore_probability() == 0.0

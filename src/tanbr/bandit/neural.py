@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -501,8 +502,9 @@ class History:
         return self._j[: self.n]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Histories pickled before ``joint`` existed had none."""
-        self.__dict__.update(state)
+        """Histories pickled before ``joint`` existed had none. (Keys are interned as pickle's
+        default does, so a restored history pickles to the same bytes.)"""
+        self.__dict__.update({sys.intern(k): v for k, v in state.items()})
         if "_j" not in state:
             self._j = np.zeros(len(self._r), dtype=bool)
 

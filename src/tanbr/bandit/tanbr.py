@@ -28,6 +28,7 @@ See docs/algorithm.md for every formula.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -197,8 +198,9 @@ class Tanbr:
         return np.array(actions[argmax(score, self.rng)])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """A policy saved before forced exploration existed goes on without it."""
-        self.__dict__.update(state)
+        """A policy saved before forced exploration existed goes on without it. (Keys are
+        interned as pickle's default does, so a restored policy pickles to the same bytes.)"""
+        self.__dict__.update({sys.intern(k): v for k, v in state.items()})
         self.__dict__.setdefault("explore", 0.0)
 
     def explore_probability(self) -> float:
