@@ -445,10 +445,10 @@ def check_slot_fit(slot_fit: str) -> str:
 
 def sqrt_features(actions: np.ndarray) -> np.ndarray:
     """``(sqrt(a) - sqrt(1/d)) * 2 sqrt(d)`` of merges (N, d): their Hellinger embedding,
-    centred on the barycentre's and of unit order.
+    0 at the barycentre and of unit order.
 
-    On the simplex, ``sqrt`` stretches the neighbourhood of every face: merges 0 and 0.05
-    apart in a coefficient are 0.22 apart here. A network fed these features can bend near a
+    On the simplex, ``sqrt`` stretches the neighbourhood of every face: coefficients 0 and
+    0.05 are 0.22 apart under ``sqrt`` (before the scale). A network fed these can bend near a
     vertex, and its gradient features there (hence its NeuralUCB width) tell such merges
     apart.
     """
