@@ -457,6 +457,15 @@ def sqrt_features(actions: np.ndarray) -> np.ndarray:
     return np.asarray((np.sqrt(a) - math.sqrt(1.0 / d)) * 2.0 * math.sqrt(d))
 
 
+def merge_inputs(space: Space, actions: np.ndarray, *, sqrt: bool) -> np.ndarray:
+    """A network's inputs for merges alone (N, dim): ``space.encode(a)``, with ``sqrt`` their
+    :func:`sqrt_features` beside it (N, 2 dim)."""
+    a = np.atleast_2d(actions)
+    if not sqrt:
+        return np.asarray(space.encode(a))
+    return np.concatenate([space.encode(a), sqrt_features(a)], axis=1)
+
+
 class History:
     """Growing arrays of the played inputs, their targets and the targets' weights (one
     column per network output); amortised O(1) appends."""
@@ -610,10 +619,8 @@ class RewardModel:
     def inputs(self, context: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """Encoded network inputs for one context and ``actions`` (N, dim): (N, D)."""
         actions = np.atleast_2d(actions)
-        if self.encoding == "action":
-            return np.asarray(self.space.encode(actions))
-        if self.encoding == "sqrt":
-            return np.concatenate([self.space.encode(actions), sqrt_features(actions)], axis=1)
+        if self.encoding in ("action", "sqrt"):
+            return merge_inputs(self.space, actions, sqrt=self.encoding == "sqrt")
         k = self.context_dim
         xc = (context - 1.0 / k) * k  # (Dx,)
         parts = [np.broadcast_to(xc, (len(actions), k)), self.space.encode(actions)]

@@ -28,7 +28,6 @@ See docs/algorithm.md for every formula.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import numpy as np
@@ -117,6 +116,9 @@ class Tanbr:
     """
 
     name = "tanbr"
+    #: What a policy pickled before forced exploration existed reads (its state has no
+    #: ``explore``); every new policy sets its own in ``__init__``.
+    explore: float = 0.0
 
     def __init__(
         self,
@@ -196,12 +198,6 @@ class Tanbr:
         if self.explore > 0 and self.rng.random() < self.explore_probability():
             return np.array(actions[self.rng.integers(len(actions))])
         return np.array(actions[argmax(score, self.rng)])
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """A policy saved before forced exploration existed goes on without it. (Keys are
-        interned as pickle's default does, so a restored policy pickles to the same bytes.)"""
-        self.__dict__.update({sys.intern(k): v for k, v in state.items()})
-        self.__dict__.setdefault("explore", 0.0)
 
     def explore_probability(self) -> float:
         """Chance that the next ``select`` plays a uniformly drawn leaf (see ``explore``)."""

@@ -26,8 +26,8 @@ from tanbr.bandit.neural import (
     History,
     RewardNet,
     check_slot_fit,
+    merge_inputs,
     single_threaded_blas,
-    sqrt_features,
     type_targets,
 )
 from tanbr.bandit.spaces import Simplex, SparseSimplex
@@ -94,10 +94,7 @@ class TypeRewardModel:
 
     def encode(self, actions: np.ndarray) -> np.ndarray:
         """Network inputs of merges (N, K): (N, D)."""
-        a = np.atleast_2d(actions)
-        if self.encoding == "sqrt":
-            return np.concatenate([self.space.encode(a), sqrt_features(a)], axis=1)
-        return np.asarray(self.space.encode(a))
+        return merge_inputs(self.space, actions, sqrt=self.encoding == "sqrt")
 
     def ucb(self, actions: np.ndarray) -> np.ndarray:
         """The UCB vectors ``f(x) + gamma * width(x)`` of merges (N, K): (N, V)."""
