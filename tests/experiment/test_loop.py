@@ -270,3 +270,15 @@ def test_task_relative_bandits_and_absolute_plug_in(fake: Fake) -> None:
     assert all(r.kind == "merge" and r.coeffs is not None for r in tanbr)
     with pytest.raises(ValueError, match=r"parameterization\.kind"):
         prepare(small_config(**{"parameterization.kind": "nope"}), backend, calib, test)
+
+
+def test_task_tempered_bandits_act_on_one_exponent(fake: Fake) -> None:
+    backend, calib, test = fake
+    cfg = small_config(**{"parameterization.kind": "task-tempered", "n_slots": 8})
+    setup = prepare(cfg, backend, calib, test)
+    assert setup.dim == 2  # (w, 1 - w): tau = 2 w
+    slots = make_slots(setup, 0)
+    plug = run_policy(setup, "plug-in", 0, slots).records
+    assert all(r.action == r.est_mix for r in plug)  # static merges keep the absolute simplex
+    tanbr = run_policy(setup, "tanbr", 0, slots).records
+    assert all(len(r.action) == 2 and r.coeffs is not None for r in tanbr)

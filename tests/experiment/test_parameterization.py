@@ -10,8 +10,10 @@ from tanbr.experiment.parameterization import (
     GroupedTaskSimplex,
     TaskRelative,
     TaskSimplex,
+    TaskTempered,
     build_parameterization,
     cluster_profiles,
+    reads_context,
 )
 
 U = {
@@ -38,6 +40,28 @@ def test_task_relative_centre_is_plug_in_and_vertices_are_types() -> None:
         np.testing.assert_allclose(rel.plan(np.array([0.0, 1.0]), mix)[name], U[name][1])
     with pytest.raises(ValueError, match="context"):
         rel.plan(np.array([0.5, 0.5]))
+
+
+def test_task_tempered_centre_is_plug_in_and_ends_are_uniform_and_sharpened() -> None:
+    mix = np.array([0.3, 0.7])
+    ts = TaskSimplex(U)
+    temp = TaskTempered(ts, tau_max=2.0, floor=1e-9)
+    assert temp.tau(np.array([0.5, 0.5])) == pytest.approx(1.0)
+    sharp = mix**2 / (mix**2).sum()
+    for name in U:
+        centre = temp.plan(np.array([0.5, 0.5]), mix)[name]
+        np.testing.assert_allclose(centre, ts.plan(mix)[name], atol=1e-8)
+        flat = temp.plan(np.array([0.0, 1.0]), mix)[name]
+        np.testing.assert_allclose(flat, ts.plan(np.array([0.5, 0.5]))[name], atol=1e-12)
+        np.testing.assert_allclose(temp.plan(np.array([1.0, 0.0]), mix)[name], ts.plan(sharp)[name])
+    with pytest.raises(ValueError, match="context"):
+        temp.plan(np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match="tau_max"):
+        TaskTempered(ts, tau_max=0.0)
+    param, absolute = build_parameterization("task-tempered", U, {"b0": 3, "b1": 3})
+    assert isinstance(param, TaskTempered) and param.dim == 2 and absolute.dim == 2
+    assert reads_context("task-tempered") and reads_context("task-relative")
+    assert not reads_context("task-simplex") and not reads_context("direct")
 
 
 def test_direct_shares_coeffs_across_blocks() -> None:

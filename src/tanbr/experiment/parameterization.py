@@ -13,6 +13,13 @@ U_{l,k})``. The centre of the simplex is the plug-in merge (b = p), the vertices
 types' own merges, and every point of the task simplex stays reachable; the policy learns a
 context-dependent correction of the plug-in merge rather than the merge itself.
 
+``task-tempered``: the same profiles, and a one-dimensional action that says how far to trust
+the estimated mix: ``a = (w, 1 - w)`` on the 2-simplex, ``tau = tau_max * w`` and ``b =
+normalize((p + floor) ** tau)``, then the absolute plan of b. The centre (tau = 1) is the
+plug-in merge, ``w = 0`` the uniform one over the task types, ``w = 1`` a sharpened mix. A
+correction that every context shares is learned from every slot, where a correction on the
+K-simplex is learned per region of the simplex.
+
 ``direct``: the action lives on the simplex over the E experts and is shared by all blocks,
 for models without task structure.
 
@@ -23,8 +30,8 @@ linear map from per-type statistics, ``W*(a) = (sum_k a_k B_k)(sum_k a_k A_k)^-1
 policies act on and the absolute parameterization (plug-in is task-aware RegMean at the
 estimated mix; the slot oracle's candidates are RegMean merges).
 
-Every parameterization has ``plan(action, context=None)``; only ``task-relative`` reads the
-context (the estimated mix).
+Every parameterization has ``plan(action, context=None)``; ``task-relative`` and
+``task-tempered`` read the context (the estimated mix): their ``reads_context`` is True.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ class TaskSimplex:
     """Action on Simplex(K); ``c_l = normalize(a @ U_l)`` for every block l."""
 
     name = "task-simplex"
+    reads_context = False
 
     def __init__(self, profiles: Mapping[str, np.ndarray]) -> None:
         if not profiles:
@@ -157,6 +165,7 @@ class Direct:
     """Action on Simplex(E), the same coeffs in every block (all blocks need the same E)."""
 
     name = "direct"
+    reads_context = False
 
     def __init__(self, blocks: Mapping[str, int]) -> None:
         sizes = set(blocks.values())
@@ -177,6 +186,7 @@ class TaskRelative:
     then the absolute plan of b (the centre of the simplex is the plug-in merge)."""
 
     name = "task-relative"
+    reads_context = True
 
     def __init__(self, absolute: TaskSimplex, *, floor: float = 0.02) -> None:
         if not (np.isfinite(floor) and floor > 0):
@@ -191,6 +201,37 @@ class TaskRelative:
         a = _as_action(action, self.dim)
         p = _as_action(context, self.dim)
         b = (p + self.floor) * a  # (K,)
+        return self.absolute.plan(b / b.sum())
+
+
+class TaskTempered:
+    """Action on Simplex(2) tempering the estimated mix: ``tau = tau_max * a_0``, ``b =
+    normalize((p + floor) ** tau)``, then the absolute plan of b (the centre, tau = 1, is the
+    plug-in merge; tau = 0 weighs the task types alike)."""
+
+    name = "task-tempered"
+    reads_context = True
+    dim = 2
+
+    def __init__(self, absolute: TaskSimplex, *, tau_max: float = 2.0, floor: float = 0.02) -> None:
+        if not (np.isfinite(tau_max) and tau_max > 0):
+            raise ValueError(f"tau_max must be > 0, got {tau_max}")
+        if not (np.isfinite(floor) and floor > 0):
+            raise ValueError(f"floor must be > 0, got {floor}")
+        self.absolute = absolute
+        self.tau_max = tau_max
+        self.floor = floor
+
+    def tau(self, action: np.ndarray) -> float:
+        """The exponent an action stands for."""
+        return float(self.tau_max * _as_action(action, self.dim)[0])
+
+    def plan(self, action: np.ndarray, context: np.ndarray | None = None) -> Plan:
+        if context is None:
+            raise ValueError("task-tempered plans need the context (the estimated mix)")
+        tau = self.tau(action)
+        p = _as_action(context, self.absolute.dim)
+        b = (p + self.floor) ** tau  # (K,); tau = 0 gives every type the same weight
         return self.absolute.plan(b / b.sum())
 
 
@@ -212,6 +253,7 @@ class TaskRegMean:
     identifies it without hashing its megabytes of weights."""
 
     name = "task-regmean"
+    reads_context = False
 
     def __init__(
         self,
@@ -288,7 +330,7 @@ def _fingerprint(stats: Mapping[str, TypeStats], ridge: float) -> bytes:
     return h.digest()
 
 
-Parameterization = TaskSimplex | TaskRelative | Direct | TaskRegMean
+Parameterization = TaskSimplex | TaskRelative | TaskTempered | Direct | TaskRegMean
 #: the per-type RegMean statistics of every block, computed when a parameterization asks (the
 #: set-up passes a function that runs the calibration requests of each type through the MoE)
 StatsSource = Callable[[], Mapping[str, TypeStats]]
@@ -336,6 +378,17 @@ def _task_relative(
     return TaskRelative(absolute), absolute
 
 
+def _task_tempered(
+    profiles: Mapping[str, np.ndarray],
+    blocks: Mapping[str, int],
+    experts: int,
+    stats: StatsSource | None,
+) -> tuple[Parameterization, Parameterization]:
+    _, absolute = _task_simplex(profiles, blocks, experts, stats)
+    assert isinstance(absolute, TaskSimplex)
+    return TaskTempered(absolute), absolute
+
+
 def _direct(
     profiles: Mapping[str, np.ndarray],
     blocks: Mapping[str, int],
@@ -371,9 +424,16 @@ def _task_regmean(
 PARAMETERIZATIONS: dict[str, Builder] = {
     "task-simplex": _task_simplex,
     "task-relative": _task_relative,
+    "task-tempered": _task_tempered,
     "direct": _direct,
     "task-regmean": _task_regmean,
 }
+
+
+def reads_context(kind: str) -> bool:
+    """Whether parameterization ``kind``'s plans start from the estimated mix."""
+    builder = PARAMETERIZATIONS.get(kind)
+    return builder in (_task_relative, _task_tempered)
 
 
 def build_parameterization(

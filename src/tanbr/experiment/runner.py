@@ -31,7 +31,12 @@ from tanbr.experiment.estimator import ClusterEstimator
 from tanbr.experiment.loop import Decision, Labelling, System, run_slot
 from tanbr.experiment.memory import measure_run_memory
 from tanbr.experiment.modes import MODES, PlanOf, make_mode
-from tanbr.experiment.parameterization import Direct, build_parameterization, make_space
+from tanbr.experiment.parameterization import (
+    Direct,
+    build_parameterization,
+    make_space,
+    reads_context,
+)
 from tanbr.experiment.probes import last_decision, probe_latency, probe_slots, time_probes
 from tanbr.experiment.records import SlotRecord, write_json, write_trace
 from tanbr.experiment.reward import RewardFn
@@ -199,11 +204,12 @@ def _action_of(setup: Setup, name: str, action: Any) -> tuple[PlanOf, int]:
 
 
 def _policy_params(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
-    """``[policy.NAME]`` of the config. Under ``task-relative`` the parameterization already
-    re-weights the mix, so Tanbr's own context-anchored chart would re-weight it twice: Tanbr
-    then works on the plain simplex unless the config names a chart."""
+    """``[policy.NAME]`` of the config. A parameterization that reads the estimated mix
+    (``task-relative``, ``task-tempered``) already starts from it, so Tanbr's own
+    context-anchored chart would apply the mix twice (and ``task-tempered``'s action is not a
+    mix at all): Tanbr then works on the plain simplex unless the config names a chart."""
     params = dict(cfg.policy.get(name, {}))
-    if name == "tanbr" and cfg.parameterization.kind == "task-relative":
+    if name == "tanbr" and reads_context(cfg.parameterization.kind):
         params.setdefault("chart", "absolute")
     return params
 
