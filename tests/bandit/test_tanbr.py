@@ -12,6 +12,7 @@ from tanbr.bandit import Box, Simplex, Tanbr
 from tanbr.bandit.chart import anchor_weights, to_chart
 from tanbr.bandit.simulate import simulate
 from tanbr.bandit.surfaces import Surface, make_mixes
+from tanbr.bandit.tanbr import DEFAULT_SPLIT_VISITS, SEGMENT_SPLIT_VISITS
 
 
 def trained(surface: Surface, n_slots: int, seed: int = 0, **params: object) -> Tanbr:
@@ -127,6 +128,19 @@ def test_forced_exploration_rate_and_draws() -> None:
     drawn = {tuple(np.round(always.select(x), 9)) for _ in range(80)}
     greedy = {tuple(np.round(never.select(x), 9)) for _ in range(80)}
     assert len(drawn) >= 12 and len(greedy) == 1  # 16 leaves at the start
+
+
+@pytest.mark.parametrize(("k", "visits"), [(2, SEGMENT_SPLIT_VISITS), (3, DEFAULT_SPLIT_VISITS)])
+def test_a_played_leaf_splits_after_the_visits_of_its_chart(k: int, visits: int) -> None:
+    """With no cell term (nu = 0) a leaf splits on visits alone: 16 on a segment, 4 above."""
+    rng = np.random.default_rng(0)
+    policy = Tanbr(space=Simplex(k), context_dim=k, rng=rng, init_depth=0, nu=0.0, explore=0)
+    assert policy.split_visits == visits
+    x = np.full(k, 1.0 / k)
+    for played in range(1, visits + 1):
+        policy.update(x, policy.select(x), 0.5)
+        assert policy.n_leaves == (2 if played == visits else 1)
+    assert Tanbr(space=Simplex(2), context_dim=2, rng=rng, split_visits=3).split_visits == 3
 
 
 def test_a_policy_saved_before_forced_exploration_loads_without_it() -> None:

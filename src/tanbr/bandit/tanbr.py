@@ -67,6 +67,11 @@ DEFAULT_MODEL: dict[str, Any] = {
 }
 #: Forced-exploration weight (``explore``), chosen on the tuning seeds and families at K = 2 to 8.
 DEFAULT_EXPLORE = 0.2
+#: Visits after which a played leaf splits (``split_visits``), chosen on the tuning seeds and
+#: families: 4 on charts of two or more dimensions, 16 on a segment (K = 2), where cells that
+#: split on visits alone fragment the data of the only direction there is.
+DEFAULT_SPLIT_VISITS = 4
+SEGMENT_SPLIT_VISITS = 16
 #: The former default reward model in the relative chart (``tanbr@scalar`` in the bench).
 SCALAR_MODEL: dict[str, Any] = {"head": "scalar", **ANCHORED_MODEL}
 
@@ -90,6 +95,8 @@ class Tanbr:
         relative chart 4 (16 cells around the plug-in merge). At most ``log2(max_leaves) - 1``.
     split_visits
         A played leaf splits after this many visits even if its width is still large.
+        Default :data:`DEFAULT_SPLIT_VISITS`, :data:`SEGMENT_SPLIT_VISITS` on a
+        one-dimensional chart.
     max_leaves
         Hard cap on the candidate set, which bounds the cost of ``select``.
     representative
@@ -129,7 +136,7 @@ class Tanbr:
         gamma: float = 0.1,
         nu: float = 0.05,
         init_depth: int | None = None,
-        split_visits: int = 4,
+        split_visits: int | None = None,
         max_leaves: int = 512,
         representative: str = "center",
         chart: str | None = None,
@@ -156,6 +163,8 @@ class Tanbr:
         self.nu = check_positive("nu", nu, allow_zero=True)
         self.explore = check_positive("explore", explore, allow_zero=True)
         n = self.space.intrinsic_dim
+        if split_visits is None:
+            split_visits = SEGMENT_SPLIT_VISITS if n == 1 else DEFAULT_SPLIT_VISITS
         self.split_visits = check_int("split_visits", split_visits, minimum=1)
         self.max_leaves = check_int("max_leaves", max_leaves, minimum=2)
         room = int(math.log2(self.max_leaves)) - 1  # leave room to refine under the cap
