@@ -367,26 +367,24 @@ def _task_simplex(
     return absolute, absolute
 
 
-def _task_relative(
-    profiles: Mapping[str, np.ndarray],
-    blocks: Mapping[str, int],
-    experts: int,
-    stats: StatsSource | None,
-) -> tuple[Parameterization, Parameterization]:
-    _, absolute = _task_simplex(profiles, blocks, experts, stats)
-    assert isinstance(absolute, TaskSimplex)
-    return TaskRelative(absolute), absolute
+@dataclasses.dataclass(frozen=True)
+class _MixReader:
+    """Builder of a parameterization whose plans start from the estimated mix: it wraps the
+    absolute task simplex (plug-in and the oracle's candidates keep that one)."""
 
+    wrap: Callable[[TaskSimplex], Parameterization]
+    reads_context: bool = True
 
-def _task_tempered(
-    profiles: Mapping[str, np.ndarray],
-    blocks: Mapping[str, int],
-    experts: int,
-    stats: StatsSource | None,
-) -> tuple[Parameterization, Parameterization]:
-    _, absolute = _task_simplex(profiles, blocks, experts, stats)
-    assert isinstance(absolute, TaskSimplex)
-    return TaskTempered(absolute), absolute
+    def __call__(
+        self,
+        profiles: Mapping[str, np.ndarray],
+        blocks: Mapping[str, int],
+        experts: int,
+        stats: StatsSource | None,
+    ) -> tuple[Parameterization, Parameterization]:
+        _, absolute = _task_simplex(profiles, blocks, experts, stats)
+        assert isinstance(absolute, TaskSimplex)
+        return self.wrap(absolute), absolute
 
 
 def _direct(
@@ -423,8 +421,8 @@ def _task_regmean(
 
 PARAMETERIZATIONS: dict[str, Builder] = {
     "task-simplex": _task_simplex,
-    "task-relative": _task_relative,
-    "task-tempered": _task_tempered,
+    "task-relative": _MixReader(TaskRelative),
+    "task-tempered": _MixReader(TaskTempered),
     "direct": _direct,
     "task-regmean": _task_regmean,
 }
@@ -432,8 +430,7 @@ PARAMETERIZATIONS: dict[str, Builder] = {
 
 def reads_context(kind: str) -> bool:
     """Whether parameterization ``kind``'s plans start from the estimated mix."""
-    builder = PARAMETERIZATIONS.get(kind)
-    return builder in (_task_relative, _task_tempered)
+    return bool(getattr(PARAMETERIZATIONS.get(kind), "reads_context", False))
 
 
 def build_parameterization(
