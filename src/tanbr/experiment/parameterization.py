@@ -31,7 +31,7 @@ policies act on and the absolute parameterization (plug-in is task-aware RegMean
 estimated mix; the slot oracle's candidates are RegMean merges).
 
 Every parameterization has ``plan(action, context=None)``; ``task-relative`` and
-``task-tempered`` read the context (the estimated mix): their ``reads_context`` is True.
+``task-tempered`` read the context (the estimated mix; :func:`reads_context`).
 """
 
 from __future__ import annotations
@@ -77,11 +77,18 @@ def cluster_profiles(
     return out
 
 
+def _positive(name: str, value: float) -> float:
+    """``value`` checked finite and > 0 by the bandit world's check (imported when used, so
+    that importing the experiment does not load every policy)."""
+    from tanbr.bandit.base import check_positive
+
+    return check_positive(name, value)
+
+
 class TaskSimplex:
     """Action on Simplex(K); ``c_l = normalize(a @ U_l)`` for every block l."""
 
     name = "task-simplex"
-    reads_context = False
 
     def __init__(self, profiles: Mapping[str, np.ndarray]) -> None:
         if not profiles:
@@ -165,7 +172,6 @@ class Direct:
     """Action on Simplex(E), the same coeffs in every block (all blocks need the same E)."""
 
     name = "direct"
-    reads_context = False
 
     def __init__(self, blocks: Mapping[str, int]) -> None:
         sizes = set(blocks.values())
@@ -186,14 +192,11 @@ class TaskRelative:
     then the absolute plan of b (the centre of the simplex is the plug-in merge)."""
 
     name = "task-relative"
-    reads_context = True
 
     def __init__(self, absolute: TaskSimplex, *, floor: float = 0.02) -> None:
-        if not (np.isfinite(floor) and floor > 0):
-            raise ValueError(f"floor must be > 0, got {floor}")
         self.absolute = absolute
         self.dim = absolute.dim
-        self.floor = floor
+        self.floor = _positive("floor", floor)
 
     def plan(self, action: np.ndarray, context: np.ndarray | None = None) -> Plan:
         if context is None:
@@ -210,17 +213,12 @@ class TaskTempered:
     plug-in merge; tau = 0 weighs the task types alike)."""
 
     name = "task-tempered"
-    reads_context = True
     dim = 2
 
     def __init__(self, absolute: TaskSimplex, *, tau_max: float = 2.0, floor: float = 0.02) -> None:
-        if not (np.isfinite(tau_max) and tau_max > 0):
-            raise ValueError(f"tau_max must be > 0, got {tau_max}")
-        if not (np.isfinite(floor) and floor > 0):
-            raise ValueError(f"floor must be > 0, got {floor}")
         self.absolute = absolute
-        self.tau_max = tau_max
-        self.floor = floor
+        self.tau_max = _positive("tau_max", tau_max)
+        self.floor = _positive("floor", floor)
 
     def tau(self, action: np.ndarray) -> float:
         """The exponent an action stands for."""
@@ -253,7 +251,6 @@ class TaskRegMean:
     identifies it without hashing its megabytes of weights."""
 
     name = "task-regmean"
-    reads_context = False
 
     def __init__(
         self,
@@ -373,7 +370,6 @@ class _MixReader:
     absolute task simplex (plug-in and the oracle's candidates keep that one)."""
 
     wrap: Callable[[TaskSimplex], Parameterization]
-    reads_context: bool = True
 
     def __call__(
         self,
@@ -430,7 +426,7 @@ PARAMETERIZATIONS: dict[str, Builder] = {
 
 def reads_context(kind: str) -> bool:
     """Whether parameterization ``kind``'s plans start from the estimated mix."""
-    return bool(getattr(PARAMETERIZATIONS.get(kind), "reads_context", False))
+    return isinstance(PARAMETERIZATIONS.get(kind), _MixReader)
 
 
 def build_parameterization(
