@@ -82,3 +82,60 @@ def test_a_decode_batch_computes_what_each_sequence_computes_alone(
         assert batch.plain
     with pytest.raises(ValueError, match="tokens for a batch"):
         batch.step([1])
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_the_full_moe_scores_a_lean_models_generations_a_block_at_a_time(
+    family: str, open_hf: Callable[..., Any]
+) -> None:
+    """The label-free reward's full-MoE likelihood, on a memory-lean model serving a merge:
+    the very numbers of the full MoE read back whole, while no more than one block's experts
+    is ever in memory (and none once it is done)."""
+    backend, _, test = open_hf(family, "lm", lean=True)
+    merger = backend.merger
+    prompts = [backend.encode_prompt(t) for t in test.texts[:3]]
+    continuations = [[5, 7, 11], [3], [2, 4]]
+    backend.restore()  # every expert read back from disk
+    reference = backend.nll_ids(prompts, continuations)
+    backend.merge(random_plan(backend.blocks, seed=3))
+    assert backend.nll_ids(prompts, continuations) != pytest.approx(reference)
+    peak: list[int] = []
+
+    def count(module: Any, args: Any) -> None:
+        peak.append(sum(merger._resident(b) for b in merger.blocks))
+
+    originals = [merger._originals[b.name] for b in merger.blocks]  # what the full MoE runs
+    hooks = [module.register_forward_pre_hook(count) for module in originals]
+    try:
+        scored = backend.reference_nll_ids(prompts, continuations)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert np.array_equal(scored, reference)
+    assert peak and max(peak) == 1
+    assert not any(merger._resident(b) for b in merger.blocks)
+    assert backend.memory_bytes() < backend.served.shared_bytes + backend.served.all_experts_bytes
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_an_idle_lean_model_drops_its_merge_and_builds_it_again(
+    family: str, open_hf: Callable[..., Any]
+) -> None:
+    """A service's standby replica between two boundaries: memory-lean, it keeps only what
+    the replicas share, and its next forward pass merges the same plan again (same numbers).
+    The full MoE keeps its experts (the other replica may share them)."""
+    backend, _, test = open_hf(family, "lm", lean=True)
+    merger = backend.merger
+    prompts = [backend.encode_prompt(t) for t in test.texts[:2]]
+    continuations = [[5, 7], [3, 2, 9]]
+    backend.merge(random_plan(backend.blocks, seed=4))
+    served = backend.nll_ids(prompts, continuations)
+    merged_bytes = merger.resident_bytes()
+    backend.idle()
+    assert merger.resident_bytes() == backend.served.shared_bytes < merged_bytes
+    assert np.array_equal(backend.nll_ids(prompts, continuations), served)
+    assert merger.merged and merger.resident_bytes() == merged_bytes
+    backend.restore()
+    full_bytes = merger.resident_bytes()
+    backend.idle()
+    assert merger.resident_bytes() == full_bytes and not merger.streaming

@@ -84,6 +84,9 @@ class FakeBackend:
         self.state = ("full", None)
         return 0.0
 
+    def idle(self) -> None:
+        pass
+
     def predict(self, requests: Requests) -> Prediction:
         t0 = time.perf_counter()
         rows = self._rows(requests)

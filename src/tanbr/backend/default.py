@@ -351,6 +351,9 @@ class DefaultBackend:
         self.served.want_full()
         return self.served.sync()
 
+    def idle(self) -> None:
+        self.served.idle()
+
     @torch.inference_mode()
     def predict(self, requests: Requests) -> Prediction:
         if not self.memo or requests.rows is None or self.bank is None:

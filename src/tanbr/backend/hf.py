@@ -236,6 +236,9 @@ class HFBackend:
         self.served.want_full()
         return self.served.sync()
 
+    def idle(self) -> None:
+        self.served.idle()
+
     def predict(self, requests: Requests) -> Prediction:
         rows = self._rows(requests)
         if not self.memo or rows is None:

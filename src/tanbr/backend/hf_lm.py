@@ -259,6 +259,18 @@ class HFCausalLMBackend(HFBackend):
         self.served.sync()
         return self._nll_sequences(sequences, starts)
 
+    def reference_nll_ids(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> np.ndarray:
+        """:meth:`nll_ids` under the full MoE (the label-free reward of served generations).
+
+        A memory-lean model streams the full MoE (each block's experts read as it runs and
+        dropped after), so scoring a sample never makes a merged service hold every expert.
+        The model is left on the full MoE: the next merge replaces it.
+        """
+        self.served.want_full(streamed=True)
+        return self.nll_ids(prompts, continuations)
+
 
 class DecodeBatch:
     """Sequences of one model decoded together: one forward pass per step for all of them.

@@ -110,8 +110,10 @@ class ServedState:
     def want_soft(self) -> None:
         self.target = ("soft", None)
 
-    def want_full(self) -> None:
-        self.target = ("full", None)
+    def want_full(self, *, streamed: bool = False) -> None:
+        """The full MoE; ``streamed``: a memory-lean model reads each block's experts as the
+        block runs and drops them after (:meth:`~tanbr.model.merge.Merger.restore`)."""
+        self.target = ("streamed" if streamed and self.merger.lean else "full", None)
 
     def sync(self) -> float:
         """Make the model compute what was asked; returns the milliseconds spent. Merges are
@@ -128,20 +130,35 @@ class ServedState:
                 stats = merger.apply(plan)
                 self.applied = plan
                 return float(stats.merge_ms) + build_ms(plan)
+            if mode == "streamed" and merger.mode == "full" and merger.streaming:
+                return 0.0
             if merger.mode == mode and not (mode == "full" and merger.lean):
                 return 0.0  # (a lean model may not have read its experts yet: restore does)
             t0 = time.perf_counter()
             if mode == "soft":
                 merger.apply_soft()
             else:
-                merger.restore()
+                merger.restore(streamed=mode == "streamed")
             self.applied = None
             return (time.perf_counter() - t0) * 1e3
+
+    def idle(self) -> None:
+        """Nothing runs on this model for a while: a memory-lean model serving a plan drops
+        its merged experts (the originals stay on disk), and the next :meth:`sync` builds the
+        plan again. The full MoE and soft merging keep their experts (another replica may share
+        them)."""
+        mode, _ = self.target
+        if not self.merger.lean or mode != "merged" or self.merger.streaming:
+            return
+        self.merger.restore(streamed=True)
+        self.applied = None
 
     def key(self) -> bytes:
         """What the model is asked to compute, as bytes (the memo's key)."""
         mode, plan = self.target
-        return mode.encode() if plan is None else plan_key(plan)
+        if plan is None:
+            return b"full" if mode == "streamed" else mode.encode()  # the same numbers
+        return plan_key(plan)
 
     def param_bytes(self) -> int:
         """Parameter bytes the model as asked needs resident: everything but the routed
@@ -151,6 +168,11 @@ class ServedState:
         if mode == "merged" and plan is not None:
             merged = sum(merged_experts(plan[b.name]) * b.expert_bytes for b in self.merger.blocks)
             return int(self.shared_bytes + merged)
+        if mode == "streamed":  # one block's experts at a time
+            blocks = self.merger.blocks
+            return self.shared_bytes + max(
+                (b.expert_bytes * b.n_experts for b in blocks), default=0
+            )
         return self.shared_bytes + self.all_experts_bytes
 
     @contextlib.contextmanager

@@ -126,6 +126,11 @@ class Backend(Protocol):
         """Serve the original MoE with its top-k gate; returns ms."""
         ...
 
+    def idle(self) -> None:
+        """Nothing will run on the model until the next merge or forward pass: let go of what
+        can be rebuilt (a memory-lean model drops its merged experts). Costs nothing to call."""
+        ...
+
     def predict(self, requests: Requests) -> Prediction:
         """Outputs with the model as currently set, and what they cost."""
         ...
@@ -221,6 +226,12 @@ class GenerativeBackend(Protocol):
         self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
     ) -> np.ndarray:
         """(n,) mean NLL per token of each continuation's token ids given its prompt's."""
+        ...
+
+    def reference_nll_ids(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> np.ndarray:
+        """:meth:`nll_ids` under the full MoE, whatever the model was set to."""
         ...
 
 

@@ -16,10 +16,7 @@ JSON object on stdout.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import gc
 import json
 import logging
 import subprocess
@@ -85,25 +82,18 @@ def _status(field: str) -> int:
     return 0
 
 
-def _trim() -> None:
-    """Collect garbage and hand freed heap pages back to the system (glibc), so the steady
-    resident set counts what is in use, not what the allocator keeps for later."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def serve_and_measure(request: MemoryRequest) -> MemoryProbe:
     """Load and serve as ``request`` says, in this process; returns its resident set."""
     import torch
 
     from tanbr.backend.registry import BackendSpec, serving_backend
     from tanbr.backend.requests import Requests
+    from tanbr.model.lean import return_freed_memory
 
     torch.set_num_threads(request.threads)
     lean = request.kind in ("merge", "per-task")
     if request.kind == "none":
-        _trim()
+        return_freed_memory()
         return MemoryProbe("none", _status("VmHWM"), _status("VmRSS"), 0, lean=False)
     spec = BackendSpec(path=request.folder, lean=lean, dtype=request.dtype, signature="input0")
     backend = serving_backend(spec)
@@ -131,7 +121,7 @@ def serve_and_measure(request: MemoryRequest) -> MemoryProbe:
         for a in range(0, len(texts), size):
             backend.predict(Requests(tuple(texts[a : a + size])))
         param_bytes = backend.memory_bytes()
-    _trim()
+    return_freed_memory()
     label = request.label or request.kind
     return MemoryProbe(label, _status("VmHWM"), _status("VmRSS"), param_bytes, lean=lean)
 

@@ -134,6 +134,7 @@ class Merger:
         self._mask = TokenMask()
         self._group_top_k = check_group_top_k(group_top_k)
         self._guards: list[Any] = []
+        self._streams: list[Any] = []  # hooks of a streamed full MoE (see restore)
         if self.lean:
             for b in self.blocks:
                 hook = self._originals[b.name].register_forward_pre_hook(self._guard(b))
@@ -252,21 +253,40 @@ class Merger:
             modules[block.name] = SoftMergedBlock(block, original, stacked, template, self._mask)
         self._install(modules, "soft")
 
-    def restore(self) -> None:
+    def restore(self, *, streamed: bool = False) -> None:
         """Put the original blocks back: the model computes exactly what it did before merging.
 
-        In memory-lean mode the original experts are read back from the checkpoint first.
+        In memory-lean mode the original experts are read back from the checkpoint first; with
+        ``streamed`` they stay on disk instead (any read back before are dropped), and each
+        block reads its experts just before it runs and drops them once it has run. A streamed
+        pass computes the same numbers while holding one block's experts at a time (a merged
+        service scoring a sample with the full MoE need not grow to the full MoE's size), and
+        it reads them again on every pass; between passes no expert is resident.
         """
-        if self.lean:  # also on a lean model that was never merged: it has no experts yet
+        self._stop_streaming()
+        if self.lean:  # also on a lean model never merged: no experts yet
             for block in self.blocks:
-                self._materialize(block)
-        if self._mode == "full":
-            return
-        for block in self.blocks:
-            parent, attr = parent_of(self.model, block.name)
-            setattr(parent, attr, self._originals[block.name])
-        self._installed = {}
-        self._mode = "full"
+                if streamed:
+                    self._release(block)
+                else:
+                    self._materialize(block)
+        if self._mode != "full":
+            for block in self.blocks:
+                parent, attr = parent_of(self.model, block.name)
+                setattr(parent, attr, self._originals[block.name])
+            self._installed = {}
+            self._mode = "full"
+        if self.lean and streamed:
+            for block in self.blocks:
+                module = self._originals[block.name]
+                # before the lean guard (which a replica's copied tree also carries)
+                load = module.register_forward_pre_hook(self._stream_in(block), prepend=True)
+                self._streams += [load, module.register_forward_hook(self._stream_out(block))]
+
+    @property
+    def streaming(self) -> bool:
+        """True while the full MoE is served streamed (:meth:`restore` with ``streamed``)."""
+        return bool(self._streams)
 
     def resident_bytes(self) -> int:
         """Bytes of every tensor this model keeps in memory (model, kept originals, merges)."""
@@ -351,6 +371,7 @@ class Merger:
         return expert
 
     def _install(self, modules: Mapping[str, nn.Module], mode: str) -> None:
+        self._stop_streaming()
         for block in self.blocks:
             parent, attr = parent_of(self.model, block.name)
             setattr(parent, attr, modules[block.name])
@@ -408,6 +429,25 @@ class Merger:
                     _set_param(
                         experts, f"{keys[e]}.{t.name}", nn.Parameter(one, requires_grad=False)
                     )
+
+    def _stop_streaming(self) -> None:
+        for handle in self._streams:
+            handle.remove()
+        self._streams = []
+
+    def _stream_in(self, block: MoEBlock) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            if module is self._originals[block.name]:  # not a copy's tree
+                self._materialize(block)
+
+        return hook
+
+    def _stream_out(self, block: MoEBlock) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if module is self._originals[block.name]:
+                self._release(block)
+
+        return hook
 
     def _guard(self, block: MoEBlock) -> Any:
         def hook(module: nn.Module, args: Any) -> None:

@@ -8,7 +8,9 @@ intermediate width of 2.75 H, 64-wide attention heads with 4 query heads per key
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,3 +84,36 @@ def build_bench_model(preset: BenchPreset, *, seed: int) -> Any:
         model = MixtralForCausalLM(preset.config())
     model.train(False)
     return model
+
+
+# files of a causal-LM folder that describe its trained weights, not its interface
+_WEIGHT_FILES = ("config.json", "build.json", "evaluation.json")
+
+
+def write_shaped_lm(source: Path, preset: BenchPreset, out: Path, *, seed: int) -> Path:
+    """A checkpoint folder serving ``source``'s tokenizer, prompts and chat template through a
+    Mixtral of ``preset``'s shape with seeded random weights; returns ``out``.
+
+    Serving costs (time per token, resident memory) depend on a model's shape and routing,
+    not on what its weights learned: this measures them on a model whose experts dominate
+    its size, where the trained ``lm`` is too small to show them. Its text is noise.
+    """
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {source}: not a checkpoint folder")
+    trained = MixtralConfig.from_pretrained(source)
+    shaped = preset.config()
+    for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(shaped, key, getattr(trained, key))
+    shaped.max_position_embeddings = trained.max_position_embeddings
+    shaped.use_cache = True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MixtralForCausalLM(shaped)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.suffix != ".safetensors" and path.name not in _WEIGHT_FILES:
+            shutil.copyfile(path, out / path.name)
+    return out

@@ -81,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="default-model variant or folder; a causal LM (lm, lm-tiny or a folder) is"
         " benchmarked on streamed generation (tanbr.serve.bench_lm)",
     )
+    parser.add_argument(
+        "--shape",
+        choices=("small", "medium", "large"),
+        help="a language model: serve a Mixtral of this bench preset's shape with random"
+        " weights and the model's tokenizer and prompts (costs of a model whose experts"
+        " dominate; its text is noise)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload")
     parser.add_argument(
         "--threads",
@@ -356,6 +363,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--requests must be >= 1, got {args.requests}")
     if bench_lm.is_language_model(args.model):
         return bench_lm.run(args)
+    if args.shape is not None:
+        raise ValueError(f"--shape applies to a causal language model, not to {args.model!r}")
     args.requests = 10000 if args.requests is None else args.requests
     args.slot_size = 256 if args.slot_size is None else args.slot_size
     if args.requests < 1:

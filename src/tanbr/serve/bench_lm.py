@@ -13,7 +13,13 @@ Figures, client side: ``tokens_per_s`` (completion tokens of the level / its wal
 ``ttft_p50_ms`` / ``ttft_p99_ms`` (request sent to first text chunk), ``tpot_p50_ms`` (time per
 output token after the first: (last chunk - first chunk) / (tokens - 1), per request), and per
 server ``rss_bytes`` (resident set of the server process read from ``/proc`` after the load;
-``rss_peak_bytes`` its high-water mark), ``errors``, ``merges``.
+``rss_peak_bytes`` its high-water mark), ``model_rss_bytes`` (``rss_bytes`` minus
+``runtime_rss_bytes``, the resident set of a process that makes the server's imports and loads
+no model: on a small model the runtime hides the model's footprint), ``errors``, ``merges``.
+
+``--shape`` serves, instead of the model's own weights, a Mixtral of a bench preset's shape
+with random weights and the model's tokenizer and prompts
+(:func:`~tanbr.model.presets.write_shaped_lm`): the costs of a model whose experts dominate.
 """
 
 from __future__ import annotations
@@ -211,6 +217,53 @@ def _combine(parts: Sequence[dict[str, Any]]) -> LevelResult:
     )
 
 
+# what a server imports before it loads a model (tanbr.serve.cli_serve and what it runs)
+_SERVER_IMPORTS = (
+    "uvicorn",
+    "fastapi",
+    "tanbr.serve.app",
+    "tanbr.serve.replicas",
+    "tanbr.serve.openai_api",
+    "tanbr.serve.generation",
+    "tanbr.backend.hf_lm",
+    "tanbr.backend.registry",
+    "tanbr.experiment.setup",
+    "tanbr.experiment.runner",
+)
+
+_RUNTIME_PROBE = """
+import importlib, json, sys
+from transformers import AutoConfig, MODEL_FOR_CAUSAL_LM_MAPPING
+for name in json.loads(sys.argv[1]):
+    importlib.import_module(name)
+MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(sys.argv[2]))]  # its modeling code
+from tanbr.model.lean import return_freed_memory
+return_freed_memory()
+print(open("/proc/self/status").read())
+"""
+
+
+def runtime_rss(folder: Path) -> int:
+    """Resident bytes of a fresh process with a server's imports and ``folder``'s modeling
+    code but no model: the runtime's share of a server's resident set."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _RUNTIME_PROBE, json.dumps(_SERVER_IMPORTS), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the runtime probe failed: {done.stderr.strip()[-500:]}")
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition(":")
+        if key == "VmRSS":
+            return int(value.split()[0]) * 1024  # kB
+    raise RuntimeError("the runtime probe printed no VmRSS")
+
+
 def _rss(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) of a process in bytes, from ``/proc/<pid>/status``."""
     fields: dict[str, int] = {}
@@ -237,6 +290,14 @@ def run(args: argparse.Namespace) -> int:
     if slot_size < 1:
         raise ValueError(f"--slot-size must be >= 1, got {slot_size}")
     folder = model_folder(args.model)
+    tmp_root = tempfile.TemporaryDirectory(prefix="tanbr-bench-serve-lm-")
+    if args.shape is not None:
+        from tanbr.model.presets import get_preset, write_shaped_lm
+
+        print(f"tanbr bench serve: a {args.shape}-shaped model", file=sys.stderr, flush=True)
+        folder = write_shaped_lm(
+            folder, get_preset(args.shape), Path(tmp_root.name) / "model", seed=args.seed
+        )
     per_level = {c: args.requests or max(16, 2 * c) for c in levels}
     prompts = prompts_for(
         folder,
@@ -248,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     runs = {"merged": args.policy, "full_moe": args.baseline}
     results: dict[str, dict[int, LevelResult]] = {name: {} for name in runs}
     server_figures: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="tanbr-bench-serve-lm-") as tmp:
+    with tmp_root as tmp:
         servers: dict[str, ServerProcess] = {}
         try:
             for name, policy in runs.items():
@@ -257,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
                 servers[name] = _server(Path(tmp) / name, folder, policy, slot_size, args)
                 servers[name].start(timeout=args.timeout)
             model_id = httpx.get(f"{servers['merged'].url}/v1/models").json()["data"][0]["id"]
+            runtime = runtime_rss(folder)
             offset = 0
             for level in levels:
                 batch = prompts[offset : offset + per_level[level]]
@@ -293,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
                     "policy": runs[name],
                     "rss_bytes": rss,
                     "rss_peak_bytes": peak,
+                    "model_rss_bytes": rss - runtime,
                     "merges": int(status["merges"]),
                     "slots": int(status["slot"]) + 1,
                     "policy_updates": int(status["policy_updates"]),
@@ -347,6 +410,8 @@ def _report(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model": model_id,
+        "shape": args.shape,
+        "runtime_rss_bytes": servers["merged"]["rss_bytes"] - servers["merged"]["model_rss_bytes"],
         "max_tokens": args.max_tokens,
         "slot_size": slot_size,
         "threads": args.threads,
@@ -368,6 +433,10 @@ def _report(
         ratios[f"tokens_per_s_c{c}"] = round(ta / tb, 3) if tb > 0 else None
     rss_ratio = round(servers["merged"]["rss_bytes"] / servers["full_moe"]["rss_bytes"], 3)
     ratios["rss"] = rss_ratio
+    full_model = servers["full_moe"]["model_rss_bytes"]
+    ratios["model_rss"] = (
+        round(servers["merged"]["model_rss_bytes"] / full_model, 3) if full_model > 0 else None
+    )
     out["ratios"] = ratios
     met: dict[str, bool] = {"errors": out["merged"]["errors"] == 0 == out["full_moe"]["errors"]}
     for c in (1, 8):
@@ -399,7 +468,10 @@ def _print_table(out: dict[str, Any], levels: Sequence[int]) -> None:
         s = out[name]
         print(
             f"{name}: policy {s['policy']}, rss {s['rss_bytes'] / 2**20:.1f} MiB (peak"
-            f" {s['rss_peak_bytes'] / 2**20:.1f}), errors {s['errors']}, merges {s['merges']},"
+            f" {s['rss_peak_bytes'] / 2**20:.1f}; the model's share"
+            f" {s['model_rss_bytes'] / 2**20:.1f}), errors {s['errors']}, merges {s['merges']},"
             f" policy updates {s['policy_updates']}"
         )
+    runtime = out["runtime_rss_bytes"] / 2**20
+    print(f"runtime alone (the server's imports, no model): {runtime:.1f} MiB")
     print(f"merged / full MoE: {out['ratios']}; targets met: {out['targets']['met']}")

@@ -149,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from tanbr.model.lean import map_large_allocations
+
+    map_large_allocations()  # merged experts come and go for as long as the service runs
     config = ServeConfig(
         experiment=args.config,
         preset=args.preset,

@@ -204,8 +204,9 @@ class SlotLedger:
         backend = system.backend
         if not isinstance(backend, GenerativeBackend):
             raise ValueError(f"the backend {type(backend).__name__} cannot score generations")
-        backend.restore()
-        nll = backend.nll_ids([c.prompt_ids for c in sample], [c.output_ids for c in sample])
+        nll = backend.reference_nll_ids(
+            [c.prompt_ids for c in sample], [c.output_ids for c in sample]
+        )
         served = np.asarray([c.served_nll for c in sample], dtype=np.float64)
         scores = likelihood_scores(served, np.asarray(nll, dtype=np.float64))
         updates, now = [], time.time()

@@ -323,6 +323,9 @@ class TanbrReplica:
     """A Ray Serve replica: the service's app, its slots followed from the controller."""
 
     def __init__(self, config: ServeConfig, controller: str) -> None:
+        from tanbr.model.lean import map_large_allocations
+
+        map_large_allocations()  # (see tanbr serve: merged experts come and go)
         self.config = config
         self.controller = ray.get_actor(controller, namespace=NAMESPACE)
 

@@ -56,6 +56,7 @@ from tanbr.experiment.loop import (
     observe,
     serve,
 )
+from tanbr.model.lean import return_freed_memory
 from tanbr.serve.batcher import Answer, Job, MicroBatcher, ServiceBusyError
 from tanbr.serve.boundaries import BoundarySchedule
 from tanbr.serve.ledger import Completion, SlotLedger
@@ -114,6 +115,7 @@ class _Replica:
         self.system = system
         self.slot = -1
         self.inflight = 0
+        self.rested = False  # idle since it was last merged (memory-lean: no merged experts)
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,6 +202,7 @@ class SlotManager:
         )
         self._boundaries = BoundarySchedule(self._lock)
         self._stopping = False
+        self._building = False  # the boundary thread is merging the standby
         self._failure: BaseException | None = None
         self._predict_ms: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self._model_ms: collections.deque[float] = collections.deque(maxlen=_WINDOW)
@@ -216,6 +219,7 @@ class SlotManager:
         replica = self._replicas[self._active]
         if snapshot is None:
             decision = decide(replica.system, slot=0)
+            self._settle_standby(decision)
             merge_ms = self._build(replica, decision)
             self.ledger.open_slot(0, decision, merge_ms, replica.system.backend.memory_bytes())
             self._open(0)
@@ -223,6 +227,7 @@ class SlotManager:
             logger.info("fresh state: slot 0 serves (%s)", decision.kind)
         else:
             slot = self.ledger.load(snapshot, [r.system for r in self._replicas])
+            self._settle_standby(self.ledger.decisions[slot])
             self._build(replica, self.ledger.decisions[slot])  # the slot's merged model, again
             self._open(slot)
             served = self.store.served(slot)  # the estimator's view of the open slot
@@ -237,6 +242,7 @@ class SlotManager:
                 self.pending_feedback(),
             )
         replica.slot = self._slot
+        return_freed_memory()
         self._served_total = self.store.count_requests()
         self._threads = [
             threading.Thread(target=self._boundary_loop, name="tanbr-boundary", daemon=True)
@@ -294,7 +300,10 @@ class SlotManager:
         """A pinned generation has ended: its replica may be re-merged once none runs on it."""
         with self._lock:
             lease.replica.inflight -= 1
+            rested = self._rest_standby()
             self._lock.notify_all()
+        if rested:
+            return_freed_memory(collect=False)
 
     def complete(self, completion: Completion, *, model_ms: float = 0.0) -> None:
         """Record a finished generation durably (its id then takes feedback); its prompt joins
@@ -420,7 +429,10 @@ class SlotManager:
         finally:
             with self._lock:
                 replica.inflight -= 1
+                rested = self._rest_standby()
                 self._lock.notify_all()
+            if rested:
+                return_freed_memory(collect=False)
         probs = np.concatenate(parts, axis=0)  # (n, n_labels)
         top = probs.argmax(axis=1)  # (n,)
         now = time.time()
@@ -490,6 +502,8 @@ class SlotManager:
         with self._lock:
             standby = self._replicas[1 - self._active]
             self._lock.wait_for(lambda: standby.inflight == 0)
+            self._building = True  # the standby is this thread's until the swap
+            standby.rested = False
             texts, self._texts = self._texts, []
             served_labels, self._served_labels = self._served_labels, []
             completions, self._completions = self._completions, []
@@ -522,6 +536,8 @@ class SlotManager:
         # --- 4. merge, on the standby replica
         merge_ms = self._build(standby, decision)
         clock.lap("merge")
+        return_freed_memory(collect=False)  # what the shadow pass and the merge let go
+        clock.lap("trim")
         # --- persist (slot history, then the snapshot that commits it all), then swap
         self.ledger.close_slot(
             closing, reason=reason, latency_ms=latency_ms, updates=updates, upto=upto
@@ -532,8 +548,12 @@ class SlotManager:
         with self._lock:
             standby.slot = nxt
             self._active = 1 - self._active
+            self._building = False
+            rested = self._rest_standby()
             self._open(nxt)
             self._boundaries.finish()
+        if rested:
+            return_freed_memory(collect=False)
         self._propagation_ms.append((time.perf_counter() - decided) * 1e3)
         self._boundary_ms.append(clock.total_ms)
         logger.info(
@@ -545,6 +565,26 @@ class SlotManager:
             len(updates),
             clock,
         )
+
+    def _settle_standby(self, decision: Decision) -> None:
+        """Before the first slot: the standby takes the slot's decision, which lets go of the
+        original experts it was loaded with (shared with the active replica, which then frees
+        them with its own merge), and, memory-lean, drops that merge until the next boundary."""
+        apply_decision(self._replicas[1 - self._active].system, decision)
+        with self._lock:
+            self._rest_standby()
+
+    def _rest_standby(self) -> bool:
+        """With the lock held: once the last forward on the replica that served the closed
+        slot has ended, its merged experts go (memory-lean; the next boundary builds its next
+        merge afresh); True if it went idle (the caller then hands the pages back, unlocked).
+        The boundary thread touches the standby only after it is idle."""
+        standby = self._replicas[1 - self._active]
+        if standby.inflight == 0 and not self._building and not standby.rested:
+            standby.system.backend.idle()
+            standby.rested = True
+            return True
+        return False
 
     def _sample(self, texts: list[str], slot: int) -> list[str]:
         """At most ``observe_max`` texts, uniformly (seeded by the slot: reproducible)."""
