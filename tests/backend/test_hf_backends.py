@@ -140,6 +140,37 @@ def test_served_signatures_run_no_expert_and_ignore_the_merge(
         np.testing.assert_array_equal(gate0, seen[0][1])
 
 
+def test_a_live_lean_backend_streams_its_full_moe_passes(
+    case: tuple[str, str], open_hf: Callable[..., Any]
+) -> None:
+    """No memo (a live service) and memory-lean: the full MoE's predictions (the proxy
+    reward's reference) while a merge is served read one block's experts at a time, give the
+    numbers of the full MoE read back whole, and leave no original expert in memory."""
+    family, kind = case
+    backend, _, test = open_hf(family, kind)
+    assert backend.merger.lean and not backend.memo
+    requests = _head(test, 8)
+    backend.restore()
+    full = backend.predict(requests)
+    merger = backend.merger
+    backend.merge(random_plan(backend.blocks, 3))
+    peak: list[int] = []
+    hooks = [
+        merger._originals[b.name].register_forward_pre_hook(
+            lambda module, args: peak.append(sum(merger._resident(b) for b in merger.blocks))
+        )
+        for b in merger.blocks
+    ]
+    try:
+        reference = backend.reference(requests)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    np.testing.assert_array_equal(reference, full.predictions)
+    assert peak and max(peak) == 1
+    assert merger.merged and not any(merger._resident(b) for b in merger.blocks)
+
+
 def test_merge_predict_restore_gives_back_the_full_model(
     case: tuple[str, str], open_hf: Callable[..., Any]
 ) -> None:

@@ -92,6 +92,34 @@ def test_full_merged_and_reference(tiny: Any) -> None:
     np.testing.assert_array_equal(backend.reference(requests), full)
 
 
+def test_a_live_lean_default_model_streams_its_reference(tiny: Any) -> None:
+    """A service's default model (memory-lean, no memo): the proxy reward's full-MoE
+    predictions, while a merge is served, read a block's experts at a time and leave none."""
+    from tanbr.backend.default import default_backend
+
+    _, _, test = tiny
+    live, _, _ = default_backend(variant="tiny", memo=False, lean=True)
+    requests = Requests(test.texts[:16], test.rows[:16])
+    live.restore()
+    full = live.predict(requests).probs.argmax(1)
+    merger = live.merger
+    live.merge(_plan(live, 2))
+    peak: list[int] = []
+    hooks = [
+        merger._originals[b.name].register_forward_pre_hook(
+            lambda module, args: peak.append(sum(merger._resident(b) for b in merger.blocks))
+        )
+        for b in merger.blocks
+    ]
+    try:
+        np.testing.assert_array_equal(live.reference(requests), full)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert peak and max(peak) == 1
+    assert merger.merged and not any(merger._resident(b) for b in merger.blocks)
+
+
 def test_gate_probs_are_distributions(tiny: Any) -> None:
     backend, calib, _ = tiny
     probs = backend.gate_probs(Requests(calib.texts[:10], calib.rows[:10]))

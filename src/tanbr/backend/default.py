@@ -458,8 +458,12 @@ class DefaultBackend:
         return np.asarray(masked_mean(probs, mask).double().numpy())
 
     def _with_full(self, fn: Any) -> Any:
-        """Run ``fn`` on the full MoE, then ask for the served merge again."""
-        with self.served.full_moe(sync_after=not self.memo):
+        """Run ``fn`` (forward passes) on the full MoE, then ask for the served merge again.
+
+        Without a memo (a live service), a memory-lean model streams the full MoE, a block's
+        experts at a time; with one (an experiment replaying its requests) such passes are
+        rare, and reading every expert once is cheaper than once per batch."""
+        with self.served.full_moe(sync_after=not self.memo, streamed=not self.memo):
             return fn()
 
     def _batches(self, requests: Requests, batch_size: int) -> Any:

@@ -314,8 +314,12 @@ class HFBackend:
     # --- model state ------------------------------------------------------------------------
 
     def _with_full(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the full MoE, then ask for the served merge again."""
-        with self.served.full_moe(sync_after=not self.memo):
+        """Run ``fn`` (forward passes) on the full MoE, then ask for the served merge again.
+
+        Without a memo (a live service), a memory-lean model streams the full MoE, a block's
+        experts at a time; with one (an experiment replaying its requests) such passes are
+        rare, and reading every expert once is cheaper than once per batch."""
+        with self.served.full_moe(sync_after=not self.memo, streamed=not self.memo):
             return fn()
 
     # --- requests ---------------------------------------------------------------------------

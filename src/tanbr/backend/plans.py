@@ -130,7 +130,11 @@ class ServedState:
                 stats = merger.apply(plan)
                 self.applied = plan
                 return float(stats.merge_ms) + build_ms(plan)
-            if mode == "streamed" and merger.mode == "full" and merger.streaming:
+            if (
+                mode == "streamed"
+                and merger.mode == "full"
+                and (merger.streaming or merger.experts_resident)  # (the same numbers)
+            ):
                 return 0.0
             if merger.mode == mode and not (mode == "full" and merger.lean):
                 return 0.0  # (a lean model may not have read its experts yet: restore does)
@@ -176,11 +180,13 @@ class ServedState:
         return self.shared_bytes + self.all_experts_bytes
 
     @contextlib.contextmanager
-    def full_moe(self, *, sync_after: bool) -> Iterator[None]:
+    def full_moe(self, *, sync_after: bool, streamed: bool = False) -> Iterator[None]:
         """Run a block on the full MoE, then ask for what was asked before (and merge it back
-        now unless ``sync_after`` is False: a memo defers it)."""
+        now unless ``sync_after`` is False: a memo defers it). ``streamed``: forward passes
+        only, and a memory-lean model reads each block's experts as it runs (see
+        :meth:`want_full`); experts already in memory are used as they are."""
         target = self.target
-        self.want_full()
+        self.want_full(streamed=streamed)
         self.sync()
         try:
             yield

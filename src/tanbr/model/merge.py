@@ -284,6 +284,11 @@ class Merger:
                 self._streams += [load, module.register_forward_hook(self._stream_out(block))]
 
     @property
+    def experts_resident(self) -> bool:
+        """True when every original expert is in memory (always, unless memory-lean)."""
+        return all(self._resident(block) for block in self.blocks)
+
+    @property
     def streaming(self) -> bool:
         """True while the full MoE is served streamed (:meth:`restore` with ``streamed``)."""
         return bool(self._streams)
