@@ -171,6 +171,33 @@ def test_a_live_lean_backend_streams_its_full_moe_passes(
     assert merger.merged and not any(merger._resident(b) for b in merger.blocks)
 
 
+def test_replicas_of_a_lean_model_serving_merges_never_read_every_expert(
+    case: tuple[str, str], open_hf: Callable[..., Any]
+) -> None:
+    """``replica(experts=False)`` (a service whose policy serves merges only): neither copy
+    holds an original expert, each merges and serves on its own, and the full MoE, streamed
+    on either, gives the numbers of the experts read back whole."""
+    family, kind = case
+    backend, _, test = open_hf(family, kind)
+    requests = _head(test, 8)
+    twin = backend.replica(experts=False)
+    copies = (backend, twin)
+    for copy in copies:
+        assert not any(copy.merger._resident(b) for b in copy.merger.blocks)
+    plans = [random_plan(backend.blocks, 4), random_plan(backend.blocks, 5)]
+    for copy, plan in zip(copies, plans, strict=True):
+        copy.merge(plan)
+    served = [copy.predict(requests) for copy in copies]
+    full = twin.reference(requests)  # streamed on the twin (no memo), the merge served again
+    for copy, plan, answer in zip(copies, plans, served, strict=True):
+        copy.merge(plan)
+        _assert_same(kind, copy.predict(requests), answer)
+        assert not any(copy.merger._resident(b) for b in copy.merger.blocks)
+    backend.restore()  # every expert read back, on this copy only
+    np.testing.assert_array_equal(backend.predict(requests).predictions, full)
+    assert not any(twin.merger._resident(b) for b in twin.merger.blocks)
+
+
 def test_merge_predict_restore_gives_back_the_full_model(
     case: tuple[str, str], open_hf: Callable[..., Any]
 ) -> None:

@@ -49,7 +49,7 @@ class FakeBackend:
     def labels(self) -> tuple[str, ...]:
         return tuple(f"{t}:{y}" for t in TASKS for y in (0, 1))
 
-    def replica(self) -> FakeBackend:
+    def replica(self, *, experts: bool = True) -> FakeBackend:
         import copy
 
         return copy.copy(self)

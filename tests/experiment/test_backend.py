@@ -113,11 +113,12 @@ def test_a_live_lean_default_model_streams_its_reference(tiny: Any) -> None:
     ]
     try:
         np.testing.assert_array_equal(live.reference(requests), full)
+        assert peak and max(peak) == 1
+        assert merger.merged and not any(merger._resident(b) for b in merger.blocks)
     finally:
         for hook in hooks:
             hook.remove()
-    assert peak and max(peak) == 1
-    assert merger.merged and not any(merger._resident(b) for b in merger.blocks)
+        live.restore()  # the process keeps one model per variant: leave it as it was
 
 
 def test_gate_probs_are_distributions(tiny: Any) -> None:

@@ -189,11 +189,16 @@ class DefaultBackend:
         path = getattr(self.dm, "path", None)
         return None if path is None else Path(path)
 
-    def replica(self) -> DefaultBackend:
+    def replica(self, *, experts: bool = True) -> DefaultBackend:
         """A copy with its own module tree, tokenizer and merger, sharing every tensor (and the
         per-request caches). The tokenizer is copied because a fast tokenizer must not be used
-        by two threads at once."""
-        self.restore()  # the tree holds every original tensor, and no merged one
+        by two threads at once. ``experts=False``: see
+        :meth:`~tanbr.backend.protocol.Backend.replica`."""
+        if experts or not self.merger.lean:
+            self.restore()  # the tree holds every original tensor (shared), and no merged one
+        else:  # memory-lean, and no replica will serve the full MoE: every expert stays on disk
+            self.served.want_full(streamed=True)
+            self.served.sync()
         shared: dict[int, Any] = {id(t): t for t in self.model.parameters()}
         shared.update({id(t): t for t in self.model.buffers()})
         caches = (self._sig_cache, self._ref_cache, self._gate_cache, self._live_sig)

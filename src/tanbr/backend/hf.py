@@ -269,11 +269,16 @@ class HFBackend:
         on disk); every expert for the full MoE and soft merging."""
         return self.served.param_bytes()
 
-    def replica(self) -> Self:
+    def replica(self, *, experts: bool = True) -> Self:
         """A copy with its own module tree, tokenizer and merger, sharing every tensor and the
         per-request caches (and the memo). The tokenizer is copied because a fast tokenizer
-        must not be used by two threads at once."""
-        self.restore()  # the tree holds every original tensor, and no merged one
+        must not be used by two threads at once. ``experts=False``: see
+        :meth:`~tanbr.backend.protocol.Backend.replica`."""
+        if experts or not self.merger.lean:
+            self.restore()  # the tree holds every original tensor (shared), and no merged one
+        else:  # memory-lean, and no replica will serve the full MoE: every expert stays on disk
+            self.served.want_full(streamed=True)
+            self.served.sync()
         shared: dict[int, Any] = {id(t): t for t in self.model.parameters()}
         shared.update({id(t): t for t in self.model.buffers()})
         for value in (*self._caches(), self.texts):

@@ -147,10 +147,10 @@ class ServedState:
             return (time.perf_counter() - t0) * 1e3
 
     def idle(self) -> None:
-        """Nothing runs on this model for a while: a memory-lean model serving a plan drops
+        """Nothing runs on this model for a while: a memory-lean model asked for a plan drops
         its merged experts (the originals stay on disk), and the next :meth:`sync` builds the
         plan again. The full MoE and soft merging keep their experts (another replica may share
-        them)."""
+        them), and a model in memory keeps everything."""
         mode, _ = self.target
         if not self.merger.lean or mode != "merged" or self.merger.streaming:
             return

@@ -144,10 +144,11 @@ class Backend(Protocol):
         """Parameter bytes the model as currently set needs resident."""
         ...
 
-    def replica(self) -> Backend:
+    def replica(self, *, experts: bool = True) -> Backend:
         """A second backend on the same weights with its own module tree (one serves while
         the other is re-merged); merging never writes an original tensor, so sharing them
-        is safe."""
+        is safe. ``experts=False``: no replica will serve the full MoE or soft merging, so a
+        memory-lean model never reads its experts in whole (each merge reads what it needs)."""
         ...
 
 

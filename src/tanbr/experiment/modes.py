@@ -83,6 +83,7 @@ class BanditMode:
     learns = True
     needs_truth = False
     reads_mix = True
+    all_experts = False  # serves merges only
 
     def __init__(self, name: str, policy: Any, plan_of: PlanOf) -> None:
         self.name = name
@@ -108,6 +109,9 @@ class _Fixed:
     learns = False
     needs_truth = False
     reads_mix = False
+    # serves every original expert (the full MoE, soft merging): a service's two replicas
+    # then share them, read once; otherwise a memory-lean service never holds them all
+    all_experts = False
     name = "fixed"
 
     def learn(
@@ -123,6 +127,7 @@ class _Fixed:
 
 class FullMoE(_Fixed):
     name = "full-moe"
+    all_experts = True
 
     def __init__(self, baselines: Baselines) -> None:
         pass
@@ -133,6 +138,7 @@ class FullMoE(_Fixed):
 
 class Smear(_Fixed):
     name = "smear"
+    all_experts = True
 
     def __init__(self, baselines: Baselines) -> None:
         pass

@@ -179,8 +179,9 @@ def build_replicas(config: ServeConfig) -> Replicas:
     release = getattr(backend, "release_bank", None)
     if release is not None:
         release()  # live requests are encoded as they come
-    backend.restore()
-    twin = dataclasses.replace(system, backend=backend.replica())
+    # a policy that serves merges only never makes a memory-lean model read every expert
+    experts = bool(getattr(system.mode, "all_experts", True))
+    twin = dataclasses.replace(system, backend=backend.replica(experts=experts))
     labels = tuple(backend.labels)
     logger.info(
         "model ready: %d labels, %d MoE blocks, %d task types; policy %r (%d torch threads)",
