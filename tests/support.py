@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -32,3 +33,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def resident_while_running(merger: Any) -> Iterator[list[int]]:
+    """Within the block: each time an original MoE block of ``merger`` runs, how many blocks
+    have their original experts in memory (a streamed full MoE: one at a time)."""
+    counts: list[int] = []
+
+    def count(module: Any, args: Any) -> None:
+        counts.append(sum(merger._resident(b) for b in merger.blocks))
+
+    hooks = [merger._originals[b.name].register_forward_pre_hook(count) for b in merger.blocks]
+    try:
+        yield counts
+    finally:
+        for hook in hooks:
+            hook.remove()

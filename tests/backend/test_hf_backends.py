@@ -13,6 +13,7 @@ import torch
 from hf_checkpoints import CLASSIFIER_FAMILIES, LM_FAMILIES
 
 from conftest import assert_reordered_close, random_plan
+from support import resident_while_running
 from tanbr.backend.hf_signatures import SIGNATURES
 from tanbr.backend.protocol import Backend, Prediction
 from tanbr.backend.requests import Requests
@@ -154,18 +155,8 @@ def test_a_live_lean_backend_streams_its_full_moe_passes(
     full = backend.predict(requests)
     merger = backend.merger
     backend.merge(random_plan(backend.blocks, 3))
-    peak: list[int] = []
-    hooks = [
-        merger._originals[b.name].register_forward_pre_hook(
-            lambda module, args: peak.append(sum(merger._resident(b) for b in merger.blocks))
-        )
-        for b in merger.blocks
-    ]
-    try:
+    with resident_while_running(merger) as peak:
         reference = backend.reference(requests)
-    finally:
-        for hook in hooks:
-            hook.remove()
     np.testing.assert_array_equal(reference, full.predictions)
     assert peak and max(peak) == 1
     assert merger.merged and not any(merger._resident(b) for b in merger.blocks)

@@ -13,6 +13,7 @@ import torch
 from hf_checkpoints import LM_FAMILIES
 
 from conftest import random_plan
+from support import resident_while_running
 
 ATOL = 1e-4
 
@@ -99,18 +100,8 @@ def test_the_full_moe_scores_a_lean_models_generations_a_block_at_a_time(
     reference = backend.nll_ids(prompts, continuations)
     backend.merge(random_plan(backend.blocks, seed=3))
     assert backend.nll_ids(prompts, continuations) != pytest.approx(reference)
-    peak: list[int] = []
-
-    def count(module: Any, args: Any) -> None:
-        peak.append(sum(merger._resident(b) for b in merger.blocks))
-
-    originals = [merger._originals[b.name] for b in merger.blocks]  # what the full MoE runs
-    hooks = [module.register_forward_pre_hook(count) for module in originals]
-    try:
+    with resident_while_running(merger) as peak:
         scored = backend.reference_nll_ids(prompts, continuations)
-    finally:
-        for hook in hooks:
-            hook.remove()
     assert np.array_equal(scored, reference)
     assert peak and max(peak) == 1
     assert not any(merger._resident(b) for b in merger.blocks)

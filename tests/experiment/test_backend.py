@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from support import resident_while_running
 from tanbr.backend.requests import Requests
 
 pytestmark = pytest.mark.data
@@ -104,20 +105,12 @@ def test_a_live_lean_default_model_streams_its_reference(tiny: Any) -> None:
     full = live.predict(requests).probs.argmax(1)
     merger = live.merger
     live.merge(_plan(live, 2))
-    peak: list[int] = []
-    hooks = [
-        merger._originals[b.name].register_forward_pre_hook(
-            lambda module, args: peak.append(sum(merger._resident(b) for b in merger.blocks))
-        )
-        for b in merger.blocks
-    ]
     try:
-        np.testing.assert_array_equal(live.reference(requests), full)
+        with resident_while_running(merger) as peak:
+            np.testing.assert_array_equal(live.reference(requests), full)
         assert peak and max(peak) == 1
         assert merger.merged and not any(merger._resident(b) for b in merger.blocks)
     finally:
-        for hook in hooks:
-            hook.remove()
         live.restore()  # the process keeps one model per variant: leave it as it was
 
 
