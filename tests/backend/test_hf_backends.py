@@ -171,10 +171,12 @@ def test_replicas_of_a_lean_model_serving_merges_never_read_every_expert(
     family, kind = case
     backend, _, test = open_hf(family, kind)
     requests = _head(test, 8)
+    backend.restore()  # every expert read, as the set-up leaves it: the copies drop them
     twin = backend.replica(experts=False)
     copies = (backend, twin)
     for copy in copies:
         assert not any(copy.merger._resident(b) for b in copy.merger.blocks)
+    first = twin.reference(requests)  # a standby's first pass: the full MoE, streamed
     plans = [random_plan(backend.blocks, 4), random_plan(backend.blocks, 5)]
     for copy, plan in zip(copies, plans, strict=True):
         copy.merge(plan)
@@ -186,6 +188,7 @@ def test_replicas_of_a_lean_model_serving_merges_never_read_every_expert(
         assert not any(copy.merger._resident(b) for b in copy.merger.blocks)
     backend.restore()  # every expert read back, on this copy only
     np.testing.assert_array_equal(backend.predict(requests).predictions, full)
+    np.testing.assert_array_equal(first, full)
     assert not any(twin.merger._resident(b) for b in twin.merger.blocks)
 
 

@@ -274,10 +274,7 @@ class HFBackend:
         per-request caches (and the memo). The tokenizer is copied because a fast tokenizer
         must not be used by two threads at once. ``experts=False``: see
         :meth:`~tanbr.backend.protocol.Backend.replica`."""
-        # the original tree, no merged tensor; every expert read and shared, or (memory-lean,
-        # and no copy will serve the full MoE) every expert left on disk
-        self.served.want_full(streamed=not experts)
-        self.served.sync()
+        self.served.originals(experts=experts)  # the original tree, no merged tensor
         shared: dict[int, Any] = {id(t): t for t in self.model.parameters()}
         shared.update({id(t): t for t in self.model.buffers()})
         for value in (*self._caches(), self.texts):

@@ -115,6 +115,18 @@ class ServedState:
         block runs and drops them after (:meth:`~tanbr.model.merge.Merger.restore`)."""
         self.target = ("streamed" if streamed and self.merger.lean else "full", None)
 
+    def originals(self, *, experts: bool) -> None:
+        """Put the original blocks back, as a backend is copied: with ``experts`` every
+        expert in memory (then shared by the copy); without, a memory-lean model keeps none,
+        not even those read before (:meth:`sync` would use them), and each copy reads what
+        its merges need."""
+        self.want_full(streamed=not experts)
+        if self.target[0] == "streamed":
+            self.merger.unload()  # (the next sync streams, with this copy's own hooks)
+            self.applied = None
+        else:
+            self.sync()
+
     def sync(self) -> float:
         """Make the model compute what was asked; returns the milliseconds spent. Merges are
         built outside inference mode, so that a later merge can rewrite them in place. A

@@ -283,6 +283,13 @@ class Merger:
                 load = module.register_forward_pre_hook(self._stream_in(block), prepend=True)
                 self._streams += [load, module.register_forward_hook(self._stream_out(block))]
 
+    def unload(self) -> None:
+        """Memory-lean: the original blocks back with every expert on disk and nothing to read
+        them, as the model was loaded (a copy of the tree made now carries no hook of this
+        merger's); :meth:`restore` or :meth:`apply` before it runs again."""
+        self.restore(streamed=True)
+        self._stop_streaming()
+
     @property
     def experts_resident(self) -> bool:
         """True when every original expert is in memory (always, unless memory-lean)."""

@@ -219,7 +219,6 @@ class SlotManager:
         replica = self._replicas[self._active]
         if snapshot is None:
             decision = decide(replica.system, slot=0)
-            self._settle_standby(decision)
             merge_ms = self._build(replica, decision)
             self.ledger.open_slot(0, decision, merge_ms, replica.system.backend.memory_bytes())
             self._open(0)
@@ -227,7 +226,6 @@ class SlotManager:
             logger.info("fresh state: slot 0 serves (%s)", decision.kind)
         else:
             slot = self.ledger.load(snapshot, [r.system for r in self._replicas])
-            self._settle_standby(self.ledger.decisions[slot])
             self._build(replica, self.ledger.decisions[slot])  # the slot's merged model, again
             self._open(slot)
             served = self.store.served(slot)  # the estimator's view of the open slot
@@ -298,12 +296,7 @@ class SlotManager:
 
     def release(self, lease: Lease) -> None:
         """A pinned generation has ended: its replica may be re-merged once none runs on it."""
-        with self._lock:
-            lease.replica.inflight -= 1
-            rested = self._rest_standby()
-            self._lock.notify_all()
-        if rested:
-            return_freed_memory(collect=False)
+        self._finished(lease.replica)
 
     def complete(self, completion: Completion, *, model_ms: float = 0.0) -> None:
         """Record a finished generation durably (its id then takes feedback); its prompt joins
@@ -427,12 +420,7 @@ class SlotManager:
                 latency_ms += served.latency_ms
             model_ms = (time.perf_counter() - t0) * 1e3
         finally:
-            with self._lock:
-                replica.inflight -= 1
-                rested = self._rest_standby()
-                self._lock.notify_all()
-            if rested:
-                return_freed_memory(collect=False)
+            self._finished(replica)
         probs = np.concatenate(parts, axis=0)  # (n, n_labels)
         top = probs.argmax(axis=1)  # (n,)
         now = time.time()
@@ -566,13 +554,15 @@ class SlotManager:
             clock,
         )
 
-    def _settle_standby(self, decision: Decision) -> None:
-        """Before the first slot: the standby takes the slot's decision, which lets go of the
-        original experts it was loaded with (shared with the active replica, which then frees
-        them with its own merge), and, memory-lean, drops that merge until the next boundary."""
-        apply_decision(self._replicas[1 - self._active].system, decision)
+    def _finished(self, replica: _Replica) -> None:
+        """A forward (or a generation) on ``replica`` has ended: it may be re-merged once none
+        runs on it, and the standby may rest."""
         with self._lock:
-            self._rest_standby()
+            replica.inflight -= 1
+            rested = self._rest_standby()
+            self._lock.notify_all()
+        if rested:
+            return_freed_memory(collect=False)
 
     def _rest_standby(self) -> bool:
         """With the lock held: once the last forward on the replica that served the closed
