@@ -76,12 +76,17 @@ def get_preset(name: str) -> BenchPreset:
 
 def build_bench_model(preset: BenchPreset, *, seed: int) -> Any:
     """A ``MixtralForCausalLM`` of the preset with seeded random weights, in eval mode."""
+    return _seeded_mixtral(preset.config(), seed)
+
+
+def _seeded_mixtral(config: Any, seed: int) -> Any:
+    """A ``MixtralForCausalLM`` of ``config`` with seeded random weights, in eval mode."""
     from transformers import MixtralForCausalLM
 
     # transformers' initialisers draw from the global torch generator: seed a forked copy of it
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MixtralForCausalLM(preset.config())
+        model = MixtralForCausalLM(config)
     model.train(False)
     return model
 
@@ -98,7 +103,7 @@ def write_shaped_lm(source: Path, preset: BenchPreset, out: Path, *, seed: int) 
     not on what its weights learned: this measures them on a model whose experts dominate
     its size, where the trained ``lm`` is too small to show them. Its text is noise.
     """
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralConfig
 
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {source}: not a checkpoint folder")
@@ -108,9 +113,7 @@ def write_shaped_lm(source: Path, preset: BenchPreset, out: Path, *, seed: int) 
         setattr(shaped, key, getattr(trained, key))
     shaped.max_position_embeddings = trained.max_position_embeddings
     shaped.use_cache = True
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MixtralForCausalLM(shaped)
+    model = _seeded_mixtral(shaped, seed)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     for path in sorted(source.iterdir()):

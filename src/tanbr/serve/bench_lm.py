@@ -369,7 +369,14 @@ def run(args: argparse.Namespace) -> int:
             code = server.stop()
             if code not in (0, -signal.SIGTERM):
                 logger.warning("the %s server exited with code %d", runs[name], code)
-    out = _report(results, server_figures, args=args, model_id=model_id, slot_size=slot_size)
+    out = _report(
+        results,
+        server_figures,
+        args=args,
+        model_id=model_id,
+        slot_size=slot_size,
+        runtime_rss=runtime,
+    )
     if args.json:
         print(json.dumps(out))
     else:
@@ -407,11 +414,12 @@ def _report(
     args: argparse.Namespace,
     model_id: str,
     slot_size: int,
+    runtime_rss: int,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model": model_id,
         "shape": args.shape,
-        "runtime_rss_bytes": servers["merged"]["rss_bytes"] - servers["merged"]["model_rss_bytes"],
+        "runtime_rss_bytes": runtime_rss,
         "max_tokens": args.max_tokens,
         "slot_size": slot_size,
         "threads": args.threads,
