@@ -30,12 +30,16 @@ def test_triggers_while_one_is_due_or_running_add_nothing() -> None:
     lock = threading.Condition()
     s = BoundarySchedule(lock)
     with lock:
+        assert not s.busy
         s.request("count")
+        assert s.busy  # due
         s.request("time")
         assert _take(s) == "count"
         s.request("count")  # the slot that triggered it is the one closing
+        assert s.busy  # running
         s.finish()
         assert s.started == s.finished == 1
+        assert not s.busy
         ticket = s.request_fresh("admin")  # nothing running: the next boundary is fresh
         assert _take(s) == "admin"
         s.finish()

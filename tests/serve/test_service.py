@@ -68,6 +68,7 @@ def test_predictions_feedback_and_slot_turnover(server: ServerProcess, http: htt
     assert http.get("/healthz").json() == {"status": "ok", "slot": 0}
     status = http.get("/v1/status").json()
     assert status["slot"] == 0 and status["kind"] == "merge" and status["merges"] == 1
+    assert status["boundary_busy"] is False  # slot 0 serves; no boundary is due yet
     assert status["policy"] == "tanbr" and len(status["action"]) == len(status["mix"])
     for coeffs in status["coeffs"].values():
         assert min(coeffs) >= 0 and abs(sum(coeffs) - 1) < 1e-5

@@ -12,7 +12,8 @@ sent: the merged service learns from its label-free likelihood reward only.
 Figures, client side: ``tokens_per_s`` (completion tokens of the level / its wall time),
 ``ttft_p50_ms`` / ``ttft_p99_ms`` (request sent to first text chunk), ``tpot_p50_ms`` (time per
 output token after the first: (last chunk - first chunk) / (tokens - 1), per request), and per
-server ``rss_bytes`` (resident set of the server process read from ``/proc`` after the load;
+server ``rss_bytes`` (resident set of the server process read from ``/proc`` after the load,
+once no slot boundary is due or running: the resting service, not a merge half built;
 ``rss_peak_bytes`` its high-water mark), ``model_rss_bytes`` (``rss_bytes`` minus
 ``runtime_rss_bytes``, the resident set of a process that makes the server's imports and loads
 no model: on a small model the runtime hides the model's footprint), ``errors``, ``merges``.
@@ -264,6 +265,21 @@ def runtime_rss(folder: Path) -> int:
     raise RuntimeError("the runtime probe printed no VmRSS")
 
 
+def _settled(url: str, *, timeout: float = 300.0) -> dict[str, Any]:
+    """The server's status once no slot boundary is due or running (the last requests of a
+    load may have just closed a slot): a resident set read then is the resting service's."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status: dict[str, Any] = httpx.get(f"{url}/v1/status", timeout=60.0).json()
+        if not status.get("boundary_busy", False):
+            return status
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server at {url} was in a slot boundary for {timeout} s")
+        time.sleep(0.2)
+
+
 def _rss(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) of a process in bytes, from ``/proc/<pid>/status``."""
     fields: dict[str, int] = {}
@@ -348,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
                 for name in runs:
                     results[name][level] = _combine(parts[name])
             for name, server in servers.items():
-                status = httpx.get(f"{server.url}/v1/status", timeout=60.0).json()
+                status = _settled(server.url, timeout=args.timeout)
                 assert server.proc is not None
                 rss, peak = _rss(server.proc.pid)
                 server_figures[name] = {

@@ -45,6 +45,11 @@ class BoundarySchedule:
             self.request(reason)
         return self.started + 1
 
+    @property
+    def busy(self) -> bool:
+        """A boundary is due or running (a measurement of the resting service waits for it)."""
+        return self._running or self._reason is not None
+
     def done(self, ticket: int) -> bool:
         return self.finished >= ticket
 

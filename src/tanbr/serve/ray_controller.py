@@ -343,6 +343,7 @@ class SlotController:
             model_ms, merge_ms = list(self._model_ms), list(self._merge_ms)
             boundary_ms = list(self._boundary_ms)
             propagation_ms = list(self._propagation_ms)
+            busy = self._boundaries.busy
         plan = decision.plan or {}
         return {
             "slot": slot,
@@ -360,6 +361,7 @@ class SlotController:
             "feedback": self.store.count_feedback(),
             "pending_feedback": self.pending_feedback(),
             "policy_updates": updates,
+            "boundary_busy": busy,
             "latency": {
                 "window": 0,
                 "predict_p50_ms": None,

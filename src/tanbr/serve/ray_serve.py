@@ -37,13 +37,14 @@ from tanbr.backend.protocol import Backend
 from tanbr.backend.requests import Requests
 from tanbr.experiment.loop import Decision, System, apply_decision
 from tanbr.experiment.loop import serve as serve_batch
+from tanbr.model.lean import map_large_allocations, return_freed_memory
 from tanbr.serve.app import create_app
 from tanbr.serve.batcher import Answer, Job, MicroBatcher, ServiceBusyError
 from tanbr.serve.ledger import Completion
 from tanbr.serve.metrics import ServiceMetrics
 from tanbr.serve.ray_controller import Instruction, Signed, SlotController
 from tanbr.serve.replicas import ServeConfig
-from tanbr.serve.slots import Lease
+from tanbr.serve.slots import Lease, ModelCopy
 from tanbr.serve.state import FeedbackRow, RequestRow
 
 logger = logging.getLogger(__name__)
@@ -78,15 +79,6 @@ def replica_backend(config: ServeConfig, meta: dict[str, Any]) -> Backend:
     if release is not None:
         release()
     return backend
-
-
-class _Copy:
-    """One model copy of a replica and the forwards running on it."""
-
-    def __init__(self, system: System) -> None:
-        self.system = system
-        self.slot = -1
-        self.inflight = 0
 
 
 def _unwrap(err: BaseException) -> BaseException:
@@ -124,12 +116,14 @@ class ReplicaSlots:
         self.policy_name = hello.parts["mode"].name
         backend = replica_backend(self.config, hello.meta)
         self.generative = backend.kind == "lm"
-        backend.restore()
+        # a policy that serves merges only never makes a memory-lean model read every expert
+        experts = bool(getattr(hello.parts["mode"], "all_experts", True))
         a = System(backend=backend, **hello.parts)
-        b = dataclasses.replace(a, backend=backend.replica())
-        self._copies = [_Copy(a), _Copy(b)]
+        b = dataclasses.replace(a, backend=backend.replica(experts=experts))
+        self._copies = [ModelCopy(a), ModelCopy(b)]
         self._active = 0
         self._prepared = -1
+        self._building = False  # the standby holds a merge being built or awaiting its commit
         apply_decision(a, hello.decision)
         self._copies[0].slot = hello.slot
         self._threads = [threading.Thread(target=self._follow, name="tanbr-follow", daemon=True)]
@@ -178,6 +172,7 @@ class ReplicaSlots:
         with self._lock:
             lease.replica.inflight -= 1
             self._lock.notify_all()
+        self._rest()
 
     def complete(self, completion: Completion, *, model_ms: float = 0.0) -> None:
         """A finished generation, durable at the controller (which counts it for its slot,
@@ -235,6 +230,7 @@ class ReplicaSlots:
             with self._lock:
                 copy.inflight -= 1
                 self._lock.notify_all()
+            self._rest()
         probs = np.concatenate(parts, axis=0)  # (n, n_labels)
         top = probs.argmax(axis=1)
         now = time.time()
@@ -293,6 +289,8 @@ class ReplicaSlots:
         with self._lock:
             standby = self._copies[1 - self._active]
             self._lock.wait_for(lambda: standby.inflight == 0)
+            self._building = True  # until the swap: the prepared merge waits for its commit
+            standby.rested = False
         merge_ms = apply_decision(standby.system, decision)
         standby.slot = -1
         self._prepared = slot
@@ -308,8 +306,18 @@ class ReplicaSlots:
             standby = self._copies[1 - self._active]
             standby.slot = slot
             self._active = 1 - self._active
+            self._building = False
+        self._rest()
         self.metrics.slot.set(slot)
         self._call(self.controller.swapped.remote(self.replica_id, slot))
+
+    def _rest(self) -> None:
+        """The copy that served the previous slot drops its merged experts once its last
+        forward has ended (:meth:`~tanbr.serve.slots.ModelCopy.rest`)."""
+        with self._lock:
+            rested = self._copies[1 - self._active].rest(building=self._building)
+        if rested:
+            return_freed_memory(collect=False)
 
     def _call(self, ref: Any) -> Any:
         try:
@@ -323,8 +331,6 @@ class TanbrReplica:
     """A Ray Serve replica: the service's app, its slots followed from the controller."""
 
     def __init__(self, config: ServeConfig, controller: str) -> None:
-        from tanbr.model.lean import map_large_allocations
-
         map_large_allocations()  # (see tanbr serve: merged experts come and go)
         self.config = config
         self.controller = ray.get_actor(controller, namespace=NAMESPACE)

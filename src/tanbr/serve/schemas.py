@@ -115,6 +115,9 @@ class StatusResponse(BaseModel):
     feedback: int = Field(description="feedback acknowledged since the service first started")
     pending_feedback: int
     policy_updates: int
+    boundary_busy: bool = Field(
+        default=False, description="a slot boundary is due or running (merging, learning)"
+    )
     replicas: int = Field(default=1, description="model replicas serving (live ones on Ray)")
     latency: LatencyFigures
 

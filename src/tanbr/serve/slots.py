@@ -108,14 +108,26 @@ class SlotConfig:
 # --- internals ------------------------------------------------------------------------------
 
 
-class _Replica:
-    """A System (one model copy) plus the number of forwards running on it."""
+class ModelCopy:
+    """A System (one model copy), the forwards running on it, and whether it rests; the
+    service's two replicas and a Ray Serve replica's two copies alike."""
 
     def __init__(self, system: System) -> None:
         self.system = system
         self.slot = -1
         self.inflight = 0
         self.rested = False  # idle since it was last merged (memory-lean: no merged experts)
+
+    def rest(self, *, building: bool) -> bool:
+        """With the owner's lock held, on the copy that does not serve: once its last forward
+        has ended and no merge is being built on it, its merged experts go (memory-lean; the
+        next merge builds afresh). True if it went idle: the caller then hands the freed pages
+        back (:func:`~tanbr.model.lean.return_freed_memory`, unlocked)."""
+        if self.inflight == 0 and not building and not self.rested:
+            self.system.backend.idle()
+            self.rested = True
+            return True
+        return False
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,7 +187,7 @@ class SlotManager:
             max_queue=config.max_queue,
             wait_ms=config.batch_wait_ms,
         )
-        self._replicas = [_Replica(a), _Replica(b)]
+        self._replicas = [ModelCopy(a), ModelCopy(b)]
         self._active = 0
         # learning state: touched by the boundary thread only, once started
         self.ledger = SlotLedger(store, policy_name=self.policy_name, meta=self.meta)
@@ -357,6 +369,7 @@ class SlotManager:
             total = self._served_total
             merges = self.ledger.merges
             updates = self.ledger.updates
+            busy = self._boundaries.busy or self._building
         plan = decision.plan or {}
         return {
             "slot": slot,
@@ -374,6 +387,7 @@ class SlotManager:
             "feedback": self.store.count_feedback(),
             "pending_feedback": self.pending_feedback(),
             "policy_updates": updates,
+            "boundary_busy": busy,
             "latency": {
                 "window": len(self._predict_ms),
                 "predict_p50_ms": _quantile(self._predict_ms, 0.5),
@@ -554,7 +568,7 @@ class SlotManager:
             clock,
         )
 
-    def _finished(self, replica: _Replica) -> None:
+    def _finished(self, replica: ModelCopy) -> None:
         """A forward (or a generation) on ``replica`` has ended: it may be re-merged once none
         runs on it, and the standby may rest."""
         with self._lock:
@@ -565,16 +579,10 @@ class SlotManager:
             return_freed_memory(collect=False)
 
     def _rest_standby(self) -> bool:
-        """With the lock held: once the last forward on the replica that served the closed
-        slot has ended, its merged experts go (memory-lean; the next boundary builds its next
-        merge afresh); True if it went idle (the caller then hands the pages back, unlocked).
-        The boundary thread touches the standby only after it is idle."""
-        standby = self._replicas[1 - self._active]
-        if standby.inflight == 0 and not self._building and not standby.rested:
-            standby.system.backend.idle()
-            standby.rested = True
-            return True
-        return False
+        """With the lock held: the replica that served the closed slot rests once its last
+        forward has ended (:meth:`ModelCopy.rest`). The boundary thread touches the standby
+        only after it is idle."""
+        return self._replicas[1 - self._active].rest(building=self._building)
 
     def _sample(self, texts: list[str], slot: int) -> list[str]:
         """At most ``observe_max`` texts, uniformly (seeded by the slot: reproducible)."""
@@ -584,7 +592,7 @@ class SlotManager:
         keep = np.random.default_rng(slot).choice(len(texts), size=limit, replace=False)
         return [texts[i] for i in np.sort(keep)]
 
-    def _build(self, replica: _Replica, decision: Decision) -> float:
+    def _build(self, replica: ModelCopy, decision: Decision) -> float:
         merge_ms = apply_decision(replica.system, decision)
         if decision.kind == "merge":
             self.ledger.merges += 1
