@@ -13,12 +13,12 @@ import pytest
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install 'tanbr[ray]')")
 
-from tanbr.backend.registry import BackendSpec, serving_backend  # noqa: E402
-from tanbr.experiment.loop import Decision, apply_decision  # noqa: E402
-from tanbr.serve.metrics import ServiceMetrics  # noqa: E402
-from tanbr.serve.ray_serve import ReplicaSlots  # noqa: E402
-from tanbr.serve.replicas import ServeConfig  # noqa: E402
-from tanbr.serve.slots import ModelCopy  # noqa: E402
+from tanbr.backend.registry import BackendSpec, serving_backend
+from tanbr.experiment.loop import Decision, apply_decision
+from tanbr.serve.metrics import ServiceMetrics
+from tanbr.serve.ray_serve import ReplicaSlots
+from tanbr.serve.replicas import ServeConfig
+from tanbr.serve.slots import ModelCopy
 
 
 class _Controller:
