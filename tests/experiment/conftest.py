@@ -80,7 +80,7 @@ class FakeBackend:
         self.state = ("soft", None)
         return 0.0
 
-    def restore(self) -> float:
+    def restore(self, *, streamed: bool = False) -> float:
         self.state = ("full", None)
         return 0.0
 

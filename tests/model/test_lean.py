@@ -136,6 +136,26 @@ def test_streamed_full_moe_holds_one_block_at_a_time(hf_case: Any, tmp_path: Pat
 
 
 @torch.no_grad()
+def test_a_newer_merger_takes_a_streamed_model_over(hf_case: Any, tmp_path: Path) -> None:
+    """A model shared within a process may be handed on while its Merger streams it (a
+    backend's set-up ends streamed): the newer Merger's experts stay where it put them, the
+    older one's hooks no longer read or drop any."""
+    hf_case.model.save_pretrained(tmp_path)
+    lean = load_checkpoint(tmp_path, lean=True)
+    lean.merger.restore()
+    reference = _run(lean, hf_case.inputs)
+    lean.merger.restore(streamed=True)
+    newer = Merger(lean.model, store=lean.merger.source)
+    newer.restore()  # every expert read back, to be kept
+    for _ in range(2):
+        assert torch.equal(_run(lean, hf_case.inputs), reference)
+        assert newer.experts_resident  # nothing dropped after the pass
+    newer.restore(streamed=True)
+    assert torch.equal(_run(lean, hf_case.inputs), reference)
+    assert all(p.is_meta for p in _expert_params(lean.model, lean.blocks))
+
+
+@torch.no_grad()
 def test_streamed_restore_on_a_model_in_memory_is_a_plain_restore(hf_case: Any) -> None:
     merger = Merger(hf_case.model)
     before = hf_case.run()

@@ -348,8 +348,8 @@ class DefaultBackend:
         self.served.want_soft()
         return 0.0 if self.memo else self.served.sync()
 
-    def restore(self) -> float:
-        self.served.want_full()
+    def restore(self, *, streamed: bool = False) -> float:
+        self.served.want_full(streamed=streamed)
         return self.served.sync()
 
     def idle(self) -> None:

@@ -232,8 +232,8 @@ class HFBackend:
         self.served.want_soft()
         return 0.0 if self.memo else self.served.sync()
 
-    def restore(self) -> float:
-        self.served.want_full()
+    def restore(self, *, streamed: bool = False) -> float:
+        self.served.want_full(streamed=streamed)
         return self.served.sync()
 
     def idle(self) -> None:

@@ -122,8 +122,11 @@ class Backend(Protocol):
         computed with the full MoE. A backend that cannot raises a ValueError naming it."""
         ...
 
-    def restore(self) -> float:
-        """Serve the original MoE with its top-k gate; returns ms."""
+    def restore(self, *, streamed: bool = False) -> float:
+        """Serve the original MoE with its top-k gate; returns ms. ``streamed``: a memory-lean
+        model keeps its experts on disk and reads each block's just before it runs (the same
+        numbers; no expert resident between passes), so that setting the model back costs no
+        memory until a pass needs it."""
         ...
 
     def idle(self) -> None:

@@ -245,7 +245,9 @@ def prepare(
             bar.update(1)
     if bar is not None:
         bar.close()
-    backend.restore()
+    # the full MoE again, without reading every expert of a memory-lean model (a service's
+    # start would otherwise peak at the full MoE's size): what needs them reads them then
+    backend.restore(streamed=True)
     timings["oracle_table_s"] = time.perf_counter() - t0
     oracle = OracleTable(candidates, acc)
     log.info(

@@ -20,6 +20,7 @@ once, lives in :mod:`tanbr.model.accumulate`.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -97,6 +98,10 @@ def check_group_top_k(value: int) -> int:
     return value
 
 
+_CLAIM = "_tanbr_merger"  # set on each original block: the Merger whose hooks act there
+_TOKENS = itertools.count(1)
+
+
 class Merger:
     """Merges a model's MoE blocks per plan, swaps the merged blocks in, and restores them.
 
@@ -135,6 +140,11 @@ class Merger:
         self._group_top_k = check_group_top_k(group_top_k)
         self._guards: list[Any] = []
         self._streams: list[Any] = []  # hooks of a streamed full MoE (see restore)
+        # A model shared within a process may be handed on while another Merger streams it:
+        # the newest Merger's hooks act, the others' on the same modules go inert.
+        self._token = next(_TOKENS)
+        for module in self._originals.values():
+            module.__dict__[_CLAIM] = self._token
         if self.lean:
             for b in self.blocks:
                 hook = self._originals[b.name].register_forward_pre_hook(self._guard(b))
@@ -279,6 +289,7 @@ class Merger:
         if self.lean and streamed:
             for block in self.blocks:
                 module = self._originals[block.name]
+                module.__dict__[_CLAIM] = self._token  # (taken back from a newer Merger)
                 # before the lean guard (which a replica's copied tree also carries)
                 load = module.register_forward_pre_hook(self._stream_in(block), prepend=True)
                 self._streams += [load, module.register_forward_hook(self._stream_out(block))]
@@ -447,16 +458,21 @@ class Merger:
             handle.remove()
         self._streams = []
 
+    def _owns(self, block: MoEBlock, module: nn.Module) -> bool:
+        """The module is this merger's own original (not a copy's tree) and no newer Merger
+        has taken the model over."""
+        return module is self._originals[block.name] and module.__dict__.get(_CLAIM) == self._token
+
     def _stream_in(self, block: MoEBlock) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
-            if module is self._originals[block.name]:  # not a copy's tree
+            if self._owns(block, module):
                 self._materialize(block)
 
         return hook
 
     def _stream_out(self, block: MoEBlock) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if module is self._originals[block.name]:
+            if self._owns(block, module):
                 self._release(block)
 
         return hook
