@@ -162,6 +162,28 @@ def test_a_live_lean_backend_streams_its_full_moe_passes(
     assert merger.merged and not any(merger._resident(b) for b in merger.blocks)
 
 
+def test_a_fresh_lean_backend_reads_no_expert_to_keep(
+    case: tuple[str, str], open_hf: Callable[..., Any]
+) -> None:
+    """A service's set-up (memory-lean, no memo) runs the full MoE on calibration requests
+    before it has served anything: those passes stream, and the model goes back to the full
+    MoE without reading every expert (a service's start would otherwise peak at the full
+    MoE's size); the numbers are those of the experts read back whole."""
+    family, kind = case
+    backend, _, test = open_hf(family, kind)
+    merger = backend.merger
+    requests = _head(test, 8)
+    with resident_while_running(merger) as peak:
+        gates = backend.gate_probs(requests)
+    assert peak and max(peak) == 1
+    assert not any(merger._resident(b) for b in merger.blocks)
+    backend.restore()  # every expert read back, and kept
+    assert all(merger._resident(b) for b in merger.blocks)
+    again = backend.gate_probs(Requests(requests.texts))  # (not the cached rows)
+    for name, probs in gates.items():
+        np.testing.assert_array_equal(again[name], probs)
+
+
 def test_replicas_of_a_lean_model_serving_merges_never_read_every_expert(
     case: tuple[str, str], open_hf: Callable[..., Any]
 ) -> None:

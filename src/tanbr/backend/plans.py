@@ -97,7 +97,10 @@ class ServedState:
 
     def __init__(self, merger: Merger, model: torch.nn.Module) -> None:
         self.merger = merger
+        # a memory-lean model computes the full MoE streamed until asked for more: a pass on
+        # the full MoE put back afterwards (full_moe) then reads no expert to keep
         self.target: tuple[str, CheckedPlan | None] = ("full", None)
+        self.want_full(streamed=True)
         self.applied: CheckedPlan | None = None
         experts = sum(b.expert_bytes * b.n_experts for b in merger.blocks)
         tensors = [*model.parameters(), *model.buffers()]
