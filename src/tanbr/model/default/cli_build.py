@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="default",
         help="which build: 'default' (the real model: gate-routed and task-routed training"
         " steps in turn), 'task-routed' (both passes every step; ~1.8x the training),"
-        " 'gate-routed' (the routing loss alone; experts that share more) or 'tiny'"
+        " 'gate-routed' (the routing loss alone; experts that share more), 'deep' (every"
+        " layer an MoE block: experts that dominate the cost, less accurate) or 'tiny'"
         " (seconds, for tests); 'lm' or 'lm-tiny' build the MoE language model instead"
         " (tanbr.model.lm; see docs/lm.md)",
     )
