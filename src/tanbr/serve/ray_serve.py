@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
 import logging
 import os
 import threading
@@ -43,7 +42,7 @@ from tanbr.serve.batcher import Answer, Job, MicroBatcher, ServiceBusyError
 from tanbr.serve.ledger import Completion
 from tanbr.serve.metrics import ServiceMetrics
 from tanbr.serve.ray_controller import Instruction, Signed, SlotController
-from tanbr.serve.replicas import ServeConfig
+from tanbr.serve.replicas import ServeConfig, standby_copy
 from tanbr.serve.slots import Lease, ModelCopy
 from tanbr.serve.state import FeedbackRow, RequestRow
 
@@ -116,10 +115,8 @@ class ReplicaSlots:
         self.policy_name = hello.parts["mode"].name
         backend = replica_backend(self.config, hello.meta)
         self.generative = backend.kind == "lm"
-        # a policy that serves merges only never makes a memory-lean model read every expert
-        experts = bool(getattr(hello.parts["mode"], "all_experts", True))
         a = System(backend=backend, **hello.parts)
-        b = dataclasses.replace(a, backend=backend.replica(experts=experts))
+        b = standby_copy(a)
         self._copies = [ModelCopy(a), ModelCopy(b)]
         self._active = 0
         self._prepared = -1
@@ -169,10 +166,7 @@ class ReplicaSlots:
             return Lease(slot=copy.slot, backend=copy.system.backend, replica=copy)
 
     def release(self, lease: Lease) -> None:
-        with self._lock:
-            lease.replica.inflight -= 1
-            self._lock.notify_all()
-        self._rest()
+        self._rest(finished=lease.replica)
 
     def complete(self, completion: Completion, *, model_ms: float = 0.0) -> None:
         """A finished generation, durable at the controller (which counts it for its slot,
@@ -227,10 +221,7 @@ class ReplicaSlots:
             model_ms = (time.perf_counter() - t0) * 1e3
             signed = self._sign(copy.system, texts)
         finally:
-            with self._lock:
-                copy.inflight -= 1
-                self._lock.notify_all()
-            self._rest()
+            self._rest(finished=copy)
         probs = np.concatenate(parts, axis=0)  # (n, n_labels)
         top = probs.argmax(axis=1)
         now = time.time()
@@ -311,10 +302,14 @@ class ReplicaSlots:
         self.metrics.slot.set(slot)
         self._call(self.controller.swapped.remote(self.replica_id, slot))
 
-    def _rest(self) -> None:
-        """The copy that served the previous slot drops its merged experts once its last
-        forward has ended (:meth:`~tanbr.serve.slots.ModelCopy.rest`)."""
+    def _rest(self, *, finished: ModelCopy | None = None) -> None:
+        """A forward on ``finished`` has ended (it may be re-merged once none runs on it); the
+        copy that served the previous slot drops its merged experts once its last forward has
+        ended (:meth:`~tanbr.serve.slots.ModelCopy.rest`)."""
         with self._lock:
+            if finished is not None:
+                finished.inflight -= 1
+                self._lock.notify_all()
             rested = self._copies[1 - self._active].rest(building=self._building)
         if rested:
             return_freed_memory(collect=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,8 +99,6 @@ def build_replicas(config: ServeConfig) -> Replicas:
     (merging never writes an original tensor, so only the merged experts and the module tree
     are per replica).
     """
-    import dataclasses
-
     import torch
 
     from tanbr.backend.registry import BackendSpec, serving_backend
@@ -179,9 +178,7 @@ def build_replicas(config: ServeConfig) -> Replicas:
     release = getattr(backend, "release_bank", None)
     if release is not None:
         release()  # live requests are encoded as they come
-    # a policy that serves merges only never makes a memory-lean model read every expert
-    experts = bool(getattr(system.mode, "all_experts", True))
-    twin = dataclasses.replace(system, backend=backend.replica(experts=experts))
+    twin = standby_copy(system)
     labels = tuple(backend.labels)
     logger.info(
         "model ready: %d labels, %d MoE blocks, %d task types; policy %r (%d torch threads)",
@@ -192,3 +189,11 @@ def build_replicas(config: ServeConfig) -> Replicas:
         torch.get_num_threads(),
     )
     return Replicas((system, twin), labels, meta)
+
+
+def standby_copy(system: System) -> System:
+    """The second model copy a service serves with, sharing ``system``'s learning state
+    (:meth:`~tanbr.backend.protocol.Backend.replica`): a policy that serves merges only never
+    makes a memory-lean model read every expert."""
+    experts = bool(getattr(system.mode, "all_experts", True))
+    return dataclasses.replace(system, backend=system.backend.replica(experts=experts))
